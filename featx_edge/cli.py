@@ -1,0 +1,209 @@
+"""Command line: argument parsing -> configs -> library calls. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from featx_edge import __version__
+from featx_edge.errors import FeatxError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", help="backbone name (see `featx-edge backbones`); default mobilenet_v2")
+    g.add_argument("--alpha", type=float, help="width multiplier, where the backbone has one")
+    g.add_argument("--weights", help="`imagenet` (default; Keras download/cache), `none`, or a no-top .h5 file")
+    g.add_argument("--image-size", type=int, help="input height and width (default: the backbone's)")
+    g.add_argument("--head-units", type=int, help="units of a dense layer before the classifier (0: none)")
+    g.add_argument("--dropout", type=float, help="dropout before the classifier layer")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, help="stage-1 (head) epochs")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--learning-rate", type=float)
+    g.add_argument("--fine-tune-epochs", type=int, help="stage-2 epochs (0: no fine-tuning)")
+    g.add_argument("--unfreeze-top", type=int, help="backbone layers unfrozen in stage 2")
+    g.add_argument("--fine-tune-learning-rate", type=float)
+    g.add_argument("--mixed-precision", action="store_true", default=None, help="float16 compute (GPU hosts)")
+    g.add_argument("--seed", type=int, help="seed for the split, initialisation and batch order")
+    g.add_argument("--config", help="TOML file with [data] [model] [train] [export] sections")
+
+
+def _quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="featx-edge", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"featx-edge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("backbones", help="list the backbone registry")
+
+    p = sub.add_parser("sample-data", help="write the built-in sample images (real handwritten digits)")
+    p.add_argument("dir")
+
+    p = sub.add_parser("pretrain", help="train a backbone from scratch on a source dataset; save weights")
+    p.add_argument("--data", required=True, help="image folder, or `sample` (digits 0-4)")
+    p.add_argument("--out", required=True, help="weights file to write (.h5)")
+    _add_model_args(p)
+    _add_train_args(p)
+    _quiet(p)
+
+    for name, helptext in (("run", "train, export every format, evaluate and print a table"),
+                           ("train", "train a classifier into a run directory")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--data", help="image folder (one sub-folder per class), or `sample`")
+        p.add_argument("--out", required=True, help="run directory to create")
+        _add_model_args(p)
+        _add_train_args(p)
+        if name == "run":
+            p.add_argument("--formats", help="comma-separated formats, or `all` (default)")
+        _quiet(p)
+
+    p = sub.add_parser("export", help="export a trained run to TFLite / ONNX")
+    p.add_argument("run")
+    p.add_argument("--formats", help="comma-separated formats, or `all` (default)")
+    _quiet(p)
+
+    p = sub.add_parser("predict", help="classify images with an exported model (no TensorFlow needed)")
+    p.add_argument("model", help=".tflite or .onnx file exported by featx-edge")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--threads", type=int)
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace):
+    from featx_edge.config import RunConfig, load_config, override
+
+    config = load_config(args.config) if getattr(args, "config", None) else RunConfig()
+    config = override(config, "data", path=getattr(args, "data", None))
+    config = override(config, "model", backbone=args.backbone, alpha=args.alpha, weights=args.weights,
+                      image_size=args.image_size, head_units=args.head_units, dropout=args.dropout)
+    config = override(config, "train", epochs=args.epochs, batch_size=args.batch_size,
+                      learning_rate=args.learning_rate, fine_tune_epochs=args.fine_tune_epochs,
+                      unfreeze_top=args.unfreeze_top, fine_tune_learning_rate=args.fine_tune_learning_rate,
+                      mixed_precision=args.mixed_precision)
+    if getattr(args, "formats", None):
+        from featx_edge.formats import parse_formats
+
+        config = override(config, "export", formats=parse_formats(args.formats))
+    return override(config, "seed", seed=args.seed)
+
+
+def _cmd_backbones(args) -> int:
+    from featx_edge.backbones import BACKBONES
+
+    print(f"{'name':<20} {'size':>5} {'preprocessing':<14} {'features':>8}  alphas")
+    for spec in BACKBONES.values():
+        alphas = ", ".join(map(str, spec.alphas)) or "-"
+        print(f"{spec.name:<20} {spec.default_size:>5} {spec.preprocessing:<14} {spec.feature_dim:>8}  {alphas}")
+    return 0
+
+
+def _cmd_sample_data(args) -> int:
+    from featx_edge.sample import write_sample_data
+
+    root = write_sample_data(args.dir)
+    print(f"wrote sample data to {root}: source/ (digits 0-4, for pretraining) and target/ (digits 5-9)")
+    return 0
+
+
+def _cmd_pretrain(args) -> int:
+    from featx_edge.pretrain import pretrain
+
+    config = _config_from_args(args)
+    pretrain(data=args.data, out=args.out, model=config.model, train=config.train, seed=config.seed,
+             progress=not args.quiet)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from featx_edge.pipeline import train_run
+
+    train_run(_config_from_args(args), args.out, progress=not args.quiet)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from featx_edge.pipeline import export_run
+
+    export_run(args.run, formats=args.formats, progress=not args.quiet)
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from featx_edge.pipeline import evaluate_artifacts, export_run, format_table, train_run
+
+    config = _config_from_args(args)
+    train_run(config, args.out, progress=not args.quiet)
+    export_run(args.out, formats=config.export.formats, progress=not args.quiet)
+    print(format_table(evaluate_artifacts(args.out, formats=config.export.formats)))
+    return 0
+
+
+def _iter_images(items: list[str]):
+    from featx_edge.data import IMAGE_EXTENSIONS
+
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            yield path
+
+
+def _cmd_predict(args) -> int:
+    from featx_edge.errors import ImageError
+    from featx_edge.runtime import load
+
+    predictor = load(args.model, threads=args.threads)
+    failures = 0
+    for path in _iter_images(args.images):
+        try:
+            (pred,) = predictor.predict([path], top_k=args.top_k)
+        except ImageError as err:
+            failures += 1
+            print(f"error: {err}", file=sys.stderr)
+            continue
+        if args.json:
+            print(json.dumps({"path": str(path), **pred.to_dict()}))
+        else:
+            print(f"{path}\t{pred.label}\t{pred.score:.4f}")
+    if failures:
+        print(f"error: {failures} image(s) could not be classified", file=sys.stderr)
+    return 1 if failures else 0
+
+
+COMMANDS = {
+    "backbones": _cmd_backbones,
+    "sample-data": _cmd_sample_data,
+    "pretrain": _cmd_pretrain,
+    "train": _cmd_train,
+    "export": _cmd_export,
+    "run": _cmd_run,
+    "predict": _cmd_predict,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except FeatxError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no partial files were left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

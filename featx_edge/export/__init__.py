@@ -1,0 +1,1 @@
+"""Export a trained run to TFLite and ONNX formats (see ``featx_edge.export.pipeline``)."""

@@ -1,0 +1,21 @@
+"""One calibration source for every int8 path: a plain list of uint8 image batches.
+
+TFLite's representative dataset and onnxruntime's CalibrationDataReader both read from it,
+so both int8 models see the same images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from featx_edge.data import load_images
+
+
+def calibration_images(root: Path, train: Sequence[str], *, size: int, count: int, seed: int) -> np.ndarray:
+    """Up to ``count`` training images (seeded choice), uint8 (N, size, size, 3)."""
+    rng = np.random.default_rng([seed, 7])
+    chosen = sorted(rng.choice(len(train), size=min(count, len(train)), replace=False))
+    return load_images(root, [train[i] for i in chosen], size=size)

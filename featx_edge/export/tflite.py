@@ -1,0 +1,112 @@
+"""TFLite conversion: float32, float16, dynamic-range and full-integer int8."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from featx_edge.errors import ExportError
+
+
+@dataclass(frozen=True)
+class TFLiteQuantization:
+    """How the TFLite converter quantizes; build with the named constructors."""
+
+    optimize: bool = False
+    float16: bool = False
+    full_integer: bool = False
+
+    @classmethod
+    def for_float32(cls) -> "TFLiteQuantization":
+        return cls()
+
+    @classmethod
+    def for_float16(cls) -> "TFLiteQuantization":
+        return cls(optimize=True, float16=True)
+
+    @classmethod
+    def for_dynamic(cls) -> "TFLiteQuantization":
+        return cls(optimize=True)
+
+    @classmethod
+    def for_int8(cls) -> "TFLiteQuantization":
+        return cls(optimize=True, full_integer=True)
+
+    @classmethod
+    def for_format(cls, fmt: str) -> "TFLiteQuantization":
+        return {
+            "tflite-float32": cls.for_float32,
+            "tflite-float16": cls.for_float16,
+            "tflite-dynamic": cls.for_dynamic,
+            "tflite-int8": cls.for_int8,
+        }[fmt]()
+
+
+def convert(model, *, size: int, quantization: TFLiteQuantization,
+            calibration: np.ndarray | None = None) -> bytes:
+    """Convert a Keras model (image 0..255 float32 NHWC) to a TFLite flatbuffer, dynamic batch.
+
+    For full-integer int8 the input and output are uint8 (pixels 0..255 map exactly onto the
+    input scale), every op is restricted to int8 builtins, and the result is checked: a model
+    that kept float tensors raises ExportError instead of being written.
+    """
+    from featx_edge._tf import import_tf
+
+    tf, _ = import_tf()
+    if quantization.full_integer and (calibration is None or len(calibration) == 0):
+        raise ExportError("tflite-int8 needs calibration images from the training split; none were given.")
+    fn = tf.function(lambda image: model(image, training=False))
+    concrete = fn.get_concrete_function(tf.TensorSpec([None, size, size, 3], tf.float32, name="image"))
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
+    if quantization.optimize:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantization.float16:
+        converter.target_spec.supported_types = [tf.float16]
+    if quantization.full_integer:
+        def representative():
+            for image in calibration:
+                yield [image[None].astype(np.float32)]
+
+        converter.representative_dataset = representative
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8
+        converter.inference_output_type = tf.uint8
+    try:
+        flatbuffer = converter.convert()
+    except Exception as err:  # the converter raises ConverterError / RuntimeError with its log
+        raise ExportError(f"TFLite conversion failed: {type(err).__name__}: {err}") from err
+    if quantization.full_integer:
+        check_integer_only(flatbuffer)
+    return flatbuffer
+
+
+def integer_report(flatbuffer: bytes) -> dict:
+    """Input/output dtypes, float32 tensors and op types of a TFLite model (via LiteRT)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=flatbuffer)
+    tensors = interp.get_tensor_details()
+    ops = sorted({op["op_name"] for op in interp._get_ops_details()}) if hasattr(interp, "_get_ops_details") else []
+    return {
+        "input_dtype": np.dtype(interp.get_input_details()[0]["dtype"]).name,
+        "output_dtype": np.dtype(interp.get_output_details()[0]["dtype"]).name,
+        "float_tensors": [t["name"] for t in tensors if t["dtype"] == np.float32],
+        "op_types": ops,
+    }
+
+
+def check_integer_only(flatbuffer: bytes) -> dict:
+    report = integer_report(flatbuffer)
+    problems = []
+    for key in ("input_dtype", "output_dtype"):
+        if report[key] not in ("uint8", "int8"):
+            problems.append(f"{key} is {report[key]}")
+    if report["float_tensors"]:
+        problems.append(f"{len(report['float_tensors'])} float32 tensors, e.g. {report['float_tensors'][:3]}")
+    if problems:
+        raise ExportError(
+            "tflite-int8 conversion kept float parts: " + "; ".join(problems)
+            + ". Some layer has no int8 kernel; use tflite-dynamic or tflite-float16 for this model."
+        )
+    return report

@@ -1,0 +1,184 @@
+"""Build the classifier: in-graph preprocessing, a frozen pretrained backbone and a new head.
+
+The model is one flat functional graph (no nested sub-model) so tensorflow-model-optimization
+can quantize it, and it takes raw RGB pixels (0..255, float32) at its input size: the
+backbone's own preprocessing is inside the graph, so an exported model needs nothing on the
+device beyond resizing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featx_edge.backbones import BackboneSpec, get_backbone
+from featx_edge.config import ModelConfig
+from featx_edge.errors import WeightsError
+
+# Caffe-style preprocessing (ResNet50, VGG16): RGB -> BGR, then minus the ImageNet mean.
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+@dataclass
+class Classifier:
+    """The Keras model and handles on its parts.
+
+    Attributes:
+        model: image (0..255) -> class probabilities; the model that is exported.
+        feature_model: image -> pooled backbone features (shares layers with ``model``).
+        head_model: pooled features -> probabilities (shares the head layers with ``model``).
+        backbone_layers: the backbone's layers, input to output (for unfreezing the top N).
+    """
+
+    model: Any
+    feature_model: Any
+    head_model: Any
+    backbone_layers: list
+
+
+def build_backbone(spec: BackboneSpec, *, alpha: float | None, input_tensor: Any = None,
+                   size: int | None = None, weights_file: str | None = None):
+    """Construct the Keras application without its top (weights loaded only from a local file)."""
+    from featx_edge._tf import import_tf
+
+    _, keras = import_tf()
+    constructor = getattr(keras.applications, spec.constructor)
+    kwargs: dict[str, Any] = {"include_top": False, "weights": None}
+    if input_tensor is not None:
+        kwargs["input_tensor"] = input_tensor
+    else:
+        kwargs["input_shape"] = (size, size, 3)
+    if spec.has_alpha:
+        kwargs["alpha"] = alpha
+    backbone = constructor(**kwargs)
+    if weights_file is not None:
+        try:
+            backbone.load_weights(str(weights_file))
+        except Exception as err:  # h5py/Keras raise ValueError, OSError, KeyError...
+            raise WeightsError(
+                f"weights file `{weights_file}` does not fit backbone `{spec.name}`"
+                f"{f' (alpha {alpha})' if alpha else ''}: {type(err).__name__}: {err}. "
+                "Pass a no-top weights file saved for the same backbone and width."
+            ) from err
+    return backbone
+
+
+def _weighted(layers: list) -> list:
+    return [layer for layer in layers if layer.weights]
+
+
+def build_classifier(
+    *,
+    num_classes: int,
+    config: ModelConfig,
+    weights_file: str | Path | None,
+    seed: int = 0,
+    trainable_backbone: bool = False,
+) -> Classifier:
+    """Build the flat classifier graph.
+
+    Args:
+        num_classes: number of output classes (>= 2).
+        config: backbone, alpha, input size and head settings.
+        weights_file: local no-top weights for the backbone (see ``weights.resolve_weights``),
+            or None for random initialisation.
+        seed: seeds Keras, NumPy and Python so the head starts from the same weights.
+        trainable_backbone: leave the backbone trainable (pretraining from scratch).
+
+    Example:
+        >>> from featx_edge.config import ModelConfig
+        >>> clf = build_classifier(num_classes=3, weights_file=None,
+        ...     config=ModelConfig(backbone="mobilenet_v2", alpha=0.35, image_size=96, weights="none"))
+        >>> clf.model.output_shape
+        (None, 3)
+    """
+    from featx_edge._tf import import_tf
+
+    _, keras = import_tf()
+    spec = get_backbone(config.backbone)
+    size = config.input_size
+    keras.utils.set_random_seed(seed)
+
+    inputs = keras.Input(shape=(size, size, 3), name="image", dtype="float32")
+    x = _preprocess(keras, spec, inputs)
+    backbone = build_backbone(spec, alpha=config.alpha, input_tensor=x)
+    if weights_file is not None:
+        # Load into a standalone copy (Keras's own topological h5 loading), then copy the
+        # weights layer by layer: our graph has extra preprocessing layers in front.
+        source = build_backbone(spec, alpha=config.alpha, size=size, weights_file=str(weights_file))
+        src, dst = _weighted(source.layers), _weighted(_own_layers(backbone, inputs))
+        if len(src) != len(dst):  # pragma: no cover - same constructor, same architecture
+            raise WeightsError(f"internal: {len(src)} weighted layers in `{weights_file}`, {len(dst)} in model")
+        for s, d in zip(src, dst):
+            d.set_weights(s.get_weights())
+        del source
+    backbone_layers = _own_layers(backbone, inputs)
+    for layer in backbone_layers:
+        layer.trainable = trainable_backbone
+
+    pool = keras.layers.GlobalAveragePooling2D(name="features")
+    head = []
+    if config.head_units:
+        head.append(keras.layers.Dense(config.head_units, activation="relu", name="head_dense"))
+    if config.dropout:
+        head.append(keras.layers.Dropout(config.dropout, name="head_dropout", seed=seed))
+    head.append(keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32"))
+
+    features = pool(backbone.output)
+    y = features
+    for layer in head:
+        y = layer(y)
+    model = keras.Model(inputs, y, name=f"featx_{spec.name}")
+    feature_model = keras.Model(inputs, features, name="features")
+    head_input = keras.Input(shape=(features.shape[-1],), name="features_in")
+    z = head_input
+    for layer in head:
+        z = layer(z)
+    head_model = keras.Model(head_input, z, name="head")
+    return Classifier(model=model, feature_model=feature_model, head_model=head_model,
+                      backbone_layers=backbone_layers)
+
+
+def _own_layers(backbone, inputs) -> list:
+    """The backbone's layers, without the shared input and our preprocessing layers."""
+    from featx_edge._tf import import_tf
+
+    _, keras = import_tf()
+    return [layer for layer in backbone.layers
+            if not isinstance(layer, keras.layers.InputLayer) and not layer.name.startswith("featx_preprocess")]
+
+
+def _preprocess(keras, spec: BackboneSpec, inputs):
+    if spec.preprocessing == "tf":
+        return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="featx_preprocess")(inputs)
+    if spec.preprocessing == "caffe":
+        # A fixed 1x1 convolution does RGB->BGR and the mean subtraction with standard ops
+        # that every converter and quantizer handles (no custom layer, no Lambda).
+        conv = keras.layers.Conv2D(3, 1, use_bias=True, trainable=False, name="featx_preprocess_caffe")
+        out = conv(inputs)
+        kernel = np.zeros((1, 1, 3, 3), dtype=np.float32)
+        for out_ch, in_ch in enumerate((2, 1, 0)):
+            kernel[0, 0, in_ch, out_ch] = 1.0
+        conv.set_weights([kernel, -np.asarray(_CAFFE_MEAN_BGR, dtype=np.float32)])
+        return out
+    return inputs  # "builtin": the application rescales its input itself
+
+
+def unfreeze_top(classifier: Classifier, n: int) -> int:
+    """Make the top ``n`` backbone layers trainable; BatchNorm layers stay frozen (inference mode).
+
+    Returns the number of layers that now have trainable weights.
+    """
+    from featx_edge._tf import import_tf
+
+    _, keras = import_tf()
+    count = 0
+    for layer in classifier.backbone_layers[-n:] if n else []:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        layer.trainable = True
+        count += bool(layer.trainable_weights)
+    return count

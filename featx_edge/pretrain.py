@@ -1,0 +1,88 @@
+"""Pretrain a backbone from scratch on a source dataset and save it for ``--weights PATH``.
+
+For domains ImageNet fits poorly, or machines that cannot download ImageNet weights: train
+the whole network on a source task, then freeze it and transfer to the target task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from featx_edge.backbones import get_backbone
+from featx_edge.config import ModelConfig, TrainConfig
+from featx_edge.data import load_images, scan_folder, split_folder
+from featx_edge.rundir import atomic_path, write_json
+from featx_edge.sample import resolve_data
+
+# Keras MobileNet/EfficientNet BatchNorm uses momentum 0.99-0.999: after a few hundred steps
+# from scratch its moving statistics are still near their initial values and inference-mode
+# outputs are useless. A faster average makes short pretraining runs usable.
+PRETRAIN_BN_MOMENTUM = 0.9
+
+
+def pretrain(*, data: str, out: str | Path, model: ModelConfig, train: TrainConfig, seed: int = 0,
+             progress: bool = True) -> dict:
+    """Train ``model.backbone`` from scratch on ``data`` and save its no-top weights to ``out``.
+
+    ``data="sample"`` uses the sample data's source classes (digits 0-4), disjoint from the
+    classes ``--data sample`` trains on. Writes ``out`` (Keras .h5 weights of the backbone
+    without its top) and ``out + ".json"`` (what it was trained on, and how well).
+
+    Example:
+        >>> pretrain(data="sample", out="pretrained.h5", seed=0,  # doctest: +SKIP
+        ...          model=ModelConfig(alpha=0.35, image_size=96, weights="none"), train=TrainConfig(epochs=8))
+    """
+    from featx_edge._tf import import_tf
+    from featx_edge.model import build_backbone, build_classifier
+    from featx_edge.train import fit, make_sequence, setup_devices
+
+    _, keras = import_tf()
+    out = Path(out)
+    if out.suffix != ".h5":
+        from featx_edge.errors import ConfigError
+
+        raise ConfigError(f"`--out` for pretrain must end in `.h5` (Keras weights); received `{out}`.")
+    spec = get_backbone(model.backbone)
+    size = model.input_size
+    root = resolve_data(data, part="source")
+    folder = scan_folder(root, progress=progress)
+    splits = split_folder(folder, val_fraction=0.1, test_fraction=0.1, seed=seed)
+    setup_devices(mixed_precision=train.mixed_precision)
+    model = dataclasses.replace(model, weights="none", head_units=0)
+    clf = build_classifier(num_classes=len(splits.classes), config=model, weights_file=None, seed=seed,
+                           trainable_backbone=True)
+    for layer in clf.backbone_layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = PRETRAIN_BN_MOMENTUM
+    x_train = load_images(splits.root, splits.train, size=size)
+    x_val = load_images(splits.root, splits.val, size=size)
+    x_test = load_images(splits.root, splits.test, size=size)
+    y_train, y_val, y_test = splits.labels("train"), splits.labels("val"), splits.labels("test")
+    seq = make_sequence(lambda idx: x_train[idx].astype(np.float32), y_train, batch_size=train.batch_size, seed=seed)
+    result = fit(clf.model, seq, epochs=train.epochs, learning_rate=train.learning_rate,
+                 val_data=(x_val.astype(np.float32), y_val), progress=progress)
+    test_acc = float(np.mean(clf.model.predict(x_test.astype(np.float32), verbose=0).argmax(1) == y_test))
+
+    standalone = build_backbone(spec, alpha=model.alpha, size=size)
+    src = [layer for layer in clf.backbone_layers if layer.weights]
+    dst = [layer for layer in standalone.layers if layer.weights]
+    for s, d in zip(src, dst, strict=True):
+        d.set_weights(s.get_weights())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        standalone.save_weights(str(tmp))
+    info = {
+        "backbone": spec.name, "alpha": model.alpha, "image_size": size, "data": str(root),
+        "classes": list(splits.classes), "epochs": train.epochs, "seconds": round(result.seconds, 2),
+        "source_test_accuracy": test_acc, "seed": seed,
+        "use": f"--backbone {spec.name}" + (f" --alpha {model.alpha}" if model.alpha else "")
+               + f" --image-size {size} --weights {out}",
+    }
+    write_json(Path(str(out) + ".json"), info)
+    if progress:
+        print(json.dumps(info, indent=2))
+    return info

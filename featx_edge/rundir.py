@@ -1,0 +1,86 @@
+"""The run directory contract: file names, atomic writes, the manifest and checksums.
+
+Every file is written to a temporary name in the same folder and renamed into place, so an
+interrupted command never leaves a half-written model or report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from featx_edge.errors import RunDirError
+
+MANIFEST = "manifest.json"
+SPLITS = "splits.json"
+WEIGHTS = "model.weights.h5"
+EXPORT_DIR = "export"
+VERIFY = "verify.json"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same ending as the target: some writers pick the file format from the name (.weights.h5).
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{path.name}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(run: str | Path) -> dict:
+    """Load ``RUN/manifest.json``, with a clear error when ``run`` is not a trained run."""
+    path = Path(run) / MANIFEST
+    if not path.is_file():
+        raise RunDirError(
+            f"`{run}` is not a featx-edge run directory (no {MANIFEST}). "
+            "Create one with `featx-edge train --data DIR --out RUN` or `featx-edge run`."
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise RunDirError(f"`{path}` is not valid JSON ({err}); re-run `featx-edge train`.") from err
+
+
+def record_artifact(run: str | Path, manifest: dict, fmt: str, path: Path) -> dict:
+    """Add ``fmt``'s file (path relative to the run, sha256, bytes) to the manifest and save it."""
+    entry = {
+        "path": path.relative_to(run).as_posix(),
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+    }
+    manifest.setdefault("artifacts", {})[fmt] = entry
+    write_json(Path(run) / MANIFEST, manifest)
+    return entry

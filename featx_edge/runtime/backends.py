@@ -1,0 +1,133 @@
+"""Inference engines: the LiteRT interpreter for .tflite, onnxruntime for .onnx.
+
+Each backend takes a uint8 NHWC batch of pixels (0..255, already resized) and returns float32
+class probabilities; quantized inputs and outputs are handled here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from featx_edge.errors import ModelFileError
+
+
+def _quantize(x: np.ndarray, dtype: np.dtype, scale: float, zero_point: int) -> np.ndarray:
+    info = np.iinfo(dtype)
+    if scale == 0:  # not quantized: raw pixels in an integer tensor
+        return np.clip(x, info.min, info.max).astype(dtype)
+    q = np.round(x.astype(np.float32) / scale + zero_point)
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def _dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    if scale == 0:
+        return q.astype(np.float32)
+    return (q.astype(np.float32) - zero_point) * scale
+
+
+class LiteRTBackend:
+    """The LiteRT (TFLite) interpreter; XNNPACK on by default."""
+
+    engine = "litert"
+
+    def __init__(self, flatbuffer: bytes, *, threads: int | None = None, xnnpack: bool = True,
+                 path: Path | None = None) -> None:
+        try:
+            from ai_edge_litert.interpreter import Interpreter, OpResolverType
+        except ImportError as err:  # pragma: no cover - depends on the install
+            raise ModelFileError(
+                "running .tflite models needs the LiteRT interpreter: `pip install ai-edge-litert`"
+            ) from err
+        resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        try:
+            self.interpreter = Interpreter(model_content=flatbuffer, num_threads=threads,
+                                           experimental_op_resolver_type=resolver)
+        except (ValueError, RuntimeError) as err:
+            raise ModelFileError(f"{path}: LiteRT cannot load this model: {err}") from err
+        self.xnnpack = xnnpack
+        self.threads = threads
+        self._input = self.interpreter.get_input_details()[0]
+        self._output = self.interpreter.get_output_details()[0]
+        signature = self._input.get("shape_signature", self._input["shape"])
+        self.dynamic_batch = int(signature[0]) == -1
+        self._batch = None
+        self.provider = "xnnpack" if xnnpack else "builtin"
+
+    @property
+    def input_dtype(self) -> str:
+        return np.dtype(self._input["dtype"]).name
+
+    def _ensure_batch(self, n: int) -> None:
+        if self._batch == n:
+            return
+        shape = list(self._input["shape"])
+        shape[0] = n
+        self.interpreter.resize_tensor_input(self._input["index"], shape)
+        self.interpreter.allocate_tensors()
+        self._input = self.interpreter.get_input_details()[0]
+        self._output = self.interpreter.get_output_details()[0]
+        self._batch = n
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        if not self.dynamic_batch and len(pixels) != 1:
+            return np.concatenate([self.run(pixels[i : i + 1]) for i in range(len(pixels))])
+        self._ensure_batch(len(pixels))
+        dtype = np.dtype(self._input["dtype"])
+        if dtype == np.float32:
+            x = pixels.astype(np.float32)
+        else:
+            scale, zero_point = self._input["quantization"]
+            x = _quantize(pixels, dtype, scale, zero_point)
+        self.interpreter.set_tensor(self._input["index"], x)
+        self.interpreter.invoke()
+        y = self.interpreter.get_tensor(self._output["index"])
+        if np.dtype(self._output["dtype"]) != np.float32:
+            scale, zero_point = self._output["quantization"]
+            y = _dequantize(y, scale, zero_point)
+        return np.asarray(y, dtype=np.float32)
+
+
+class OnnxRuntimeBackend:
+    """onnxruntime with a chosen execution provider (CPU by default)."""
+
+    engine = "onnxruntime"
+
+    def __init__(self, path: Path, *, threads: int | None = None, provider: str = "CPUExecutionProvider") -> None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        if provider not in available:
+            raise ModelFileError(
+                f"onnxruntime execution provider `{provider}` is not available here; available: "
+                f"{', '.join(available)}."
+            )
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=[provider])
+        except Exception as err:  # onnxruntime raises its own Fail/InvalidProtobuf classes
+            raise ModelFileError(f"{path}: onnxruntime cannot load this model: {err}") from err
+        self.provider = provider
+        self.threads = threads
+        self._input = self.session.get_inputs()[0]
+        self.dynamic_batch = not isinstance(self._input.shape[0], int)
+        self.input_dtype = {"tensor(float)": "float32", "tensor(uint8)": "uint8",
+                            "tensor(int8)": "int8"}.get(self._input.type, self._input.type)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        x = pixels.astype(np.float32) if self.input_dtype == "float32" else pixels.astype(self.input_dtype)
+        (y,) = self.session.run(None, {self._input.name: x})[:1]
+        return np.asarray(y, dtype=np.float32)
+
+
+def default_threads() -> int:
+    return os.cpu_count() or 1

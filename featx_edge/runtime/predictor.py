@@ -1,0 +1,106 @@
+"""``load(path) -> Predictor``: classify images with an exported model, without TensorFlow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from featx_edge.errors import ModelFileError
+from featx_edge.runtime.backends import LiteRTBackend, OnnxRuntimeBackend
+from featx_edge.runtime.image import ImageInput, load_pixels
+from featx_edge.runtime.metadata import check_onnx_header, parse_onnx_metadata, read_tflite
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result: best label and score, and the top-k (label, score) pairs."""
+
+    label: str
+    score: float
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "score": self.score,
+                "top_k": [{"label": lab, "score": s} for lab, s in self.top_k]}
+
+
+class Predictor:
+    """An exported featx-edge model ready to classify images.
+
+    Labels and the input contract come from the model file's own metadata.
+
+    Example:
+        >>> from featx_edge.runtime import load
+        >>> predictor = load("runs/demo/export/model.tflite-int8.tflite")  # doctest: +SKIP
+        >>> predictor.predict(["cat.jpg"], top_k=3)[0].label  # doctest: +SKIP
+    """
+
+    def __init__(self, backend, metadata: dict, path: Path) -> None:
+        self.backend = backend
+        self.metadata = metadata
+        self.path = path
+        self.labels: list[str] = list(metadata["labels"])
+        self.height = int(metadata["input"]["height"])
+        self.width = int(metadata["input"]["width"])
+        self.format: str = metadata.get("format", "")
+
+    def preprocess(self, images: Iterable[ImageInput]) -> np.ndarray:
+        """Decode, convert to RGB and resize as in training: uint8 (N, H, W, 3)."""
+        return np.stack([load_pixels(img, height=self.height, width=self.width) for img in images])
+
+    def predict_pixels(self, pixels: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
+        """Probabilities for already-resized uint8 pixels (N, H, W, 3): float32 (N, classes)."""
+        if pixels.ndim != 4 or pixels.shape[1:] != (self.height, self.width, 3):
+            raise ModelFileError(
+                f"pixels must have shape (N, {self.height}, {self.width}, 3); received {pixels.shape}. "
+                "Use `predict` to resize images."
+            )
+        out = [self.backend.run(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
+
+    def predict_proba(self, images: Sequence[ImageInput], *, batch_size: int = 32) -> np.ndarray:
+        return self.predict_pixels(self.preprocess(images), batch_size=batch_size)
+
+    def predict(self, images: Sequence[ImageInput] | ImageInput, *, top_k: int = 3,
+                batch_size: int = 32) -> list[Prediction]:
+        """Classify file paths, PIL images or uint8 arrays (any size, any mode)."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        probs = self.predict_proba(images, batch_size=batch_size)
+        return [self.decode(row, top_k=top_k) for row in probs]
+
+    def decode(self, probs: np.ndarray, *, top_k: int = 3) -> Prediction:
+        k = max(1, min(top_k, len(self.labels)))
+        order = np.argsort(-probs, kind="stable")[:k]
+        pairs = [(self.labels[i], float(probs[i])) for i in order]
+        return Prediction(label=pairs[0][0], score=pairs[0][1], top_k=pairs)
+
+
+def load(path: str | Path, *, threads: int | None = None, provider: str = "CPUExecutionProvider",
+         xnnpack: bool = True) -> Predictor:
+    """Load a .tflite or .onnx model exported by featx-edge, checking the file first.
+
+    Args:
+        path: the model file; the backend is chosen from its extension.
+        threads: inference threads (None: the engine's default).
+        provider: onnxruntime execution provider for .onnx files.
+        xnnpack: use the XNNPACK delegate for .tflite files.
+
+    Raises:
+        ModelFileError: missing, empty, truncated, corrupt or foreign files, with the reason.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".tflite":
+        flatbuffer, metadata = read_tflite(path)
+        backend = LiteRTBackend(flatbuffer, threads=threads, xnnpack=xnnpack, path=path)
+    elif suffix == ".onnx":
+        check_onnx_header(path)
+        backend = OnnxRuntimeBackend(path, threads=threads, provider=provider)
+        metadata = parse_onnx_metadata(path, backend.metadata())
+    else:
+        raise ModelFileError(f"{path}: unknown model type `{suffix or '(none)'}`; pass a .tflite or .onnx file")
+    return Predictor(backend, metadata, path)
