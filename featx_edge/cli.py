@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
 
     p = sub.add_parser("pretrain", help="train a backbone from scratch on a source dataset; save weights")
-    p.add_argument("--data", required=True, help="image folder, or `sample` (digits 0-4)")
+    p.add_argument("--data", help="image folder, or `sample` (its source part: digits 0-4)")
     p.add_argument("--out", required=True, help="weights file to write (.h5)")
     _add_model_args(p)
     _add_train_args(p)
@@ -120,7 +120,7 @@ def _cmd_pretrain(args) -> int:
     from featx_edge.pretrain import pretrain
 
     config = _config_from_args(args)
-    pretrain(data=args.data, out=args.out, model=config.model, train=config.train, seed=config.seed,
+    pretrain(data=config.data.path, out=args.out, model=config.model, train=config.train, seed=config.seed,
              progress=not args.quiet)
     return 0
 

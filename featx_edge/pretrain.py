@@ -38,7 +38,7 @@ def pretrain(*, data: str, out: str | Path, model: ModelConfig, train: TrainConf
     """
     from featx_edge._tf import import_tf
     from featx_edge.model import build_backbone, build_classifier
-    from featx_edge.train import fit, make_sequence, setup_devices
+    from featx_edge.train import array_dataset, fit, setup_devices
 
     _, keras = import_tf()
     out = Path(out)
@@ -62,9 +62,9 @@ def pretrain(*, data: str, out: str | Path, model: ModelConfig, train: TrainConf
     x_val = load_images(splits.root, splits.val, size=size)
     x_test = load_images(splits.root, splits.test, size=size)
     y_train, y_val, y_test = splits.labels("train"), splits.labels("val"), splits.labels("test")
-    seq = make_sequence(lambda idx: x_train[idx].astype(np.float32), y_train, batch_size=train.batch_size, seed=seed)
-    result = fit(clf.model, seq, epochs=train.epochs, learning_rate=train.learning_rate,
-                 val_data=(x_val.astype(np.float32), y_val), progress=progress)
+    data, steps = array_dataset(x_train, y_train, batch_size=train.batch_size, seed=seed, epochs=train.epochs)
+    result = fit(clf.model, data, epochs=train.epochs, learning_rate=train.learning_rate,
+                 val_data=(x_val.astype(np.float32), y_val), progress=progress, steps_per_epoch=steps)
     test_acc = float(np.mean(clf.model.predict(x_test.astype(np.float32), verbose=0).argmax(1) == y_test))
 
     standalone = build_backbone(spec, alpha=model.alpha, size=size)

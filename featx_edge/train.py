@@ -67,11 +67,15 @@ def embed(feature_model, root: Path, relpaths: Sequence[str], *, size: int, batc
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, feature_model.output_shape[-1]), np.float32)
 
 
-def make_sequence(load: Callable[[np.ndarray], np.ndarray], labels: np.ndarray, *, batch_size: int, seed: int):
-    """A Keras Sequence over ``len(labels)`` items in a seeded order that changes each epoch.
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The seeded order of ``n`` training items in ``epoch``; every training path uses it."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
-    ``load(indices)`` returns the inputs of those items. Feature and image training use the
-    same order for the same seed, which is what makes their heads comparable.
+
+def make_sequence(load: Callable[[np.ndarray], np.ndarray], labels: np.ndarray, *, batch_size: int, seed: int):
+    """A Keras Sequence over ``len(labels)`` items, loaded on demand, in ``epoch_order``.
+
+    ``load(indices)`` returns the inputs of those items (e.g. images decoded from disk).
     """
     from featx_edge._tf import import_tf
 
@@ -81,10 +85,7 @@ def make_sequence(load: Callable[[np.ndarray], np.ndarray], labels: np.ndarray, 
         def __init__(self) -> None:
             super().__init__()
             self.epoch = 0
-            self.order = self._order()
-
-        def _order(self) -> np.ndarray:
-            return np.random.default_rng([seed, self.epoch]).permutation(len(labels))
+            self.order = epoch_order(seed, 0, len(labels))
 
         def __len__(self) -> int:
             return -(-len(labels) // batch_size)
@@ -95,12 +96,32 @@ def make_sequence(load: Callable[[np.ndarray], np.ndarray], labels: np.ndarray, 
 
         def on_epoch_end(self) -> None:
             self.epoch += 1
-            self.order = self._order()
+            self.order = epoch_order(seed, self.epoch, len(labels))
 
     return _Batches()
 
 
-def fit(model, train_seq, *, epochs: int, learning_rate: float, val_data=None, progress: bool = True) -> StageResult:
+def array_dataset(inputs: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int, epochs: int):
+    """An in-memory tf.data pipeline over ``epochs`` epochs in ``epoch_order``; (dataset, steps/epoch).
+
+    Batches never straddle two epochs, so the cached-feature and the through-the-graph paths
+    see the same batches in the same order for the same seed.
+    """
+    from featx_edge._tf import import_tf
+
+    tf, _ = import_tf()
+    x = tf.constant(inputs)
+    y = tf.constant(labels)
+    dataset = None
+    for epoch in range(epochs):
+        part = tf.data.Dataset.from_tensor_slices(epoch_order(seed, epoch, len(labels))).batch(batch_size)
+        dataset = part if dataset is None else dataset.concatenate(part)
+    dataset = dataset.map(lambda idx: (tf.cast(tf.gather(x, idx), tf.float32), tf.gather(y, idx)))
+    return dataset.prefetch(tf.data.AUTOTUNE), -(-len(labels) // batch_size)
+
+
+def fit(model, train_data, *, epochs: int, learning_rate: float, val_data=None, progress: bool = True,
+        steps_per_epoch: int | None = None) -> StageResult:
     """Compile with Adam + sparse categorical cross-entropy and fit; returns timings and history."""
     from featx_edge._tf import import_tf
 
@@ -109,10 +130,12 @@ def fit(model, train_seq, *, epochs: int, learning_rate: float, val_data=None, p
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        # Several small head steps per call: Python overhead, not math, dominates them.
+        steps_per_execution=steps_per_epoch or 1,
     )
     start = time.perf_counter()
-    hist = model.fit(train_seq, epochs=epochs, validation_data=val_data, shuffle=False,
-                     verbose=_verbose() if progress else 0)
+    hist = model.fit(train_data, epochs=epochs, steps_per_epoch=steps_per_epoch, validation_data=val_data,
+                     shuffle=False, verbose=_verbose() if progress else 0)
     return StageResult(epochs=epochs, seconds=time.perf_counter() - start,
                        history={k: [float(v) for v in vals] for k, vals in hist.history.items()})
 
@@ -121,17 +144,17 @@ def train_head_on_features(head_model, features: np.ndarray, labels: np.ndarray,
                            seed: int, val: tuple[np.ndarray, np.ndarray] | None = None,
                            progress: bool = True) -> StageResult:
     """Stage 1 on cached features."""
-    seq = make_sequence(lambda idx: features[idx], labels, batch_size=config.batch_size, seed=seed)
-    return fit(head_model, seq, epochs=config.epochs, learning_rate=config.learning_rate,
-               val_data=val, progress=progress)
+    data, steps = array_dataset(features, labels, batch_size=config.batch_size, seed=seed, epochs=config.epochs)
+    return fit(head_model, data, epochs=config.epochs, learning_rate=config.learning_rate,
+               val_data=val, progress=progress, steps_per_epoch=steps)
 
 
 def train_head_through_graph(model, images: np.ndarray, labels: np.ndarray, *, config: TrainConfig,
                              seed: int, progress: bool = True) -> StageResult:
     """Stage 1 the slow way, through the frozen backbone; the reference for the cached path."""
-    seq = make_sequence(lambda idx: images[idx].astype(np.float32), labels,
-                        batch_size=config.batch_size, seed=seed)
-    return fit(model, seq, epochs=config.epochs, learning_rate=config.learning_rate, progress=progress)
+    data, steps = array_dataset(images, labels, batch_size=config.batch_size, seed=seed, epochs=config.epochs)
+    return fit(model, data, epochs=config.epochs, learning_rate=config.learning_rate, progress=progress,
+               steps_per_epoch=steps)
 
 
 def image_sequence(root: Path, relpaths: Sequence[str], labels: np.ndarray, *, size: int,

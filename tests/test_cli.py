@@ -1,0 +1,63 @@
+"""The command line: listings, errors that say what to do, and the sample data."""
+
+import subprocess
+import sys
+
+from featx_edge.cli import main
+
+
+def test_backbones_lists_the_registry(capsys):
+    assert main(["backbones"]) == 0
+    out = capsys.readouterr().out
+    for name in ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "resnet50", "vgg16"):
+        assert name in out
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "featx_edge", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("featx-edge ")
+
+
+def test_bad_backbone_is_a_one_line_error(tmp_path, capsys):
+    rc = main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--backbone", "mobilenet2"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "`--backbone` must be one of mobilenet_v2" in err and "received `mobilenet2`" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_data_folder_fails_before_training(tmp_path, capsys):
+    rc = main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"),
+               "--alpha", "0.35", "--image-size", "32", "--weights", "none"])
+    assert rc == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_mixed_precision_without_gpu_is_explained(tmp_path, capsys):
+    from conftest import make_class_folder
+
+    root = make_class_folder(tmp_path / "data", {"a": 4, "b": 4})
+    rc = main(["train", "--data", str(root), "--out", str(tmp_path / "run"), "--alpha", "0.35",
+               "--image-size", "32", "--weights", "none", "--mixed-precision"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs a GPU" in err
+
+
+def test_sample_data_writes_real_digits(tmp_path, capsys):
+    from PIL import Image
+
+    assert main(["sample-data", str(tmp_path / "digits")]) == 0
+    source = sorted(p.name for p in (tmp_path / "digits" / "source").iterdir())
+    target = sorted(p.name for p in (tmp_path / "digits" / "target").iterdir())
+    assert source == [f"digit_{d}" for d in range(5)] and target == [f"digit_{d}" for d in range(5, 10)]
+    files = list((tmp_path / "digits").rglob("*.png"))
+    assert len(files) == 1797  # every scan scikit-learn ships
+    with Image.open(files[0]) as img:
+        assert img.size == (32, 32) and img.mode == "L"
+    # Re-running on a complete copy is a no-op; a non-empty foreign folder is refused.
+    assert main(["sample-data", str(tmp_path / "digits")]) == 0
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("mine")
+    assert main(["sample-data", str(tmp_path / "other")]) == 2
+    assert "not empty" in capsys.readouterr().err

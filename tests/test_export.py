@@ -1,0 +1,133 @@
+"""The trained run: transfer really happens, every format is written, checked and described."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featx_edge.formats import FORMATS
+from featx_edge.rundir import read_manifest, sha256_file
+
+
+def test_transfer_from_a_locally_pretrained_backbone(trained_run):
+    """Backbone pretrained on digits 0-4, frozen; the head alone learns digits 5-9 well."""
+    manifest = read_manifest(trained_run)
+    assert manifest["labels"] == [f"digit_{d}" for d in range(5, 10)]
+    assert manifest["training"]["test_accuracy"] >= 0.6  # chance is 0.2
+    assert manifest["training"]["stage1"]["epochs"] == 40
+
+
+def test_run_directory_contract(trained_run, sample_root):
+    manifest = read_manifest(trained_run)
+    splits = json.loads((trained_run / "splits.json").read_text())
+    assert Path(splits["data_root"]) == (sample_root / "target").resolve()
+    assert not set(splits["test"]) & (set(splits["train"]) | set(splits["val"]))
+    assert manifest["data"]["counts"] == {k: len(splits[k]) for k in ("train", "val", "test")}
+    assert manifest["input"] == {"name": "image", "height": 64, "width": 64, "channels": 3, "layout": "NHWC",
+                                 "color": "RGB", "dtype": "float32", "value_range": [0, 255],
+                                 "resize": "bilinear"}
+    assert manifest["config"]["model"]["alpha"] == 0.35 and manifest["config"]["seed"] == 0
+    assert set(manifest["artifacts"]) == set(FORMATS)
+    for fmt, entry in manifest["artifacts"].items():
+        path = trained_run / entry["path"]
+        assert path.name.startswith(f"model.{fmt}.")
+        assert sha256_file(path) == entry["sha256"] and path.stat().st_size == entry["bytes"]
+    assert not list(trained_run.rglob(".tmp-*")), "no temporary files may be left behind"
+
+
+def test_exported_models_match_the_reference_accuracy(trained_run):
+    from featx_edge.pipeline import evaluate_artifacts
+
+    rows = {row["format"]: row["test_accuracy"] for row in evaluate_artifacts(trained_run)}
+    reference = rows.pop("keras (reference)")
+    for fmt in ("tflite-float32", "onnx-float32", "tflite-float16"):
+        assert rows[fmt] == pytest.approx(reference, abs=0.01), fmt
+    for fmt in ("tflite-dynamic", "tflite-int8"):
+        assert rows[fmt] >= reference - 0.05, fmt
+
+
+def test_int8_is_integer_only(trained_run):
+    from featx_edge.export.tflite import integer_report
+    from featx_edge.runtime.metadata import read_tflite
+
+    flatbuffer, meta = read_tflite(trained_run / "export" / "model.tflite-int8.tflite")
+    report = integer_report(flatbuffer)
+    assert report["input_dtype"] == "uint8" and report["output_dtype"] == "uint8"
+    assert report["float_tensors"] == []
+    assert meta["input"]["dtype"] == "uint8"
+
+
+def test_float_model_fails_the_integer_check(trained_run):
+    from featx_edge.errors import ExportError
+    from featx_edge.export.tflite import check_integer_only
+    from featx_edge.runtime.metadata import read_tflite
+
+    flatbuffer, _ = read_tflite(trained_run / "export" / "model.tflite-float32.tflite")
+    with pytest.raises(ExportError, match="kept float parts: input_dtype is float32"):
+        check_integer_only(flatbuffer)
+
+
+def test_labels_and_contract_travel_with_each_model(trained_run):
+    import onnx
+
+    from featx_edge.runtime.metadata import read_tflite
+
+    labels = [f"digit_{d}" for d in range(5, 10)]
+    for fmt in FORMATS:
+        path = trained_run / "export" / f"model.{fmt}.{'onnx' if fmt.startswith('onnx') else 'tflite'}"
+        if fmt.startswith("tflite"):
+            import zipfile
+
+            _, meta = read_tflite(path)
+            assert zipfile.ZipFile(path).read("labels.txt").decode().split() == labels
+        else:
+            proto = onnx.load(str(path))
+            props = {p.key: p.value for p in proto.metadata_props}
+            meta = json.loads(props["featx_edge"])
+            assert props["labels"].split("\n") == labels
+            dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+            assert dim.dim_param and not dim.dim_value, "ONNX batch dimension must be dynamic"
+        assert meta["labels"] == labels and meta["format"] == fmt
+        assert (meta["input"]["height"], meta["input"]["width"]) == (64, 64)
+
+
+def test_interrupted_export_leaves_no_partial_file(trained_run, monkeypatch, tmp_path):
+    """A failing conversion must not leave a half-written model nor a changed manifest."""
+    import shutil
+
+    from featx_edge import rundir
+    from featx_edge.pipeline import export_run
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    target = run / "export" / "model.tflite-float16.tflite"
+    target.unlink()
+    before = (run / "manifest.json").read_text()
+
+    def interrupted_rename(src, dst):  # the model bytes are written, then Ctrl-C hits
+        assert Path(src).stat().st_size > 0
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rundir.os, "replace", interrupted_rename)
+    with pytest.raises(KeyboardInterrupt):
+        export_run(run, formats="tflite-float16", progress=False)
+    assert not target.exists()
+    assert not list(run.rglob(".tmp-*"))
+    assert (run / "manifest.json").read_text() == before
+
+
+def test_export_of_a_non_run_is_a_clear_error(tmp_path, capsys):
+    from featx_edge.cli import main
+
+    assert main(["export", str(tmp_path)]) == 2
+    assert "is not a featx-edge run directory" in capsys.readouterr().err
+
+
+def test_onnx_runs_any_batch(trained_run):
+    from featx_edge.runtime import load
+
+    predictor = load(trained_run / "export" / "model.onnx-float32.onnx")
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    single = np.concatenate([predictor.predict_pixels(pixels[i:i + 1]) for i in range(3)])
+    np.testing.assert_allclose(predictor.predict_pixels(pixels, batch_size=3), single, atol=1e-5)

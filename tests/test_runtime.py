@@ -1,0 +1,132 @@
+"""The device runtime: every input kind, bad files, and no TensorFlow in sight."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featx_edge.errors import ModelFileError
+
+MODELS = ["tflite-float32", "tflite-int8", "onnx-float32"]
+
+
+def _model(run: Path, fmt: str) -> Path:
+    return run / "export" / f"model.{fmt}.{'onnx' if fmt.startswith('onnx') else 'tflite'}"
+
+
+@pytest.mark.parametrize("fmt", MODELS)
+def test_every_input_kind_gives_the_same_answer(trained_run, sample_root, fmt):
+    from featx_edge.runtime import load
+
+    predictor = load(_model(trained_run, fmt))
+    path = sorted((sample_root / "target" / "digit_7").glob("*.png"))[0]
+    gray = Image.open(path)  # 32x32 grayscale file; the model wants 64x64 RGB
+    rgb_array = np.asarray(gray.convert("RGB"))
+    inputs = [path, str(path), gray, gray.convert("RGBA"), gray.convert("P"), np.asarray(gray), rgb_array]
+    preds = predictor.predict(inputs, top_k=2)
+    assert {p.label for p in preds} == {preds[0].label}
+    scores = np.array([p.score for p in preds])
+    np.testing.assert_allclose(scores, scores[0], atol=0.02)
+    assert len(preds[0].top_k) == 2 and preds[0].top_k[0] == (preds[0].label, preds[0].score)
+    assert preds[0].top_k[0][1] >= preds[0].top_k[1][1]
+
+
+def test_predictions_match_the_reference_on_the_test_split(trained_run):
+    """Runtime probabilities match the Keras model on held-out images (float32: tight)."""
+    from featx_edge.data import load_images, load_splits
+    from featx_edge.pipeline import load_reference
+    from featx_edge.runtime import load
+
+    splits = load_splits(trained_run / "splits.json")
+    pixels = load_images(splits.root, splits.test, size=64)
+    reference = load_reference(trained_run).model(pixels.astype(np.float32)).numpy()
+    # (format, max |dprob| bound, mean |dprob| bound, top-1 agreement bound)
+    for fmt, max_d, mean_d, agree in (("tflite-float32", 1e-4, 1e-5, 1.0), ("onnx-float32", 1e-4, 1e-5, 1.0),
+                                      ("tflite-float16", 0.05, 5e-3, 0.97), ("tflite-dynamic", 0.5, 0.03, 0.9),
+                                      ("tflite-int8", 1.0, 0.05, 0.85)):
+        probs = load(_model(trained_run, fmt)).predict_pixels(pixels)
+        delta = np.abs(probs - reference)
+        assert delta.max() <= max_d and delta.mean() <= mean_d, fmt
+        assert np.mean(probs.argmax(1) == reference.argmax(1)) >= agree, fmt
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random", "empty", "wrong-extension", "missing"])
+@pytest.mark.parametrize("fmt", ["tflite-float32", "onnx-float32"])
+def test_damaged_model_files_give_clear_errors(trained_run, tmp_path, fmt, damage):
+    from featx_edge.runtime import load
+
+    good = _model(trained_run, fmt).read_bytes()
+    path = tmp_path / _model(trained_run, fmt).name
+    if damage == "truncated":
+        path.write_bytes(good[: len(good) * 2 // 3])
+    elif damage == "random":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "wrong-extension":
+        path = path.with_suffix(".bin")
+        path.write_bytes(good)
+    with pytest.raises(ModelFileError, match=str(path.name)):
+        load(path)
+
+
+def test_tflite_with_altered_weights_is_refused(trained_run, tmp_path):
+    from featx_edge.runtime import load
+
+    data = bytearray(_model(trained_run, "tflite-float32").read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    path = tmp_path / "model.tflite"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="checksum"):
+        load(path)
+
+
+def test_runtime_imports_no_tensorflow(trained_run, sample_root):
+    """In a fresh interpreter where TF, Keras, tf2onnx and onnx cannot be imported, predict works."""
+    image = sorted((sample_root / "target" / "digit_5").glob("*.png"))[0]
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('tensorflow', 'tf_keras', 'keras', 'tf2onnx', 'onnx', 'tensorflow_model_optimization'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+import featx_edge.runtime as rt
+for path in {[str(_model(trained_run, f)) for f in MODELS]!r}:
+    print(rt.load(path).predict([{str(image)!r}])[0].label)
+assert not [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf_keras', 'keras', 'onnx', 'tf2onnx')]
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.split()) == 3
+
+
+def test_predict_cli_json_and_bad_images(trained_run, sample_root, tmp_path, capsys):
+    from featx_edge.cli import main
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.open(sorted((sample_root / "target" / "digit_9").glob("*.png"))[0]).save(folder / name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    rc = main(["predict", str(_model(trained_run, "tflite-int8")), str(folder), "--json", "--top-k", "2"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert [Path(r["path"]).name for r in lines] == ["a.png", "b.png"]
+    assert all(set(r) >= {"path", "label", "score", "top_k"} and len(r["top_k"]) == 2 for r in lines)
+    assert "broken.jpg" in captured.err and "1 image(s) could not be classified" in captured.err
+
+
+def test_predict_cli_plain_lines(trained_run, sample_root, capsys):
+    from featx_edge.cli import main
+
+    image = sorted((sample_root / "target" / "digit_6").glob("*.png"))[0]
+    assert main(["predict", str(_model(trained_run, "onnx-float32")), str(image)]) == 0
+    path, label, score = capsys.readouterr().out.strip().split("\t")
+    assert path == str(image) and label.startswith("digit_") and 0 <= float(score) <= 1
