@@ -1,0 +1,202 @@
+"""Verify every exported model against the Keras reference on the held-out test split.
+
+Artifacts run through the device runtime (``featx_edge.runtime``), so what is verified is what
+a device runs. Every failure is collected, written to ``RUN/verify.json``, then raised as one
+VerificationError listing each failing format with the measured value and the threshold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featx_edge.errors import ConfigError, ModelFileError, VerificationError
+from featx_edge.formats import FORMATS, check_format
+from featx_edge.rundir import VERIFY, read_manifest, sha256_file, write_json
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass/fail limits for one format (None: not checked).
+
+    Attributes:
+        min_agreement: top-1 agreement with the reference, as a fraction of images.
+        max_accuracy_drop: test accuracy lost versus the reference, in percentage points.
+        max_abs_diff: largest |probability difference| over all images and classes.
+        min_sqnr_db: signal-to-quantization-noise ratio of the probabilities, in dB.
+    """
+
+    min_agreement: float | None = None
+    max_accuracy_drop: float | None = None
+    max_abs_diff: float | None = None
+    min_sqnr_db: float | None = None
+
+
+_FLOAT32 = Thresholds(min_agreement=1.0, max_accuracy_drop=0.0, max_abs_diff=1e-4)
+_INT8 = Thresholds(min_agreement=0.97, max_accuracy_drop=1.0)
+DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
+    "tflite-float32": _FLOAT32,
+    "onnx-float32": _FLOAT32,
+    "tflite-float16": Thresholds(min_agreement=0.99, max_accuracy_drop=0.5, max_abs_diff=0.05),
+    "tflite-dynamic": Thresholds(min_agreement=0.98, max_accuracy_drop=1.0, min_sqnr_db=20.0),
+    "tflite-int8": _INT8,
+    "tflite-int8-selective": _INT8,
+    "tflite-int8-qat": _INT8,
+    "onnx-int8": _INT8,
+}
+
+
+def thresholds_for(fmt: str, overrides: dict[str, dict[str, float]] | None = None) -> Thresholds:
+    base = DEFAULT_THRESHOLDS.get(fmt, _INT8)
+    changes = (overrides or {}).get(fmt, {})
+    return dataclasses.replace(base, **changes) if changes else base
+
+
+def parse_threshold(text: str) -> tuple[str, str, float]:
+    """Parse ``FORMAT.METRIC=VALUE`` (e.g. ``tflite-int8.min_agreement=0.95``)."""
+    fields = [f.name for f in dataclasses.fields(Thresholds)]
+    try:
+        key, value = text.split("=", 1)
+        fmt, metric = key.rsplit(".", 1)
+        number = float(value)
+    except ValueError:
+        raise ConfigError(
+            f"`--threshold` must look like FORMAT.METRIC=VALUE, e.g. tflite-int8.min_agreement=0.95; "
+            f"received `{text}`."
+        ) from None
+    if metric not in fields:
+        raise ConfigError(f"unknown threshold `{metric}` in `{text}`; allowed: {', '.join(fields)}.")
+    if fmt not in DEFAULT_THRESHOLDS:
+        check_format(fmt)
+    return fmt, metric, number
+
+
+def compare(probs: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dict:
+    """Fidelity metrics of ``probs`` against ``reference`` (both (N, C) probabilities)."""
+    if probs.shape != reference.shape:
+        raise VerificationError(f"output shape {probs.shape} differs from the reference's {reference.shape}")
+    delta = np.abs(probs.astype(np.float64) - reference.astype(np.float64))
+    noise = float(np.sum(delta ** 2))
+    signal = float(np.sum(reference.astype(np.float64) ** 2))
+    norms = np.linalg.norm(probs, axis=1) * np.linalg.norm(reference, axis=1)
+    cosine = np.sum(probs.astype(np.float64) * reference, axis=1) / np.maximum(norms, 1e-12)
+    accuracy = float(np.mean(probs.argmax(1) == labels))
+    reference_accuracy = float(np.mean(reference.argmax(1) == labels))
+    return {
+        "images": int(len(labels)),
+        "accuracy": accuracy,
+        "reference_accuracy": reference_accuracy,
+        "accuracy_change_points": 100.0 * (accuracy - reference_accuracy),
+        "top1_agreement": float(np.mean(probs.argmax(1) == reference.argmax(1))),
+        "max_abs_diff": float(delta.max()) if delta.size else 0.0,
+        "mean_abs_diff": float(delta.mean()) if delta.size else 0.0,
+        "cosine_similarity": float(cosine.mean()) if cosine.size else 1.0,
+        "sqnr_db": float("inf") if noise == 0 else 10.0 * np.log10(signal / noise),
+    }
+
+
+def check(metrics: dict, limits: Thresholds) -> list[str]:
+    """Human-readable failures of ``metrics`` against ``limits`` (empty: pass)."""
+    failures = []
+    if limits.min_agreement is not None and metrics["top1_agreement"] < limits.min_agreement:
+        failures.append(f"top-1 agreement {metrics['top1_agreement']:.4f} < {limits.min_agreement}")
+    if limits.max_accuracy_drop is not None and -metrics["accuracy_change_points"] > limits.max_accuracy_drop + 1e-9:
+        failures.append(f"accuracy drop {-metrics['accuracy_change_points']:.2f} points > {limits.max_accuracy_drop}")
+    if limits.max_abs_diff is not None and metrics["max_abs_diff"] > limits.max_abs_diff:
+        failures.append(f"max |dprob| {metrics['max_abs_diff']:.3g} > {limits.max_abs_diff}")
+    if limits.min_sqnr_db is not None and metrics["sqnr_db"] < limits.min_sqnr_db:
+        failures.append(f"SQNR {metrics['sqnr_db']:.1f} dB < {limits.min_sqnr_db}")
+    return failures
+
+
+def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
+               overrides: dict[str, dict[str, float]] | None = None, progress: bool = True) -> dict:
+    """Verify the run's artifacts; writes ``RUN/verify.json`` and raises on any failure.
+
+    Example:
+        >>> report = verify_run("runs/demo")  # doctest: +SKIP
+        >>> report["formats"]["tflite-int8"]["top1_agreement"]  # doctest: +SKIP
+    """
+    from featx_edge.data import load_images
+    from featx_edge.export.tflite import integer_report
+    from featx_edge.pipeline import load_reference, load_run_splits
+    from featx_edge.runtime import load
+    from featx_edge.runtime.metadata import read_tflite
+
+    run = Path(run)
+    manifest = read_manifest(run)
+    artifacts = manifest.get("artifacts", {})
+    formats = tuple(formats) if formats else tuple(f for f in _ordered(artifacts))
+    if not formats:
+        raise VerificationError(f"`{run}` has no exported models; run `featx-edge export {run}` first.")
+    splits = load_run_splits(run, manifest)
+    size = manifest["input"]["height"]
+    pixels = load_images(splits.root, splits.test, size=size)
+    labels = splits.labels("test")
+    reference = load_reference(run, manifest).model(pixels.astype(np.float32), training=False).numpy()
+    report: dict = {"run": str(run), "images": int(len(labels)), "reference_accuracy":
+                    float(np.mean(reference.argmax(1) == labels)), "formats": {}}
+    failures: list[str] = []
+    for fmt in formats:
+        limits = thresholds_for(fmt, overrides)
+        entry: dict = {"thresholds": dataclasses.asdict(limits)}
+        report["formats"][fmt] = entry
+        problems = _integrity(run, manifest, fmt)
+        if not problems:
+            t0 = time.perf_counter()
+            path = run / artifacts[fmt]["path"]
+            try:
+                predictor = load(path)
+                if predictor.labels != manifest["labels"]:
+                    problems.append(f"labels in the model {predictor.labels} differ from the run's")
+                else:
+                    probs = predictor.predict_pixels(pixels)
+                    entry.update(compare(probs, reference, labels))
+                    problems += check(entry, limits)
+                if fmt.startswith("tflite-int8") and not problems:
+                    entry["integer"] = integer_report(read_tflite(path)[0])
+                    if fmt == "tflite-int8" and (entry["integer"]["float_tensors"]
+                                                 or entry["integer"]["input_dtype"] not in ("uint8", "int8")):
+                        problems.append("not integer-only: " + str(entry["integer"]["float_tensors"][:3]))
+            except (ModelFileError, VerificationError) as err:
+                problems.append(str(err))
+            entry["seconds"] = round(time.perf_counter() - t0, 3)
+        entry["passed"] = not problems
+        entry["failures"] = problems
+        failures += [f"{fmt}: {p}" for p in problems]
+        if progress:
+            status = "PASS" if not problems else "FAIL: " + "; ".join(problems)
+            agree = entry.get("top1_agreement")
+            print(f"{fmt:<22} {'' if agree is None else f'agreement {agree:.4f} '}{status}", flush=True)
+    report["passed"] = not failures
+    write_json(run / VERIFY, report)
+    if failures:
+        raise VerificationError(
+            f"{len(failures)} check(s) failed on {len(labels)} test images (details in {run / VERIFY}):\n  "
+            + "\n  ".join(failures)
+        )
+    return report
+
+
+def _ordered(artifacts: dict) -> list[str]:
+    known = [f for f in FORMATS if f in artifacts]
+    return known + sorted(f for f in artifacts if f not in known)
+
+
+def _integrity(run: Path, manifest: dict, fmt: str) -> list[str]:
+    entry = manifest.get("artifacts", {}).get(fmt)
+    if entry is None:
+        return [f"not exported (run `featx-edge export {run} --formats {fmt}`)"]
+    path = run / entry["path"]
+    if not path.is_file():
+        return [f"`{path}` is missing"]
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        return [f"`{path}` has {size} bytes, the manifest records {entry['bytes']}: truncated or replaced"]
+    if sha256_file(path) != entry["sha256"]:
+        return [f"`{path}` does not match its sha256 in the manifest: swapped or modified after export"]
+    return []
