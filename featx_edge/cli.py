@@ -30,8 +30,23 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--unfreeze-top", type=int, help="backbone layers unfrozen in stage 2")
     g.add_argument("--fine-tune-learning-rate", type=float)
     g.add_argument("--mixed-precision", action="store_true", default=None, help="float16 compute (GPU hosts)")
+    g.add_argument("--qat-epochs", type=int, help="quantization-aware training epochs for tflite-int8-qat")
     g.add_argument("--seed", type=int, help="seed for the split, initialisation and batch order")
     g.add_argument("--config", help="TOML file with [data] [model] [train] [export] sections")
+
+
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("export")
+    g.add_argument("--formats", help="comma-separated formats, or `all` (default: the six standard formats)")
+    g.add_argument("--int8-budget", type=float,
+                   help="accuracy points int8 may lose on validation; tries int8, selective, then QAT")
+    g.add_argument("--onnx-calibration", choices=("minmax", "percentile", "entropy"),
+                   help="onnxruntime calibration method for onnx-int8 (default minmax)")
+
+
+def _add_verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threshold", action="append", default=[], metavar="FORMAT.METRIC=VALUE",
+                   help="override a verify threshold, e.g. tflite-int8.min_agreement=0.95 (repeatable)")
 
 
 def _quiet(p: argparse.ArgumentParser) -> None:
@@ -63,12 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
         _add_model_args(p)
         _add_train_args(p)
         if name == "run":
-            p.add_argument("--formats", help="comma-separated formats, or `all` (default)")
+            _add_export_args(p)
+            _add_verify_args(p)
         _quiet(p)
 
     p = sub.add_parser("export", help="export a trained run to TFLite / ONNX")
     p.add_argument("run")
-    p.add_argument("--formats", help="comma-separated formats, or `all` (default)")
+    _add_export_args(p)
+    p.add_argument("--qat-epochs", type=int, help="quantization-aware training epochs for tflite-int8-qat")
+    _quiet(p)
+
+    p = sub.add_parser("verify", help="check every export against the Keras reference on the test split")
+    p.add_argument("run")
+    p.add_argument("--formats", help="comma-separated formats (default: every exported one)")
+    _add_verify_args(p)
     _quiet(p)
 
     p = sub.add_parser("predict", help="classify images with an exported model (no TensorFlow needed)")
@@ -76,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--threads", type=int)
+
+    p = sub.add_parser("selftest", help="check that this device's runtime reproduces the exported outputs")
+    p.add_argument("models", nargs="+", help="model files (their selftest/ folder must sit beside them)")
     p.add_argument("--threads", type=int)
     return parser
 
@@ -90,12 +117,28 @@ def _config_from_args(args: argparse.Namespace):
     config = override(config, "train", epochs=args.epochs, batch_size=args.batch_size,
                       learning_rate=args.learning_rate, fine_tune_epochs=args.fine_tune_epochs,
                       unfreeze_top=args.unfreeze_top, fine_tune_learning_rate=args.fine_tune_learning_rate,
-                      mixed_precision=args.mixed_precision)
-    if getattr(args, "formats", None):
-        from featx_edge.formats import parse_formats
-
-        config = override(config, "export", formats=parse_formats(args.formats))
+                      mixed_precision=args.mixed_precision, qat_epochs=args.qat_epochs)
+    config = _export_overrides(config, args)
     return override(config, "seed", seed=args.seed)
+
+
+def _export_overrides(config, args):
+    from featx_edge.config import override
+    from featx_edge.formats import parse_formats
+
+    formats = parse_formats(args.formats) if getattr(args, "formats", None) else None
+    return override(config, "export", formats=formats, int8_budget=getattr(args, "int8_budget", None),
+                    onnx_calibration=getattr(args, "onnx_calibration", None))
+
+
+def _thresholds(args) -> dict:
+    from featx_edge.verify import parse_threshold
+
+    overrides: dict = {}
+    for text in args.threshold:
+        fmt, metric, value = parse_threshold(text)
+        overrides.setdefault(fmt, {})[metric] = value
+    return overrides
 
 
 def _cmd_backbones(args) -> int:
@@ -133,19 +176,46 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from featx_edge.pipeline import export_run
+    from featx_edge.pipeline import export_run, update_run_config
 
+    if args.qat_epochs is not None or args.int8_budget is not None or args.onnx_calibration:
+        update_run_config(args.run, lambda config: _export_overrides(
+            override_train(config, qat_epochs=args.qat_epochs), args))
     export_run(args.run, formats=args.formats, progress=not args.quiet)
     return 0
 
 
+def override_train(config, **values):
+    from featx_edge.config import override
+
+    return override(config, "train", **values)
+
+
+def _cmd_verify(args) -> int:
+    from featx_edge.formats import parse_formats
+    from featx_edge.verify import verify_run
+
+    formats = parse_formats(args.formats) if args.formats else None
+    verify_run(args.run, formats=formats, overrides=_thresholds(args), progress=not args.quiet)
+    return 0
+
+
 def _cmd_run(args) -> int:
-    from featx_edge.pipeline import evaluate_artifacts, export_run, format_table, train_run
+    from featx_edge.errors import VerificationError
+    from featx_edge.pipeline import export_run, format_table, train_run
+    from featx_edge.rundir import VERIFY, read_manifest
+    from featx_edge.verify import verify_run
 
     config = _config_from_args(args)
+    overrides = _thresholds(args)  # parsed before training: a typo must not cost a training run
     train_run(config, args.out, progress=not args.quiet)
     export_run(args.out, formats=config.export.formats, progress=not args.quiet)
-    print(format_table(evaluate_artifacts(args.out, formats=config.export.formats)))
+    try:
+        report = verify_run(args.out, overrides=overrides, progress=not args.quiet)
+    except VerificationError:
+        print(format_table(json.loads((Path(args.out) / VERIFY).read_text()), read_manifest(args.out)))
+        raise
+    print(format_table(report, read_manifest(args.out)))
     return 0
 
 
@@ -182,6 +252,23 @@ def _cmd_predict(args) -> int:
     return 1 if failures else 0
 
 
+def _cmd_selftest(args) -> int:
+    from featx_edge.errors import ModelFileError, VerificationError
+    from featx_edge.runtime.selftest import run_selftest
+
+    failed = 0
+    for model in args.models:
+        try:
+            result = run_selftest(model, threads=args.threads)
+        except (ModelFileError, VerificationError) as err:
+            failed += 1
+            print(f"FAIL {err}")
+            continue
+        print(f"PASS {model}: {result.images} images, top-1 {result.top1_matches}/{result.images}, "
+              f"max |dprob| {result.max_abs_diff:.2g} (tolerance {result.tolerance})")
+    return 1 if failed else 0
+
+
 COMMANDS = {
     "backbones": _cmd_backbones,
     "sample-data": _cmd_sample_data,
@@ -189,7 +276,9 @@ COMMANDS = {
     "train": _cmd_train,
     "export": _cmd_export,
     "run": _cmd_run,
+    "verify": _cmd_verify,
     "predict": _cmd_predict,
+    "selftest": _cmd_selftest,
 }
 
 

@@ -92,6 +92,8 @@ class TrainConfig:
         unfreeze_top: backbone layers unfrozen in stage 2 (BatchNorm stays frozen).
         fine_tune_learning_rate: stage-2 Adam learning rate.
         mixed_precision: float16 compute on a GPU host.
+        qat_epochs: quantization-aware training epochs for tflite-int8-qat (0: no QAT).
+        qat_learning_rate: learning rate of quantization-aware training.
     """
 
     epochs: int = 10
@@ -101,15 +103,18 @@ class TrainConfig:
     unfreeze_top: int = 20
     fine_tune_learning_rate: float = 1e-5
     mixed_precision: bool = False
+    qat_epochs: int = 0
+    qat_learning_rate: float = 1e-4
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "fine_tune_epochs", "unfreeze_top"):
+        for name in ("epochs", "batch_size", "fine_tune_epochs", "unfreeze_top", "qat_epochs"):
             value = getattr(self, name)
             minimum = 1 if name in ("epochs", "batch_size") else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ConfigError(f"`{name}` must be an integer >= {minimum}; received `{value}`.")
         _check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
         _check_range("fine_tune_learning_rate", self.fine_tune_learning_rate, 0.0, 1.0, low_open=True)
+        _check_range("qat_learning_rate", self.qat_learning_rate, 0.0, 1.0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -119,11 +124,18 @@ class ExportConfig:
     Attributes:
         formats: format names (see ``featx_edge.formats.FORMATS``).
         calibration_images: training images fed to int8 calibration.
+        onnx_calibration: onnxruntime calibration method for onnx-int8: minmax, percentile, entropy.
+        int8_budget: accuracy points int8 may lose on the validation split; when set, plain int8,
+            then the selective variant, then QAT (if ``qat_epochs``) are tried until one fits.
+        selective_float_layers: layers kept in float by tflite-int8-selective (worst first).
         reference_images: images whose reference outputs ship next to each model (self-test).
     """
 
     formats: tuple[str, ...] = FORMATS
     calibration_images: int = 200
+    onnx_calibration: str = "minmax"
+    int8_budget: float | None = None
+    selective_float_layers: int = 5
     reference_images: int = 8
 
     def __post_init__(self) -> None:
@@ -131,6 +143,17 @@ class ExportConfig:
         if not isinstance(self.calibration_images, int) or self.calibration_images < 1:
             raise ConfigError(
                 f"`calibration_images` must be an integer >= 1; received `{self.calibration_images}`."
+            )
+        if self.int8_budget is not None:
+            _check_range("int8_budget", self.int8_budget, 0.0, 100.0)
+        if not isinstance(self.selective_float_layers, int) or self.selective_float_layers < 1:
+            raise ConfigError(
+                f"`selective_float_layers` must be an integer >= 1; received `{self.selective_float_layers}`."
+            )
+        if self.onnx_calibration not in ("minmax", "percentile", "entropy"):
+            raise ConfigError(
+                "`onnx_calibration` must be one of minmax, percentile, entropy; "
+                f"received `{self.onnx_calibration}`."
             )
 
 

@@ -10,8 +10,14 @@ FORMATS: tuple[str, ...] = (
     "tflite-dynamic",
     "tflite-int8",
     "onnx-float32",
+    "onnx-int8",
 )
-"""Every export format, in the order they are produced and reported."""
+"""The standard export formats (`--formats all`), in the order they are produced and reported."""
+
+INT8_VARIANTS: tuple[str, ...] = ("tflite-int8-selective", "tflite-int8-qat")
+"""Extra int8 variants: made on request, or by `--int8-budget` when plain int8 misses it."""
+
+ALL_FORMATS = FORMATS + INT8_VARIANTS
 
 EXTENSIONS = {"tflite": ".tflite", "onnx": ".onnx"}
 
@@ -24,9 +30,9 @@ def artifact_filename(fmt: str) -> str:
 
 def check_format(fmt: str) -> str:
     """Return ``fmt`` if it is a known format name, else raise ConfigError naming the choices."""
-    if fmt not in FORMATS:
+    if fmt not in ALL_FORMATS:
         raise ConfigError(
-            f"unknown export format `{fmt}`; allowed: {', '.join(FORMATS)}. "
+            f"unknown export format `{fmt}`; allowed: {', '.join(ALL_FORMATS)}. "
             "Pass a comma-separated list, e.g. `--formats tflite-int8,onnx-float32`."
         )
     return fmt
@@ -37,7 +43,7 @@ def parse_formats(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else list(value)
     items = [item.strip() for item in items if item.strip()]
     if not items:
-        raise ConfigError(f"`--formats` is empty; allowed: all, or any of {', '.join(FORMATS)}.")
+        raise ConfigError(f"`--formats` is empty; allowed: all, or any of {', '.join(ALL_FORMATS)}.")
     if items == ["all"]:
         return FORMATS
     seen: list[str] = []

@@ -12,10 +12,11 @@ from featx_edge import __version__
 from featx_edge.backbones import get_backbone
 from featx_edge.config import RunConfig, config_from_dict
 from featx_edge.data import Splits, load_images, load_splits, scan_folder, split_folder
-from featx_edge.errors import RunDirError
-from featx_edge.formats import FORMATS, artifact_filename, parse_formats
-from featx_edge.rundir import (EXPORT_DIR, MANIFEST, SPLITS, WEIGHTS, atomic_path, read_manifest,
+from featx_edge.errors import ConfigError, RunDirError
+from featx_edge.formats import artifact_filename, parse_formats
+from featx_edge.rundir import (EXPORT_DIR, INT8_LAYERS, MANIFEST, SPLITS, WEIGHTS, atomic_path, read_manifest,
                                record_artifact, sha256_file, write_bytes, write_json)
+from featx_edge.runtime.metadata import pack_tflite
 from featx_edge.runtime.image import RESIZE_METHOD
 from featx_edge.sample import resolve_data
 from featx_edge.weights import resolve_weights
@@ -120,6 +121,15 @@ def run_config(manifest: dict) -> RunConfig:
     return config_from_dict(manifest["config"], source=MANIFEST)
 
 
+def update_run_config(run: str | Path, change) -> RunConfig:
+    """Apply ``change(config) -> config`` to the settings recorded in the run's manifest."""
+    manifest = read_manifest(run)
+    config = change(run_config(manifest))
+    manifest["config"] = config.to_dict()
+    write_json(Path(run) / MANIFEST, manifest)
+    return config
+
+
 def load_reference(run: str | Path, manifest: dict | None = None):
     """Rebuild the run's Keras classifier (float32) and load its trained weights."""
     from featx_edge.model import build_classifier
@@ -152,40 +162,206 @@ def artifact_metadata(manifest: dict, fmt: str, *, input_dtype: str) -> dict:
     }
 
 
-def export_run(run: str | Path, *, formats: tuple[str, ...] | str | None = None, progress: bool = True) -> dict:
-    """Export the run's reference model to each format under ``RUN/export/``; returns the manifest."""
-    from featx_edge.export import onnx as onnx_export
-    from featx_edge.export import tflite as tflite_export
-    from featx_edge.export.calibration import calibration_images
-    from featx_edge.runtime.metadata import pack_tflite
+class _Exporter:
+    """What every format's export needs, computed once and only when needed."""
 
+    def __init__(self, run: Path, manifest: dict, *, progress: bool) -> None:
+        self.run = run
+        self.manifest = manifest
+        self.config = run_config(manifest)
+        self.splits = load_run_splits(run, manifest)
+        self.size = manifest["input"]["height"]
+        self.clf = load_reference(run, manifest)
+        self.progress = progress
+        self._calibration = None
+        self._val = None
+        self._golden = None
+
+    @property
+    def calibration(self) -> np.ndarray:
+        from featx_edge.export.calibration import calibration_images
+
+        if self._calibration is None:
+            self._calibration = calibration_images(self.splits.root, self.splits.train, size=self.size,
+                                                   count=self.config.export.calibration_images,
+                                                   seed=self.config.seed)
+        return self._calibration
+
+    def val(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Validation pixels, labels and reference probabilities (for int8 choices: never test)."""
+        if self._val is None:
+            pixels = load_images(self.splits.root, self.splits.val, size=self.size)
+            reference = self.clf.model(pixels.astype(np.float32), training=False).numpy()
+            self._val = (pixels, self.splits.labels("val"), reference)
+        return self._val
+
+    def export(self, fmt: str) -> dict:
+        from featx_edge.export import onnx as onnx_export
+        from featx_edge.export import tflite as tflite_export
+
+        t0 = time.perf_counter()
+        path = self.run / EXPORT_DIR / artifact_filename(fmt)
+        _log(self.progress, f"exporting {fmt} ...")
+        extra: dict = {}
+        if fmt == "tflite-int8-selective":
+            flatbuffer, extra = self._selective()
+            dtype = "float32"
+        elif fmt == "tflite-int8-qat":
+            flatbuffer, extra = self._qat()
+            dtype = "uint8"
+        elif fmt.startswith("tflite-"):
+            quant = tflite_export.TFLiteQuantization.for_format(fmt)
+            flatbuffer = tflite_export.convert(self.clf.model, size=self.size, quantization=quant,
+                                               calibration=self.calibration if quant.full_integer else None)
+            dtype = "uint8" if quant.full_integer else "float32"
+        if fmt.startswith("tflite-"):
+            metadata = artifact_metadata(self.manifest, fmt, input_dtype=dtype) | extra
+            write_bytes(path, pack_tflite(flatbuffer, metadata))
+        elif fmt == "onnx-float32":
+            proto = onnx_export.convert(self.clf.model, size=self.size,
+                                        metadata=artifact_metadata(self.manifest, fmt, input_dtype="float32"))
+            onnx_export.save(proto, path)
+        elif fmt == "onnx-int8":
+            _export_onnx_int8(self.run, self.manifest, self.clf.model, path, size=self.size,
+                              calibration=self.calibration, method=self.config.export.onnx_calibration)
+        entry = record_artifact(self.run, self.manifest, fmt, path)
+        self._write_golden(fmt, path)
+        _log(self.progress, f"  wrote {entry['path']} ({entry['bytes'] / 1e6:.2f} MB, "
+                            f"{time.perf_counter() - t0:.1f} s)")
+        return entry
+
+    def _golden_images(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """The self-test images: the held-out test images the reference is surest about."""
+        if self._golden is None:
+            from PIL import Image
+
+            from featx_edge.runtime.selftest import SELFTEST_DIR
+
+            count = min(self.config.export.reference_images, len(self.splits.test))
+            pixels = load_images(self.splits.root, self.splits.test, size=self.size)
+            probs = self.clf.model(pixels.astype(np.float32), training=False).numpy()
+            top2 = np.sort(probs, axis=1)[:, -2:]
+            chosen = np.argsort(-(top2[:, 1] - top2[:, 0]), kind="stable")[:count]
+            names = []
+            for i, index in enumerate(chosen):
+                name = f"images/{i:02d}.png"
+                with atomic_path(self.run / EXPORT_DIR / SELFTEST_DIR / name) as tmp:
+                    Image.fromarray(pixels[index]).save(tmp, format="PNG")
+                names.append(name)
+            self._golden = (names, pixels[chosen], probs[chosen])
+        return self._golden
+
+    def _write_golden(self, fmt: str, path: Path) -> None:
+        from featx_edge.runtime import load
+        from featx_edge.runtime.selftest import write_golden
+
+        names, pixels, reference = self._golden_images()
+        expected = load(path).predict_pixels(pixels)
+        write_golden(path, fmt=fmt, images=names, reference=reference, expected=expected)
+
+    def _selective(self) -> tuple[bytes, dict]:
+        from featx_edge.int8 import convert_selective, diagnose
+
+        layers = diagnose(self.clf.model, size=self.size, calibration=self.calibration)
+        write_json(self.run / INT8_LAYERS, {"metric": "rmse / quantization scale (about 0.29 is ideal)",
+                                            "calibration_images": int(len(self.calibration)), "layers": layers})
+        keep = [row["tensor"] for row in layers[: self.config.export.selective_float_layers]]
+        _log(self.progress, f"  keeping {len(keep)} layers in float (worst rmse/scale first; see {INT8_LAYERS})")
+        flatbuffer = convert_selective(self.clf.model, size=self.size, calibration=self.calibration, keep_float=keep)
+        return flatbuffer, {"quantization": {"method": "tflite int8, selective", "float_layers": keep}}
+
+    def _qat(self) -> tuple[bytes, dict]:
+        from featx_edge.export import tflite as tflite_export
+        from featx_edge.int8 import qat_model
+        from featx_edge.train import fit, image_sequence
+
+        epochs = self.config.train.qat_epochs
+        if epochs < 1:
+            raise ConfigError("tflite-int8-qat needs `--qat-epochs N` (N >= 1) of quantization-aware training.")
+        qat = qat_model(self.clf.model)
+        _log(self.progress, f"  quantization-aware training: {epochs} epoch(s), lr {self.config.train.qat_learning_rate}")
+        bs = self.config.train.batch_size
+        seq = image_sequence(self.splits.root, self.splits.train, self.splits.labels("train"), size=self.size,
+                             batch_size=bs, seed=self.config.seed + 2)
+        result = fit(qat, seq, epochs=epochs, learning_rate=self.config.train.qat_learning_rate,
+                     progress=self.progress)
+        flatbuffer = tflite_export.convert(qat, size=self.size, quantization=tflite_export.TFLiteQuantization.for_int8(),
+                                           calibration=self.calibration)
+        return flatbuffer, {"quantization": {"method": "tfmot quantization-aware training", "epochs": epochs,
+                                             "seconds": round(result.seconds, 2)}}
+
+    def val_drop(self, fmt: str) -> dict:
+        """Validation accuracy of an exported format and its drop (points) versus the reference."""
+        from featx_edge.runtime import load
+
+        pixels, labels, reference = self.val()
+        probs = load(self.run / self.manifest["artifacts"][fmt]["path"]).predict_pixels(pixels)
+        accuracy = float(np.mean(probs.argmax(1) == labels))
+        reference_accuracy = float(np.mean(reference.argmax(1) == labels))
+        return {"format": fmt, "val_accuracy": accuracy, "reference_val_accuracy": reference_accuracy,
+                "drop_points": 100.0 * (reference_accuracy - accuracy),
+                "val_agreement": float(np.mean(probs.argmax(1) == reference.argmax(1)))}
+
+    def choose_int8(self, budget: float) -> dict:
+        """Try plain int8, then selective, then QAT (when enabled); stop at the first within budget."""
+        candidates = ["tflite-int8", "tflite-int8-selective"]
+        if self.config.train.qat_epochs:
+            candidates.append("tflite-int8-qat")
+        attempts = []
+        chosen = None
+        for fmt in candidates:
+            if fmt not in self.manifest.get("artifacts", {}):
+                self.export(fmt)
+            attempt = self.val_drop(fmt) | {"within_budget": False}
+            attempt["within_budget"] = attempt["drop_points"] <= budget
+            attempts.append(attempt)
+            _log(self.progress, f"  int8 budget {budget} points: {fmt} loses {attempt['drop_points']:.2f} "
+                                f"on validation -> {'OK' if attempt['within_budget'] else 'over budget'}")
+            if attempt["within_budget"]:
+                chosen = fmt
+                break
+        decision = {"budget_points": budget, "split": "val", "attempts": attempts, "chosen": chosen}
+        if chosen is None:
+            decision["note"] = ("no int8 variant met the budget" +
+                                ("" if self.config.train.qat_epochs else "; enable QAT with --qat-epochs N"))
+            _log(self.progress, "  " + decision["note"])
+        self.manifest["int8_selection"] = decision
+        write_json(self.run / MANIFEST, self.manifest)
+        return decision
+
+
+def export_run(run: str | Path, *, formats: tuple[str, ...] | str | None = None, progress: bool = True) -> dict:
+    """Export the run's reference model to each format under ``RUN/export/``; returns the manifest.
+
+    With ``export.int8_budget`` set, int8 variants are then tried in order until one loses at
+    most that many accuracy points on the validation split (recorded in the manifest).
+    """
     run = Path(run)
     manifest = read_manifest(run)
-    config = run_config(manifest)
-    formats = parse_formats(formats) if formats else config.export.formats
-    splits = load_run_splits(run, manifest)
-    size = manifest["input"]["height"]
-    clf = load_reference(run, manifest)
-    calibration = None
-    if "tflite-int8" in formats:
-        calibration = calibration_images(splits.root, splits.train, size=size,
-                                         count=config.export.calibration_images, seed=config.seed)
+    exporter = _Exporter(run, manifest, progress=progress)
+    formats = parse_formats(formats) if formats else exporter.config.export.formats
     for fmt in formats:
-        t0 = time.perf_counter()
-        path = run / EXPORT_DIR / artifact_filename(fmt)
-        _log(progress, f"exporting {fmt} ...")
-        if fmt.startswith("tflite-"):
-            quant = tflite_export.TFLiteQuantization.for_format(fmt)
-            flatbuffer = tflite_export.convert(clf.model, size=size, quantization=quant, calibration=calibration)
-            dtype = "uint8" if quant.full_integer else "float32"
-            write_bytes(path, pack_tflite(flatbuffer, artifact_metadata(manifest, fmt, input_dtype=dtype)))
-        elif fmt == "onnx-float32":
-            proto = onnx_export.convert(clf.model, size=size,
-                                        metadata=artifact_metadata(manifest, fmt, input_dtype="float32"))
-            onnx_export.save(proto, path)
-        entry = record_artifact(run, manifest, fmt, path)
-        _log(progress, f"  wrote {entry['path']} ({entry['bytes'] / 1e6:.2f} MB, {time.perf_counter() - t0:.1f} s)")
+        exporter.export(fmt)
+    if exporter.config.export.int8_budget is not None:
+        exporter.choose_int8(exporter.config.export.int8_budget)
     return manifest
+
+
+def _export_onnx_int8(run: Path, manifest: dict, model, path: Path, *, size: int, calibration, method: str) -> None:
+    """Quantize this run's float32 ONNX export (made first in a temporary folder if absent)."""
+    import tempfile
+
+    from featx_edge.export import onnx as onnx_export
+    from featx_edge.export.onnx_int8 import quantize
+
+    metadata = artifact_metadata(manifest, "onnx-int8", input_dtype="float32")
+    metadata["quantization"] = {"method": "onnxruntime static QDQ", "weights": "int8 per-channel",
+                                "activations": "int8", "calibration": method,
+                                "calibration_images": int(len(calibration))}
+    with tempfile.TemporaryDirectory(prefix="featx-onnx-") as tmp:
+        float_path = Path(tmp) / "float32.onnx"
+        onnx_export.save(onnx_export.convert(model, size=size, metadata=metadata), float_path)
+        quantize(float_path, path, calibration=calibration, method=method)
 
 
 def load_run_splits(run: Path, manifest: dict) -> Splits:
@@ -197,29 +373,14 @@ def load_run_splits(run: Path, manifest: dict) -> Splits:
     return splits
 
 
-def evaluate_artifacts(run: str | Path, *, formats: tuple[str, ...] | None = None) -> list[dict]:
-    """Test-split accuracy of each exported artifact, run through the device runtime."""
-    from featx_edge.runtime import load
-
-    run = Path(run)
-    manifest = read_manifest(run)
-    splits = load_run_splits(run, manifest)
-    size = manifest["input"]["height"]
-    pixels = load_images(splits.root, splits.test, size=size)
-    labels = splits.labels("test")
-    rows = [{"format": "keras (reference)", "bytes": (run / WEIGHTS).stat().st_size,
-             "test_accuracy": manifest["training"]["test_accuracy"]}]
-    for fmt in formats or [f for f in FORMATS if f in manifest["artifacts"]]:
-        entry = manifest["artifacts"][fmt]
-        predictor = load(run / entry["path"])
-        probs = predictor.predict_pixels(pixels)
-        rows.append({"format": fmt, "bytes": entry["bytes"],
-                     "test_accuracy": float(np.mean(probs.argmax(1) == labels))})
-    return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    lines = [f"{'format':<18} {'size (MB)':>10} {'test accuracy':>14}"]
-    for row in rows:
-        lines.append(f"{row['format']:<18} {row['bytes'] / 1e6:>10.2f} {row['test_accuracy']:>14.4f}")
+def format_table(report: dict, manifest: dict) -> str:
+    """The run's short table from a verify report: format, size, test accuracy, agreement, verdict."""
+    lines = [f"{'format':<22} {'size (MB)':>9} {'test acc':>9} {'agreement':>9}  verify"]
+    lines.append(f"{'keras (reference)':<22} {'':>9} {report['reference_accuracy']:>9.4f} {'':>9}")
+    for fmt, row in report["formats"].items():
+        size = manifest["artifacts"].get(fmt, {}).get("bytes")
+        acc, agree = row.get("accuracy"), row.get("top1_agreement")
+        lines.append(f"{fmt:<22} {'' if size is None else f'{size / 1e6:.2f}':>9} "
+                     f"{'' if acc is None else f'{acc:.4f}':>9} {'' if agree is None else f'{agree:.4f}':>9}  "
+                     f"{'pass' if row['passed'] else 'FAIL'}")
     return "\n".join(lines)

@@ -18,6 +18,12 @@ from featx_edge.data import load_images, scan_folder, split_folder
 from featx_edge.rundir import atomic_path, write_json
 from featx_edge.sample import resolve_data
 
+# Pretraining augmentation. Small datasets with flat regions (scans, digits on a plain
+# background) otherwise give BatchNorm channels of near-zero variance, and features so
+# sensitive that half a grey level of noise flips predictions (and int8 cannot keep up).
+AUGMENT_TRANSLATION = 0.1  # fraction of height/width
+AUGMENT_NOISE = 20.0  # stddev in grey levels (0..255)
+
 # Keras MobileNet/EfficientNet BatchNorm uses momentum 0.99-0.999: after a few hundred steps
 # from scratch its moving statistics are still near their initial values and inference-mode
 # outputs are useless. A faster average makes short pretraining runs usable.
@@ -62,7 +68,12 @@ def pretrain(*, data: str, out: str | Path, model: ModelConfig, train: TrainConf
     x_val = load_images(splits.root, splits.val, size=size)
     x_test = load_images(splits.root, splits.test, size=size)
     y_train, y_val, y_test = splits.labels("train"), splits.labels("val"), splits.labels("test")
-    data, steps = array_dataset(x_train, y_train, batch_size=train.batch_size, seed=seed, epochs=train.epochs)
+    augment = keras.Sequential([
+        keras.layers.RandomTranslation(AUGMENT_TRANSLATION, AUGMENT_TRANSLATION, fill_mode="nearest", seed=seed),
+        keras.layers.GaussianNoise(AUGMENT_NOISE, seed=seed),
+    ], name="pretrain_augment")
+    data, steps = array_dataset(x_train, y_train, batch_size=train.batch_size, seed=seed, epochs=train.epochs,
+                                augment=augment)
     result = fit(clf.model, data, epochs=train.epochs, learning_rate=train.learning_rate,
                  val_data=(x_val.astype(np.float32), y_val), progress=progress, steps_per_epoch=steps)
     test_acc = float(np.mean(clf.model.predict(x_test.astype(np.float32), verbose=0).argmax(1) == y_test))

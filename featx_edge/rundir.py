@@ -21,6 +21,7 @@ SPLITS = "splits.json"
 WEIGHTS = "model.weights.h5"
 EXPORT_DIR = "export"
 VERIFY = "verify.json"
+INT8_LAYERS = "int8_layers.json"
 
 
 @contextlib.contextmanager

@@ -101,7 +101,8 @@ def make_sequence(load: Callable[[np.ndarray], np.ndarray], labels: np.ndarray, 
     return _Batches()
 
 
-def array_dataset(inputs: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int, epochs: int):
+def array_dataset(inputs: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int, epochs: int,
+                  augment: Callable | None = None):
     """An in-memory tf.data pipeline over ``epochs`` epochs in ``epoch_order``; (dataset, steps/epoch).
 
     Batches never straddle two epochs, so the cached-feature and the through-the-graph paths
@@ -117,6 +118,8 @@ def array_dataset(inputs: np.ndarray, labels: np.ndarray, *, batch_size: int, se
         part = tf.data.Dataset.from_tensor_slices(epoch_order(seed, epoch, len(labels))).batch(batch_size)
         dataset = part if dataset is None else dataset.concatenate(part)
     dataset = dataset.map(lambda idx: (tf.cast(tf.gather(x, idx), tf.float32), tf.gather(y, idx)))
+    if augment is not None:
+        dataset = dataset.map(lambda images, targets: (augment(images, training=True), targets))
     return dataset.prefetch(tf.data.AUTOTUNE), -(-len(labels) // batch_size)
 
 

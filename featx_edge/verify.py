@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from featx_edge.errors import ConfigError, ModelFileError, VerificationError
-from featx_edge.formats import FORMATS, check_format
+from featx_edge.formats import ALL_FORMATS, check_format
 from featx_edge.rundir import VERIFY, read_manifest, sha256_file, write_json
 
 
@@ -41,8 +41,8 @@ _INT8 = Thresholds(min_agreement=0.97, max_accuracy_drop=1.0)
 DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
     "tflite-float32": _FLOAT32,
     "onnx-float32": _FLOAT32,
-    "tflite-float16": Thresholds(min_agreement=0.99, max_accuracy_drop=0.5, max_abs_diff=0.05),
-    "tflite-dynamic": Thresholds(min_agreement=0.98, max_accuracy_drop=1.0, min_sqnr_db=20.0),
+    "tflite-float16": Thresholds(min_agreement=0.98, max_accuracy_drop=1.0, max_abs_diff=0.05),
+    "tflite-dynamic": Thresholds(min_agreement=0.97, max_accuracy_drop=1.0, min_sqnr_db=20.0),
     "tflite-int8": _INT8,
     "tflite-int8-selective": _INT8,
     "tflite-int8-qat": _INT8,
@@ -183,7 +183,7 @@ def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
 
 
 def _ordered(artifacts: dict) -> list[str]:
-    known = [f for f in FORMATS if f in artifacts]
+    known = [f for f in ALL_FORMATS if f in artifacts]
     return known + sorted(f for f in artifacts if f not in known)
 
 

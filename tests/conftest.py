@@ -45,15 +45,40 @@ def pretrained(tmp_path_factory, sample_root) -> Path:
     return out
 
 
+# A backbone pretrained for a minute on 900 digit scans transfers to new digits well above
+# chance, but its features are fragile under int8 (about 90% top-1 agreement, measured): the
+# transfer run loosens the int8 thresholds, and `indomain_run` checks the defaults.
+LOOSE_INT8 = [f"--threshold={fmt}.{metric}" for fmt in ("tflite-int8", "onnx-int8", "tflite-dynamic")
+              for metric in ("min_agreement=0.8", "max_accuracy_drop=10", "min_sqnr_db=0")]
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, sample_root, pretrained) -> Path:
-    """`featx-edge run` on the target digits with every format."""
+    """`featx-edge run` (train, export every format, verify) on the target digits."""
     from featx_edge.cli import main
 
     run = tmp_path_factory.mktemp("runs") / "digits"
     rc = main(["run", "--data", str(sample_root / "target"), "--out", str(run), *TINY,
-               "--weights", str(pretrained), "--epochs", "40", "--head-units", "64", "--quiet"])
+               "--weights", str(pretrained), "--epochs", "40", "--head-units", "64", "--quiet", *LOOSE_INT8])
     assert rc == 0
+    return run
+
+
+@pytest.fixture(scope="session")
+def indomain_run(tmp_path_factory, sample_root, pretrained) -> Path:
+    """int8 exports of a head on the source digits, over the locally pretrained backbone.
+
+    The split (seed 0, 10% validation, 10% test) is the one `pretrain` used, so the test images
+    were never trained on, by the backbone or the head. Default verify thresholds apply.
+    """
+    from featx_edge.cli import main
+
+    run = tmp_path_factory.mktemp("runs") / "indomain"
+    config = run.parent / "indomain.toml"
+    config.write_text("[data]\nval_fraction = 0.1\ntest_fraction = 0.1\n")
+    rc = main(["run", "--config", str(config), "--data", str(sample_root / "source"), "--out", str(run), *TINY,
+               "--weights", str(pretrained), "--epochs", "30", "--formats", "tflite-int8,onnx-int8", "--quiet"])
+    assert rc == 0, "int8 missed the default verify thresholds; see verify.json"
     return run
 
 

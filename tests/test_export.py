@@ -36,14 +36,16 @@ def test_run_directory_contract(trained_run, sample_root):
     assert not list(trained_run.rglob(".tmp-*")), "no temporary files may be left behind"
 
 
-def test_exported_models_match_the_reference_accuracy(trained_run):
-    from featx_edge.pipeline import evaluate_artifacts
-
-    rows = {row["format"]: row["test_accuracy"] for row in evaluate_artifacts(trained_run)}
-    reference = rows.pop("keras (reference)")
+def test_run_verified_every_format(trained_run):
+    """`featx-edge run` ends with verify: each export's test accuracy is close to the reference."""
+    report = json.loads((trained_run / "verify.json").read_text())
+    reference = read_manifest(trained_run)["training"]["test_accuracy"]
+    assert report["reference_accuracy"] == pytest.approx(reference, abs=1e-6)
+    rows = {fmt: row["accuracy"] for fmt, row in report["formats"].items()}
+    assert set(rows) == set(FORMATS)
     for fmt in ("tflite-float32", "onnx-float32", "tflite-float16"):
         assert rows[fmt] == pytest.approx(reference, abs=0.01), fmt
-    for fmt in ("tflite-dynamic", "tflite-int8"):
+    for fmt in ("tflite-dynamic", "tflite-int8", "onnx-int8"):
         assert rows[fmt] >= reference - 0.05, fmt
 
 
@@ -75,7 +77,7 @@ def test_labels_and_contract_travel_with_each_model(trained_run):
 
     labels = [f"digit_{d}" for d in range(5, 10)]
     for fmt in FORMATS:
-        path = trained_run / "export" / f"model.{fmt}.{'onnx' if fmt.startswith('onnx') else 'tflite'}"
+        path = trained_run / read_manifest(trained_run)["artifacts"][fmt]["path"]
         if fmt.startswith("tflite"):
             import zipfile
 

@@ -130,3 +130,29 @@ def test_predict_cli_plain_lines(trained_run, sample_root, capsys):
     assert main(["predict", str(_model(trained_run, "onnx-float32")), str(image)]) == 0
     path, label, score = capsys.readouterr().out.strip().split("\t")
     assert path == str(image) and label.startswith("digit_") and 0 <= float(score) <= 1
+
+
+def test_selftest_passes_for_every_export_and_catches_a_wrong_runtime(trained_run, tmp_path, capsys):
+    import shutil
+
+    from featx_edge.cli import main
+    from featx_edge.rundir import read_manifest
+
+    export = trained_run / "export"
+    models = [str(trained_run / e["path"]) for e in read_manifest(trained_run)["artifacts"].values()]
+    assert len(list((export / "selftest" / "images").glob("*.png"))) == 8
+    assert main(["selftest", *models]) == 0
+    out = capsys.readouterr().out
+    assert out.count("PASS") == len(models) and "FAIL" not in out
+
+    # Golden outputs that this runtime does not reproduce -> the self-test fails, with the figures.
+    device = tmp_path / "device"
+    shutil.copytree(export, device)
+    golden = json.loads((device / "selftest" / "model.tflite-int8.tflite.json").read_text())
+    golden["expected"] = (1.0 - np.asarray(golden["expected"])).tolist()
+    (device / "selftest" / "model.tflite-int8.tflite.json").write_text(json.dumps(golden))
+    assert main(["selftest", str(device / "model.tflite-int8.tflite")]) == 1
+    assert "self-test failed" in capsys.readouterr().out
+    (device / "model.onnx-float32.onnx").rename(tmp_path / "lonely.onnx")
+    assert main(["selftest", str(tmp_path / "lonely.onnx")]) == 1
+    assert "no self-test data" in capsys.readouterr().out

@@ -1,0 +1,193 @@
+"""The benchmark harness: every runtime gets a row, the numbers are sane, the reports are written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featx_edge.bench import (
+    BENCH_JSON,
+    BENCH_MD,
+    BENCH_PNG,
+    TABLE_HEADER,
+    bench_run,
+    compare_runs,
+    format_table,
+    latency_stats,
+    pareto_front,
+    time_calls,
+)
+from featx_edge.errors import ConfigError, RunDirError
+
+FORMATS = ("tflite-float32", "tflite-int8", "onnx-float32")
+TINY = {"threads": (1,), "batches": (1, 2), "repeats": 3, "warmup": 1, "min_seconds": 0.0, "max_seconds": 1.0,
+        "ceiling_seconds": 0.05, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def benched(trained_run, tmp_path_factory) -> tuple[Path, dict]:
+    """A copy of the trained run, benchmarked once with tiny repeat counts."""
+    run = tmp_path_factory.mktemp("bench") / "digits"
+    shutil.copytree(trained_run, run)
+    report = bench_run(run, formats=FORMATS, include_tf=True, **TINY)
+    return run, report
+
+
+def _rows(report: dict, **match) -> list[dict]:
+    return [r for r in report["rows"] if all(r.get(k) == v for k, v in match.items())]
+
+
+def test_every_available_runtime_has_rows(benched):
+    _, report = benched
+    for fmt in ("tflite-float32", "tflite-int8"):
+        for runtime in ("litert-xnnpack", "litert-builtin"):
+            rows = _rows(report, format=fmt, runtime=runtime, status="ok")
+            assert sorted(r["batch"] for r in rows) == [1, 2], (fmt, runtime)
+    assert sorted(r["batch"] for r in _rows(report, format="onnx-float32", runtime="onnxruntime-cpu",
+                                            status="ok")) == [1, 2]
+    tf_rows = _rows(report, runtime="tensorflow")
+    assert tf_rows and all(r["status"] == "ok" for r in tf_rows), tf_rows
+    # .onnx on LiteRT and .tflite on onnxruntime are not combinations at all
+    assert not _rows(report, format="onnx-float32", engine="litert")
+    assert not _rows(report, format="tflite-int8", engine="onnxruntime")
+
+
+def test_measured_rows_are_sane(benched):
+    _, report = benched
+    measured = _rows(report, status="ok")
+    assert measured
+    for r in measured:
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"], r
+        assert r["throughput_ips"] > 0 and r["peak_rss_mb"] > 0 and r["cold_start_ms"] > 0
+        assert r["iterations"] >= 1 and r["iqr_ms"] >= 0 and r["stdev_ms"] >= 0
+        assert r["threads"] == 1 and r["batch_mode"] == "dynamic" and r["model_bytes"] > 0
+        assert r["gmacs"] > 0 and r["ceiling_gmacs"] > 0
+        assert r["accuracy"] is None or 0 <= r["accuracy"] <= 1
+        assert 0 <= r["bench_accuracy"] <= 1
+    float_rows = _rows(report, format="tflite-float32", status="ok") + _rows(report, format="onnx-float32",
+                                                                              status="ok")
+    reference = _rows(report, runtime="tensorflow", status="ok")[0]["bench_accuracy"]
+    assert all(abs(r["bench_accuracy"] - reference) < 0.02 for r in float_rows)
+    assert report["macs"]["macs_per_image"] > 1e6 and report["macs"]["source"] == "onnx-float32"
+    assert report["ceiling"]["by_threads"]["1"]["gmacs"] > 0
+    machine = report["machine"]
+    assert machine["cpu_count"] >= 1 and machine["python"] and machine["versions"]["numpy"]
+    assert report["inputs"]["source"] == "test split"
+
+
+def test_gpu_providers_are_reported_not_dropped(benched):
+    import onnxruntime as ort
+
+    _, report = benched
+    available = ort.get_available_providers()
+    for runtime, provider in (("onnxruntime-cuda", "CUDAExecutionProvider"),
+                              ("onnxruntime-tensorrt", "TensorrtExecutionProvider")):
+        rows = _rows(report, format="onnx-float32", runtime=runtime)
+        assert rows, runtime
+        if provider in available:  # a GPU machine: measured, or an error with its reason
+            assert all(r["status"] == "ok" or r["reason"] for r in rows)
+        else:
+            assert len(rows) == 1 and rows[0]["status"] == "unavailable"
+            assert provider in rows[0]["reason"] and "onnxruntime-gpu" in rows[0]["reason"]
+            assert "onnxruntime reports providers" in rows[0]["reason"]
+            assert not report["runtimes"][runtime]["available"]
+
+
+def test_reports_are_written_and_readable(benched):
+    run, report = benched
+    on_disk = json.loads((run / BENCH_JSON).read_text(encoding="utf-8"))
+    assert on_disk["rows"] == json.loads(json.dumps(report["rows"]))
+    md = (run / BENCH_MD).read_text(encoding="utf-8")
+    assert TABLE_HEADER in md and "litert-xnnpack" in md and "onnxruntime-cuda" in md
+    assert md.startswith(format_table(report))
+    with Image.open(run / BENCH_PNG) as png:
+        png.load()
+        assert png.format == "PNG" and png.size[0] > 200
+    assert not list(run.glob(".tmp-*"))
+
+
+def test_compare_runs_names_both(benched, tmp_path):
+    run, _ = benched
+    a, b = tmp_path / "mobilenet-a", tmp_path / "mobilenet-b"
+    shutil.copytree(run, a)
+    shutil.copytree(run, b)
+    table = compare_runs(a, b)
+    assert "mobilenet-a" in table and "mobilenet-b" in table
+    assert "| A p50 ms | B p50 ms | B/A |" in table
+    assert "| tflite-int8 | litert-xnnpack | 1 | 1 |" in table
+    assert "1.00" in table  # a copy against itself: ratio 1
+    with pytest.raises(RunDirError, match="bench_run"):
+        compare_runs(a, tmp_path)
+
+
+def test_bad_requests_say_what_to_do(benched, tmp_path):
+    run, _ = benched
+    with pytest.raises(RunDirError, match="featx-edge export"):
+        bench_run(run, formats=("tflite-int4",), **TINY)  # a format nobody exports
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    (broken / "export" / "model.tflite-int8.tflite").write_bytes(b"TFL3 truncated")
+    with pytest.raises(RunDirError, match="does not match"):
+        bench_run(broken, formats=("tflite-int8",), **TINY)
+    with pytest.raises(ConfigError, match="positive integers"):
+        bench_run(run, formats=("tflite-int8",), **{**TINY, "threads": (0,)})
+    with pytest.raises(RunDirError, match="not a featx-edge run"):
+        bench_run(tmp_path / "nothing", **TINY)
+
+
+def test_missing_data_falls_back_to_random_pixels(benched, tmp_path):
+    run, _ = benched
+    copy = tmp_path / "nodata"
+    shutil.copytree(run, copy)
+    (copy / "verify.json").unlink(missing_ok=True)
+    splits = json.loads((copy / "splits.json").read_text())
+    splits["data_root"] = str(tmp_path / "gone")
+    (copy / "splits.json").write_text(json.dumps(splits))
+    report = bench_run(copy, formats=("tflite-int8",), include_tf=False,
+                       **{**TINY, "batches": (1,)})
+    assert report["inputs"]["source"] == "random" and any("random" in n for n in report["notes"])
+    ok = _rows(report, status="ok")
+    assert ok and all(r["bench_accuracy"] is None and r["accuracy"] is None for r in ok)
+    tf = _rows(report, runtime="tensorflow")
+    assert len(tf) == 1 and tf[0]["status"] == "skipped" and "include_tf" in tf[0]["reason"]
+    assert (copy / BENCH_PNG).is_file()
+
+
+# ---- pure helpers, on hand-made numbers --------------------------------------------------------
+
+def test_latency_stats_percentiles():
+    stats = latency_stats([i / 1000 for i in range(1, 101)])  # 1..100 ms
+    assert stats["p50_ms"] == pytest.approx(50.5)
+    assert stats["p90_ms"] == pytest.approx(90.1)
+    assert stats["p99_ms"] == pytest.approx(99.01)
+    assert stats["iqr_ms"] == pytest.approx(75.25 - 25.75)
+    assert stats["min_ms"] == pytest.approx(1) and stats["max_ms"] == pytest.approx(100)
+    assert stats["iterations"] == 100
+    one = latency_stats([0.002])
+    assert one["p50_ms"] == one["p99_ms"] == pytest.approx(2.0) and one["stdev_ms"] == 0.0
+    skewed = latency_stats([0.001] * 9 + [0.1])
+    assert skewed["p50_ms"] == pytest.approx(1.0) and skewed["p99_ms"] > skewed["p90_ms"] >= skewed["p50_ms"]
+    with pytest.raises(ConfigError):
+        latency_stats([])
+
+
+def test_pareto_front():
+    points = [(10.0, 0.90), (5.0, 0.80), (20.0, 0.95), (12.0, 0.85), (5.0, 0.70), (30.0, 0.95)]
+    assert pareto_front(points) == [1, 0, 2]
+    assert pareto_front([(1.0, 0.5), (1.0, 0.5)]) == [0, 1]  # identical points do not dominate
+    assert pareto_front([(3.0, 0.9)]) == [0]
+    assert pareto_front([]) == []
+
+
+def test_time_calls_stops_on_count_and_time():
+    calls = []
+    samples, _ = time_calls(calls.append, [np.zeros(1)], warmup=2, repeats=7, min_seconds=0.0, max_seconds=5.0)
+    assert len(samples) == 7 and len(calls) == 9
+    samples, elapsed = time_calls(lambda x: None, [np.zeros(1)], warmup=0, repeats=1, min_seconds=0.05,
+                                  max_seconds=5.0)
+    assert elapsed >= 0.05 and len(samples) > 1

@@ -1,0 +1,132 @@
+"""verify: metrics on hand-made outputs, and wrong models caught on a real run."""
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from featx_edge.errors import ConfigError, VerificationError
+from featx_edge.verify import Thresholds, check, compare, parse_threshold, thresholds_for, verify_run
+
+
+def test_metrics_on_hand_made_outputs():
+    reference = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    labels = np.array([0, 1, 1, 1])
+    same = compare(reference.copy(), reference, labels)
+    assert same["top1_agreement"] == 1.0 and same["max_abs_diff"] == 0.0 and same["sqnr_db"] == float("inf")
+    assert same["accuracy"] == same["reference_accuracy"] == 0.75 and same["accuracy_change_points"] == 0.0
+    assert same["cosine_similarity"] == pytest.approx(1.0)
+
+    flipped = reference.copy()
+    flipped[2] = [0.4, 0.6]  # now right: +25 points, one disagreement
+    m = compare(flipped, reference, labels)
+    assert m["top1_agreement"] == 0.75 and m["accuracy"] == 1.0
+    assert m["accuracy_change_points"] == pytest.approx(25.0)
+    assert m["max_abs_diff"] == pytest.approx(0.2) and m["mean_abs_diff"] == pytest.approx(0.4 / 8)
+    signal = np.sum(reference ** 2)
+    assert m["sqnr_db"] == pytest.approx(10 * np.log10(signal / 0.08))
+    assert m["images"] == 4
+
+
+def test_check_reports_value_and_threshold():
+    metrics = {"top1_agreement": 0.95, "accuracy_change_points": -1.5, "max_abs_diff": 0.3, "sqnr_db": 12.0}
+    failures = check(metrics, Thresholds(min_agreement=0.97, max_accuracy_drop=1.0, max_abs_diff=0.1,
+                                         min_sqnr_db=20.0))
+    assert failures == ["top-1 agreement 0.9500 < 0.97", "accuracy drop 1.50 points > 1.0",
+                        "max |dprob| 0.3 > 0.1", "SQNR 12.0 dB < 20.0"]
+    assert check(metrics, Thresholds()) == []
+
+
+def test_threshold_overrides():
+    assert parse_threshold("tflite-int8.min_agreement=0.95") == ("tflite-int8", "min_agreement", 0.95)
+    assert thresholds_for("tflite-int8", {"tflite-int8": {"min_agreement": 0.9}}).min_agreement == 0.9
+    assert thresholds_for("tflite-int8").min_agreement == 0.97
+    assert thresholds_for("tflite-int8").max_accuracy_drop == 1.0
+    assert thresholds_for("onnx-float32").min_agreement == 1.0
+    with pytest.raises(ConfigError, match="FORMAT.METRIC=VALUE"):
+        parse_threshold("tflite-int8=0.9")
+    with pytest.raises(ConfigError, match="unknown threshold `min_agree`"):
+        parse_threshold("tflite-int8.min_agree=0.9")
+
+
+def test_float_exports_pass_default_thresholds(trained_run):
+    report = json.loads((trained_run / "verify.json").read_text())
+    assert report["passed"], report
+    for fmt in ("tflite-float32", "onnx-float32", "tflite-float16"):
+        row = report["formats"][fmt]
+        assert row["thresholds"] == dataclasses.asdict(thresholds_for(fmt)), "defaults, not loosened"
+        assert row["passed"] and row["top1_agreement"] >= thresholds_for(fmt).min_agreement
+    for row in report["formats"].values():
+        assert row["images"] == report["images"] > 0
+
+
+def test_int8_meets_default_thresholds_on_a_locally_pretrained_backbone(indomain_run):
+    report = json.loads((indomain_run / "verify.json").read_text())
+    for fmt in ("tflite-int8", "onnx-int8"):
+        row = report["formats"][fmt]
+        assert row["thresholds"] == dataclasses.asdict(thresholds_for(fmt))
+        assert row["passed"] and row["top1_agreement"] >= 0.97 and -row["accuracy_change_points"] <= 1.0, row
+    integer = report["formats"]["tflite-int8"]["integer"]
+    assert integer["float_tensors"] == [] and integer["input_dtype"] == "uint8"
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    return run
+
+
+def _path(run, fmt):
+    return run / json.loads((run / "manifest.json").read_text())["artifacts"][fmt]["path"]
+
+
+def test_verify_catches_swapped_truncated_and_perturbed_models(run_copy, capsys):
+    from featx_edge.cli import main
+    from featx_edge.rundir import read_manifest, record_artifact
+
+    # swapped: the float16 file replaced by the float32 one
+    shutil.copy(_path(run_copy, "tflite-float32"), _path(run_copy, "tflite-float16"))
+    # truncated
+    data = _path(run_copy, "onnx-float32").read_bytes()
+    _path(run_copy, "onnx-float32").write_bytes(data[: len(data) // 2])
+    # perturbed weights, re-recorded in the manifest so that only the numbers can catch it
+    import onnx
+    from onnx import numpy_helper
+
+    path = _path(run_copy, "onnx-int8")
+    perturbed = onnx.load_from_string(data)  # the float32 model, one conv kernel drowned in noise
+    rng = np.random.default_rng(0)
+    for init in perturbed.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype == np.float32 and arr.ndim == 4:
+            noisy = arr + rng.normal(scale=arr.std(), size=arr.shape).astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(noisy, init.name))
+            break
+    onnx.save(perturbed, str(path))
+    manifest = read_manifest(run_copy)
+    record_artifact(run_copy, manifest, "onnx-int8", path)
+
+    with pytest.raises(VerificationError) as err:
+        verify_run(run_copy, progress=False)
+    msg = str(err.value)
+    assert "tflite-float16: " in msg and "sha256" in msg
+    assert "onnx-float32: " in msg and "truncated" in msg
+    assert "onnx-int8: top-1 agreement" in msg and "< 0.97" in msg
+    assert "tflite-float32" not in msg and "tflite-int8:" not in msg
+    report = json.loads((run_copy / "verify.json").read_text())
+    assert not report["passed"] and report["formats"]["tflite-float32"]["passed"]
+
+    assert main(["verify", str(run_copy), "--quiet"]) == 2
+    assert "check(s) failed" in capsys.readouterr().err
+
+
+def test_verify_threshold_override_from_cli(run_copy, capsys):
+    from featx_edge.cli import main
+
+    rc = main(["verify", str(run_copy), "--formats", "tflite-float16", "--quiet",
+               "--threshold", "tflite-float16.max_abs_diff=0"])
+    assert rc == 2
+    assert "tflite-float16: max |dprob|" in capsys.readouterr().err
