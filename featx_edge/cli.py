@@ -94,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify_args(p)
     _quiet(p)
 
+    p = sub.add_parser("bench", help="latency, throughput, memory and accuracy of every export on every runtime")
+    p.add_argument("run")
+    p.add_argument("--formats", help="comma-separated formats (default: every exported one)")
+    p.add_argument("--threads", help="comma-separated thread counts (default: 1 and every core)")
+    p.add_argument("--batches", help="comma-separated batch sizes (default: 1,8)")
+    p.add_argument("--min-seconds", type=float, help="least timing per row, seconds (default 1.0)")
+    p.add_argument("--no-tensorflow", action="store_true", help="skip the Keras/TensorFlow reference rows")
+    p.add_argument("--compare", metavar="RUN_B", help="print RUN and RUN_B's bench tables side by side")
+    _quiet(p)
+
     p = sub.add_parser("predict", help="classify images with an exported model (no TensorFlow needed)")
     p.add_argument("model", help=".tflite or .onnx file exported by featx-edge")
     p.add_argument("images", nargs="+", help="image files or folders")
@@ -176,19 +186,17 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    from featx_edge.config import override
     from featx_edge.pipeline import export_run, update_run_config
 
+    def change(config):  # recorded in the run, so the manifest says how each export was made
+        config = override(config, "train", qat_epochs=args.qat_epochs)
+        return override(config, "export", int8_budget=args.int8_budget, onnx_calibration=args.onnx_calibration)
+
     if args.qat_epochs is not None or args.int8_budget is not None or args.onnx_calibration:
-        update_run_config(args.run, lambda config: _export_overrides(
-            override_train(config, qat_epochs=args.qat_epochs), args))
+        update_run_config(args.run, change)
     export_run(args.run, formats=args.formats, progress=not args.quiet)
     return 0
-
-
-def override_train(config, **values):
-    from featx_edge.config import override
-
-    return override(config, "train", **values)
 
 
 def _cmd_verify(args) -> int:
@@ -252,6 +260,37 @@ def _cmd_predict(args) -> int:
     return 1 if failures else 0
 
 
+def _int_list(name: str, text: str | None) -> tuple[int, ...] | None:
+    from featx_edge.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"`--{name}` takes comma-separated integers, e.g. 1,4; received `{text}`.") from None
+
+
+def _cmd_bench(args) -> int:
+    from featx_edge import bench
+
+    if args.compare:
+        print(bench.compare_runs(args.run, args.compare))
+        return 0
+    kwargs = {"formats": args.formats.split(",") if args.formats else None,
+              "include_tf": not args.no_tensorflow, "progress": not args.quiet}
+    for name in ("threads", "batches"):
+        values = _int_list(name, getattr(args, name))
+        if values:
+            kwargs[name] = values
+    if args.min_seconds is not None:
+        kwargs["min_seconds"] = args.min_seconds
+    report = bench.bench_run(args.run, **kwargs)
+    if args.quiet:
+        print(bench.format_table(report))
+    return 0
+
+
 def _cmd_selftest(args) -> int:
     from featx_edge.errors import ModelFileError, VerificationError
     from featx_edge.runtime.selftest import run_selftest
@@ -279,6 +318,7 @@ COMMANDS = {
     "verify": _cmd_verify,
     "predict": _cmd_predict,
     "selftest": _cmd_selftest,
+    "bench": _cmd_bench,
 }
 
 

@@ -7,7 +7,7 @@ Derive variants with ``dataclasses.replace``; never mutate. Validation happens i
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,11 @@ from typing import Any
 from featx_edge.backbones import get_backbone
 from featx_edge.errors import ConfigError
 from featx_edge.formats import FORMATS, parse_formats
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 
 def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
@@ -159,12 +164,17 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Every setting of a run; recorded in ``manifest.json``."""
+    """Every setting of a run; recorded in ``manifest.json``.
+
+    ``verify`` holds threshold overrides per format, e.g. ``{"tflite-int8": {"min_agreement": 0.95}}``
+    (TOML: ``[verify.tflite-int8]``); see ``featx_edge.verify.Thresholds``.
+    """
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    verify: dict[str, dict[str, float]] = field(default_factory=dict)
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,9 +195,12 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "config") -> RunConfi
                 raise ConfigError(f"{source}: `seed` must be an integer; received `{value}`.")
             kwargs["seed"] = value
             continue
+        if key == "verify":
+            kwargs["verify"] = _verify_overrides(value, source=source)
+            continue
         if key not in _SECTIONS:
             raise ConfigError(
-                f"{source}: unknown section `[{key}]`; allowed: {', '.join(_SECTIONS)} and `seed`."
+                f"{source}: unknown section `[{key}]`; allowed: {', '.join(_SECTIONS)}, verify and `seed`."
             )
         cls = _SECTIONS[key]
         if not isinstance(value, dict):
@@ -206,6 +219,22 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "config") -> RunConfi
         except TypeError as err:
             raise ConfigError(f"{source}: bad value in `[{key}]`: {err}") from err
     return RunConfig(**kwargs)
+
+
+def _verify_overrides(raw: Any, *, source: str) -> dict[str, dict[str, float]]:
+    """Validate ``[verify.FORMAT]`` tables of threshold overrides."""
+    from featx_edge.verify import parse_threshold  # numpy only; no TensorFlow
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: `verify` must hold tables such as `[verify.tflite-int8]`.")
+    out: dict[str, dict[str, float]] = {}
+    for fmt, metrics in raw.items():
+        if not isinstance(metrics, dict):
+            raise ConfigError(f"{source}: `[verify.{fmt}]` must be a table of thresholds.")
+        for metric, value in metrics.items():
+            fmt_, metric_, number = parse_threshold(f"{fmt}.{metric}={value}")
+            out.setdefault(fmt_, {})[metric_] = number
+    return out
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -8,9 +8,9 @@ with Pillow before training; files that fail are skipped and listed, never a cra
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -147,8 +147,8 @@ def split_folder(folder: ImageFolder, *, val_fraction: float, test_fraction: flo
         paths = list(folder.files[name])
         order = rng.permutation(len(paths))
         n = len(paths)
-        n_test = max(1, int(round(n * test_fraction)))
-        n_val = max(1, int(round(n * val_fraction)))
+        n_test = max(1, round(n * test_fraction))
+        n_val = max(1, round(n * val_fraction))
         if n - n_test - n_val < 1:
             raise DataError(
                 f"class `{name}` has {n} usable images: too few for a {val_fraction:.0%} validation and "

@@ -14,10 +14,21 @@ from featx_edge.config import RunConfig, config_from_dict
 from featx_edge.data import Splits, load_images, load_splits, scan_folder, split_folder
 from featx_edge.errors import ConfigError, RunDirError
 from featx_edge.formats import artifact_filename, parse_formats
-from featx_edge.rundir import (EXPORT_DIR, INT8_LAYERS, MANIFEST, SPLITS, WEIGHTS, atomic_path, read_manifest,
-                               record_artifact, sha256_file, write_bytes, write_json)
-from featx_edge.runtime.metadata import pack_tflite
+from featx_edge.rundir import (
+    EXPORT_DIR,
+    INT8_LAYERS,
+    MANIFEST,
+    SPLITS,
+    WEIGHTS,
+    atomic_path,
+    read_manifest,
+    record_artifact,
+    sha256_file,
+    write_bytes,
+    write_json,
+)
 from featx_edge.runtime.image import RESIZE_METHOD
+from featx_edge.runtime.metadata import pack_tflite
 from featx_edge.sample import resolve_data
 from featx_edge.weights import resolve_weights
 
@@ -45,8 +56,7 @@ def train_run(config: RunConfig, out: str | Path, *, progress: bool = True) -> d
         >>> manifest = train_run(cfg, "runs/demo")  # doctest: +SKIP
     """
     from featx_edge.model import build_classifier, unfreeze_top
-    from featx_edge.train import (embed, image_sequence, predict_probs, setup_devices,
-                                  train_head_on_features, fit)
+    from featx_edge.train import embed, fit, image_sequence, predict_probs, setup_devices, train_head_on_features
 
     out = Path(out)
     spec = get_backbone(config.model.backbone)
@@ -264,7 +274,7 @@ class _Exporter:
 
         layers = diagnose(self.clf.model, size=self.size, calibration=self.calibration)
         write_json(self.run / INT8_LAYERS, {"metric": "rmse / quantization scale (about 0.29 is ideal)",
-                                            "calibration_images": int(len(self.calibration)), "layers": layers})
+                                            "calibration_images": len(self.calibration), "layers": layers})
         keep = [row["tensor"] for row in layers[: self.config.export.selective_float_layers]]
         _log(self.progress, f"  keeping {len(keep)} layers in float (worst rmse/scale first; see {INT8_LAYERS})")
         flatbuffer = convert_selective(self.clf.model, size=self.size, calibration=self.calibration, keep_float=keep)
@@ -357,7 +367,7 @@ def _export_onnx_int8(run: Path, manifest: dict, model, path: Path, *, size: int
     metadata = artifact_metadata(manifest, "onnx-int8", input_dtype="float32")
     metadata["quantization"] = {"method": "onnxruntime static QDQ", "weights": "int8 per-channel",
                                 "activations": "int8", "calibration": method,
-                                "calibration_images": int(len(calibration))}
+                                "calibration_images": len(calibration)}
     with tempfile.TemporaryDirectory(prefix="featx-onnx-") as tmp:
         float_path = Path(tmp) / "float32.onnx"
         onnx_export.save(onnx_export.convert(model, size=size, metadata=metadata), float_path)

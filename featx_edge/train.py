@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -88,7 +88,7 @@ def make_sequence(load: Callable[[np.ndarray], np.ndarray], labels: np.ndarray, 
             self.order = epoch_order(seed, 0, len(labels))
 
         def __len__(self) -> int:
-            return -(-len(labels) // batch_size)
+            return int(np.ceil(len(labels) / batch_size))
 
         def __getitem__(self, i: int):
             idx = self.order[i * batch_size : (i + 1) * batch_size]

@@ -87,7 +87,7 @@ def compare(probs: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dic
     accuracy = float(np.mean(probs.argmax(1) == labels))
     reference_accuracy = float(np.mean(reference.argmax(1) == labels))
     return {
-        "images": int(len(labels)),
+        "images": len(labels),
         "accuracy": accuracy,
         "reference_accuracy": reference_accuracy,
         "accuracy_change_points": 100.0 * (accuracy - reference_accuracy),
@@ -129,6 +129,9 @@ def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
 
     run = Path(run)
     manifest = read_manifest(run)
+    recorded = manifest.get("config", {}).get("verify", {})  # the run's own [verify] settings
+    overrides = {fmt: {**recorded.get(fmt, {}), **(overrides or {}).get(fmt, {})}
+                 for fmt in set(recorded) | set(overrides or {})}
     artifacts = manifest.get("artifacts", {})
     formats = tuple(formats) if formats else tuple(f for f in _ordered(artifacts))
     if not formats:
@@ -138,7 +141,7 @@ def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
     pixels = load_images(splits.root, splits.test, size=size)
     labels = splits.labels("test")
     reference = load_reference(run, manifest).model(pixels.astype(np.float32), training=False).numpy()
-    report: dict = {"run": str(run), "images": int(len(labels)), "reference_accuracy":
+    report: dict = {"run": str(run), "images": len(labels), "reference_accuracy":
                     float(np.mean(reference.argmax(1) == labels)), "formats": {}}
     failures: list[str] = []
     for fmt in formats:

@@ -2,9 +2,9 @@ import io
 
 import numpy as np
 import pytest
+from conftest import make_class_folder
 from PIL import Image
 
-from conftest import make_class_folder
 from featx_edge.data import load_splits, scan_folder, split_folder
 from featx_edge.errors import DataError, ImageError
 from featx_edge.runtime.image import load_pixels, open_image

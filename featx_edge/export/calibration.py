@@ -6,8 +6,8 @@ so both int8 models see the same images.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

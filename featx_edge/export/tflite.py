@@ -18,23 +18,23 @@ class TFLiteQuantization:
     full_integer: bool = False
 
     @classmethod
-    def for_float32(cls) -> "TFLiteQuantization":
+    def for_float32(cls) -> TFLiteQuantization:
         return cls()
 
     @classmethod
-    def for_float16(cls) -> "TFLiteQuantization":
+    def for_float16(cls) -> TFLiteQuantization:
         return cls(optimize=True, float16=True)
 
     @classmethod
-    def for_dynamic(cls) -> "TFLiteQuantization":
+    def for_dynamic(cls) -> TFLiteQuantization:
         return cls(optimize=True)
 
     @classmethod
-    def for_int8(cls) -> "TFLiteQuantization":
+    def for_int8(cls) -> TFLiteQuantization:
         return cls(optimize=True, full_integer=True)
 
     @classmethod
-    def for_format(cls, fmt: str) -> "TFLiteQuantization":
+    def for_format(cls, fmt: str) -> TFLiteQuantization:
         return {
             "tflite-float32": cls.for_float32,
             "tflite-float16": cls.for_float16,

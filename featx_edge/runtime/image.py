@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from featx_edge.errors import ImageError
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 RESIZE_METHOD = "bilinear"
 """Recorded in every model's input contract: images are stretched to the model size, bilinear."""
