@@ -504,7 +504,7 @@ def _plan(run: Path, manifest: dict, formats: list[str], *, threads: tuple[int, 
         runtimes[name] = {"engine": "onnxruntime", "provider": provider, "available": reason is None,
                           "reason": reason}
     if not include_tf:
-        tf_reason = "skipped: include_tf=False"
+        tf_reason = "not requested (include_tf=False, or --no-tensorflow on the command line)"
     elif importlib.util.find_spec("tensorflow") is None:
         tf_reason = "TensorFlow is not installed; `pip install 'featx-edge[train]'` for the reference rows"
     elif not (run / manifest.get("reference", {}).get("path", WEIGHTS)).is_file():

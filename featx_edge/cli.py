@@ -41,7 +41,7 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--int8-budget", type=float,
                    help="accuracy points int8 may lose on validation; tries int8, selective, then QAT")
     g.add_argument("--onnx-calibration", choices=("minmax", "percentile", "entropy"),
-                   help="onnxruntime calibration method for onnx-int8 (default minmax)")
+                   help="onnxruntime calibration method for onnx-int8 (default percentile)")
 
 
 def _add_verify_args(p: argparse.ArgumentParser) -> None:

@@ -138,7 +138,7 @@ class ExportConfig:
 
     formats: tuple[str, ...] = FORMATS
     calibration_images: int = 200
-    onnx_calibration: str = "minmax"
+    onnx_calibration: str = "percentile"
     int8_budget: float | None = None
     selective_float_layers: int = 5
     reference_images: int = 8

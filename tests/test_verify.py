@@ -112,15 +112,25 @@ def test_verify_catches_swapped_truncated_and_perturbed_models(run_copy, capsys)
     with pytest.raises(VerificationError) as err:
         verify_run(run_copy, progress=False)
     msg = str(err.value)
-    assert "tflite-float16: " in msg and "sha256" in msg
+    assert "tflite-float16: " in msg and "truncated or replaced" in msg  # size differs: caught first
     assert "onnx-float32: " in msg and "truncated" in msg
-    assert "onnx-int8: top-1 agreement" in msg and "< 0.97" in msg
-    assert "tflite-float32" not in msg and "tflite-int8:" not in msg
+    assert "onnx-int8: top-1 agreement" in msg and "< 0.8" in msg  # the run's recorded [verify] threshold
+    assert "tflite-float32" not in msg and "tflite-int8:" not in msg and len(msg.splitlines()) == 5
     report = json.loads((run_copy / "verify.json").read_text())
     assert not report["passed"] and report["formats"]["tflite-float32"]["passed"]
 
     assert main(["verify", str(run_copy), "--quiet"]) == 2
-    assert "check(s) failed" in capsys.readouterr().err
+    assert "4 check(s) failed" in capsys.readouterr().err
+
+
+def test_verify_catches_a_same_size_swap(run_copy):
+    """A file with the recorded size but other bytes: only the checksum can tell."""
+    path = _path(run_copy, "tflite-int8")
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(VerificationError, match="tflite-int8: .*does not match its sha256"):
+        verify_run(run_copy, formats=("tflite-int8",), progress=False)
 
 
 def test_verify_threshold_override_from_cli(run_copy, capsys):

@@ -32,7 +32,7 @@ def _reader(images: np.ndarray, input_name: str):
     return _Reader()
 
 
-def quantize(float_model: Path, out: Path, *, calibration: np.ndarray, method: str = "minmax",
+def quantize(float_model: Path, out: Path, *, calibration: np.ndarray, method: str = "percentile",
              per_channel: bool = True) -> Path:
     """Write a QDQ int8 copy of ``float_model`` to ``out`` (metadata_props carried over).
 
