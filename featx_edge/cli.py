@@ -174,6 +174,7 @@ def _cmd_pretrain(args) -> int:
 
     config = _config_from_args(args)
     pretrain(data=config.data.path, out=args.out, model=config.model, train=config.train, seed=config.seed,
+             val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction,
              progress=not args.quiet)
     return 0
 

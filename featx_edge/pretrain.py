@@ -31,11 +31,13 @@ PRETRAIN_BN_MOMENTUM = 0.9
 
 
 def pretrain(*, data: str, out: str | Path, model: ModelConfig, train: TrainConfig, seed: int = 0,
-             progress: bool = True) -> dict:
+             val_fraction: float = 0.15, test_fraction: float = 0.15, progress: bool = True) -> dict:
     """Train ``model.backbone`` from scratch on ``data`` and save its no-top weights to ``out``.
 
     ``data="sample"`` uses the sample data's source classes (digits 0-4), disjoint from the
-    classes ``--data sample`` trains on. Writes ``out`` (Keras .h5 weights of the backbone
+    classes ``--data sample`` trains on. The split is the one ``featx-edge train`` makes with
+    the same seed and fractions, so a run on the same folder tests on images the backbone
+    never saw. Writes ``out`` (Keras .h5 weights of the backbone
     without its top) and ``out + ".json"`` (what it was trained on, and how well).
 
     Example:
@@ -56,7 +58,7 @@ def pretrain(*, data: str, out: str | Path, model: ModelConfig, train: TrainConf
     size = model.input_size
     root = resolve_data(data, part="source")
     folder = scan_folder(root, progress=progress)
-    splits = split_folder(folder, val_fraction=0.1, test_fraction=0.1, seed=seed)
+    splits = split_folder(folder, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     setup_devices(mixed_precision=train.mixed_precision)
     model = dataclasses.replace(model, weights="none", head_units=0)
     clf = build_classifier(num_classes=len(splits.classes), config=model, weights_file=None, seed=seed,
@@ -88,12 +90,12 @@ def pretrain(*, data: str, out: str | Path, model: ModelConfig, train: TrainConf
         standalone.save_weights(str(tmp))
     info = {
         "backbone": spec.name, "alpha": model.alpha, "image_size": size, "data": str(root),
-        "classes": list(splits.classes), "epochs": train.epochs, "seconds": round(result.seconds, 2),
+        "classes": list(splits.classes), "test_files": list(splits.test), "epochs": train.epochs, "seconds": round(result.seconds, 2),
         "source_test_accuracy": test_acc, "seed": seed,
         "use": f"--backbone {spec.name}" + (f" --alpha {model.alpha}" if model.alpha else "")
                + f" --image-size {size} --weights {out}",
     }
     write_json(Path(str(out) + ".json"), info)
     if progress:
-        print(json.dumps(info, indent=2))
+        print(json.dumps({k: v for k, v in info.items() if k != "test_files"}, indent=2))
     return info

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BLOCK_TENSORFLOW
 from PIL import Image
 
 MODELS = ["tflite-float32", "tflite-int8", "onnx-float32"]
@@ -54,13 +55,7 @@ def test_predictions_match_the_reference_on_the_test_split(trained_run):
 def test_runtime_imports_no_tensorflow(trained_run, sample_root):
     """In a fresh interpreter where TF, Keras, tf2onnx and onnx cannot be imported, predict works."""
     image = min((sample_root / "target" / "digit_5").glob("*.png"))
-    code = f"""
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('tensorflow', 'tf_keras', 'keras', 'tf2onnx', 'onnx', 'tensorflow_model_optimization'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+    code = BLOCK_TENSORFLOW + f"""
 import featx_edge.runtime as rt
 for path in {[str(_model(trained_run, f)) for f in MODELS]!r}:
     print(rt.load(path).predict([{str(image)!r}])[0].label)

@@ -140,3 +140,13 @@ def test_verify_threshold_override_from_cli(run_copy, capsys):
                "--threshold", "tflite-float16.max_abs_diff=0"])
     assert rc == 2
     assert "tflite-float16: max |dprob|" in capsys.readouterr().err
+
+
+def test_indomain_test_images_were_never_trained_on(indomain_run, pretrained):
+    """The in-domain run's test split is exactly the split `pretrain` held out."""
+    from featx_edge.data import load_splits
+
+    info = json.loads(pretrained.with_name(pretrained.name + ".json").read_text())
+    assert info["classes"] == [f"digit_{d}" for d in range(5)]
+    splits = load_splits(indomain_run / "splits.json")
+    assert set(splits.test) == set(info["test_files"])

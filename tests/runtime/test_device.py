@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BLOCK_TENSORFLOW
 from PIL import Image
 
 from featx_edge.cli import main
@@ -91,13 +92,7 @@ def test_tflite_with_altered_bytes_is_refused(tmp_path):
 
 
 def test_runtime_imports_no_tensorflow():
-    code = f"""
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('tensorflow', 'tf_keras', 'keras', 'tf2onnx', 'onnx', 'tensorflow_model_optimization'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+    code = BLOCK_TENSORFLOW + f"""
 from featx_edge.cli import main
 import featx_edge.runtime as rt
 for path in {[str(m) for m in MODELS]!r}:
