@@ -95,13 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     _quiet(p)
 
     p = sub.add_parser("bench", help="latency, throughput, memory and accuracy of every export on every runtime")
-    p.add_argument("run")
+    p.add_argument("run", nargs="?", help="run directory to bench (not needed with --compare RUN_A RUN_B)")
     p.add_argument("--formats", help="comma-separated formats (default: every exported one)")
     p.add_argument("--threads", help="comma-separated thread counts (default: 1 and every core)")
     p.add_argument("--batches", help="comma-separated batch sizes (default: 1,8)")
     p.add_argument("--min-seconds", type=float, help="least timing per row, seconds (default 1.0)")
     p.add_argument("--no-tensorflow", action="store_true", help="skip the Keras/TensorFlow reference rows")
-    p.add_argument("--compare", metavar="RUN_B", help="print RUN and RUN_B's bench tables side by side")
+    p.add_argument("--compare", nargs="+", metavar="RUN",
+                   help="print two benched runs side by side: --compare RUN_A RUN_B (or RUN --compare RUN_B)")
     _quiet(p)
 
     p = sub.add_parser("predict", help="classify images with an exported model (no TensorFlow needed)")
@@ -274,10 +275,16 @@ def _int_list(name: str, text: str | None) -> tuple[int, ...] | None:
 
 def _cmd_bench(args) -> int:
     from featx_edge import bench
+    from featx_edge.errors import ConfigError
 
     if args.compare:
-        print(bench.compare_runs(args.run, args.compare))
+        runs = ([args.run] if args.run else []) + args.compare
+        if len(runs) != 2:
+            raise ConfigError(f"`--compare` needs exactly two runs (RUN_A RUN_B); received {len(runs)}.")
+        print(bench.compare_runs(runs[0], runs[1]))
         return 0
+    if not args.run:
+        raise ConfigError("`featx-edge bench` needs a run directory: `featx-edge bench RUN`.")
     kwargs = {"formats": args.formats.split(",") if args.formats else None,
               "include_tf": not args.no_tensorflow, "progress": not args.quiet}
     for name in ("threads", "batches"):

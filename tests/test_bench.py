@@ -125,6 +125,16 @@ def test_compare_runs_names_both(benched, tmp_path):
         compare_runs(a, tmp_path)
 
 
+def test_compare_from_the_cli(benched, tmp_path, capsys):
+    from featx_edge.cli import main
+
+    run, _ = benched
+    assert main(["bench", "--compare", str(run), str(run)]) == 0
+    assert "| A p50 ms | B p50 ms | B/A |" in capsys.readouterr().out
+    assert main(["bench", "--compare", str(run)]) == 2
+    assert "exactly two runs" in capsys.readouterr().err
+
+
 def test_bad_requests_say_what_to_do(benched, tmp_path):
     run, _ = benched
     with pytest.raises(RunDirError, match="featx-edge export"):

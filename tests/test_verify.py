@@ -70,6 +70,7 @@ def test_int8_meets_default_thresholds_on_a_locally_pretrained_backbone(indomain
         assert row["passed"] and row["top1_agreement"] >= 0.97 and -row["accuracy_change_points"] <= 1.0, row
     integer = report["formats"]["tflite-int8"]["integer"]
     assert integer["float_tensors"] == [] and integer["input_dtype"] == "uint8"
+    assert {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "QUANTIZE"} <= set(integer["op_types"])
 
 
 @pytest.fixture

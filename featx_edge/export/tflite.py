@@ -87,13 +87,28 @@ def integer_report(flatbuffer: bytes) -> dict:
 
     interp = Interpreter(model_content=flatbuffer)
     tensors = interp.get_tensor_details()
-    ops = sorted({op["op_name"] for op in interp._get_ops_details()}) if hasattr(interp, "_get_ops_details") else []
     return {
         "input_dtype": np.dtype(interp.get_input_details()[0]["dtype"]).name,
         "output_dtype": np.dtype(interp.get_output_details()[0]["dtype"]).name,
         "float_tensors": [t["name"] for t in tensors if t["dtype"] == np.float32],
-        "op_types": ops,
+        "op_types": op_types(flatbuffer),
     }
+
+
+def op_types(flatbuffer: bytes) -> list[str]:
+    """Builtin op names used by a TFLite model, read with the flatbuffer schema LiteRT ships."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    names = {value: name for name, value in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
+    model = schema.Model.GetRootAsModel(flatbuffer, 0)
+    codes = set()
+    for i in range(model.OperatorCodesLength()):
+        code = model.OperatorCodes(i)
+        # Newer files keep the code in BuiltinCode; DeprecatedBuiltinCode holds it below 127.
+        value = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+        codes.add(names.get(value, f"BUILTIN_{value}") if value != schema.BuiltinOperator.CUSTOM
+                  else f"CUSTOM:{(code.CustomCode() or b'').decode()}")
+    return sorted(codes)
 
 
 def check_integer_only(flatbuffer: bytes) -> dict:
