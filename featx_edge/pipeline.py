@@ -358,7 +358,7 @@ def export_run(run: str | Path, *, formats: tuple[str, ...] | str | None = None,
 
 
 def _export_onnx_int8(run: Path, manifest: dict, model, path: Path, *, size: int, calibration, method: str) -> None:
-    """Quantize this run's float32 ONNX export (made first in a temporary folder if absent)."""
+    """Quantize this run's model to ONNX int8 (from a float32 ONNX made in a temporary folder)."""
     import tempfile
 
     from featx_edge.export import onnx as onnx_export
@@ -371,7 +371,7 @@ def _export_onnx_int8(run: Path, manifest: dict, model, path: Path, *, size: int
     with tempfile.TemporaryDirectory(prefix="featx-onnx-") as tmp:
         float_path = Path(tmp) / "float32.onnx"
         onnx_export.save(onnx_export.convert(model, size=size, metadata=metadata), float_path)
-        quantize(float_path, path, calibration=calibration, method=method)
+        quantize(float_path, path, calibration=calibration, method=method, metadata=metadata)
 
 
 def load_run_splits(run: Path, manifest: dict) -> Splits:

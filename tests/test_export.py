@@ -144,3 +144,28 @@ def test_written_files_get_ordinary_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)
+
+
+def test_onnx_int8_falls_back_to_minmax_and_says_so(tmp_path, monkeypatch, capsys):
+    """onnxruntime's histogram calibration fails on tensors with no range; export says so."""
+    from featx_edge.export import onnx_int8
+    from featx_edge.runtime import load
+
+    source = Path(__file__).parent / "data" / "runtime" / "model.onnx-float32.onnx"
+    real = onnx_int8._quantize
+
+    def flaky(float_model, input_name, calibration, method, per_channel):
+        if method == "percentile":
+            raise ValueError("Too many bins for data range. Cannot create 2048 finite-sized bins.")
+        return real(float_model, input_name, calibration, method, per_channel)
+
+    monkeypatch.setattr(onnx_int8, "_quantize", flaky)
+    meta = load(source).metadata
+    calibration = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    used = onnx_int8.quantize(source, tmp_path / "int8.onnx", calibration=calibration, method="percentile",
+                              metadata=dict(meta, format="onnx-int8"))
+    assert used.startswith("minmax (fallback: percentile failed")
+    assert "using minmax" in capsys.readouterr().err
+    predictor = load(tmp_path / "int8.onnx")
+    assert predictor.metadata["quantization"]["calibration"] == used
+    assert predictor.predict(np.full((8, 8, 3), (250, 10, 10), np.uint8))[0].label == "red"

@@ -7,6 +7,7 @@ onnxruntime CalibrationDataReader.
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -33,15 +34,21 @@ def _reader(images: np.ndarray, input_name: str):
 
 
 def quantize(float_model: Path, out: Path, *, calibration: np.ndarray, method: str = "percentile",
-             per_channel: bool = True) -> Path:
-    """Write a QDQ int8 copy of ``float_model`` to ``out`` (metadata_props carried over).
+             metadata: dict | None = None, per_channel: bool = True) -> str:
+    """Write a QDQ int8 copy of ``float_model`` to ``out``; returns the calibration method used.
+
+    Histogram methods (``percentile``, ``entropy``) fail in onnxruntime on tensors whose values
+    span almost no range (dead or constant channels). Then the export falls back to ``minmax``,
+    says so, and records it in the model's metadata (``quantization.calibration``).
 
     Args:
         method: ``minmax``, ``percentile`` or ``entropy`` (onnxruntime CalibrationMethod).
+        metadata: featx-edge metadata for the model; its ``quantization`` entry is completed
+            here. None keeps the float model's metadata_props.
     """
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from featx_edge.export.onnx import add_metadata
 
     if method not in CALIBRATION_METHODS:
         raise ConfigError(f"`--onnx-calibration` must be one of {', '.join(CALIBRATION_METHODS)}; received `{method}`.")
@@ -49,7 +56,30 @@ def quantize(float_model: Path, out: Path, *, calibration: np.ndarray, method: s
         raise ExportError("onnx-int8 needs calibration images from the training split; none were given.")
     source = onnx.load(str(float_model))
     props = {p.key: p.value for p in source.metadata_props}
-    input_name = source.graph.input[0].name
+    used = method
+    try:
+        model = _quantize(float_model, source.graph.input[0].name, calibration, method, per_channel)
+    except ValueError as err:
+        if method == "minmax" or "bins" not in str(err):
+            raise ExportError(f"onnx-int8 quantization ({method}) failed: {type(err).__name__}: {err}") from err
+        used = f"minmax (fallback: {method} failed: {err})"
+        print(f"warning: onnx-int8 {method} calibration failed ({err}); using minmax", file=sys.stderr)
+        model = _quantize(float_model, source.graph.input[0].name, calibration, "minmax", per_channel)
+    if metadata is not None:
+        metadata = dict(metadata, quantization=dict(metadata.get("quantization", {}), calibration=used))
+        add_metadata(model, metadata)
+    else:
+        onnx.helper.set_model_props(model, props)
+    with atomic_path(out) as tmp:
+        onnx.save_model(model, str(tmp))
+    return used
+
+
+def _quantize(float_model: Path, input_name: str, calibration: np.ndarray, method: str, per_channel: bool):
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     work = Path(tempfile.mkdtemp(prefix="featx-onnx-int8-"))
     try:
         prepared = work / "prepared.onnx"
@@ -63,12 +93,10 @@ def quantize(float_model: Path, out: Path, *, calibration: np.ndarray, method: s
                               "entropy": CalibrationMethod.Entropy}[method],
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
         )
-        model = onnx.load(str(quantized))
+        return onnx.load(str(quantized))
+    except ValueError:
+        raise  # histogram failures: the caller may fall back to minmax
     except Exception as err:  # onnxruntime's quantizer raises assorted errors
         raise ExportError(f"onnx-int8 quantization ({method}) failed: {type(err).__name__}: {err}") from err
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    onnx.helper.set_model_props(model, props)
-    with atomic_path(out) as tmp:
-        onnx.save_model(model, str(tmp))
-    return out
