@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -217,11 +218,16 @@ def _cmd_run(args) -> int:
     from featx_edge.verify import verify_run
 
     config = _config_from_args(args)
-    overrides = _thresholds(args)  # parsed before training: a typo must not cost a training run
+    # Parsed before training (a typo must not cost a training run) and recorded with the run,
+    # so a later `featx-edge verify RUN` applies the same thresholds.
+    overrides = _thresholds(args)
+    merged = {fmt: {**config.verify.get(fmt, {}), **overrides.get(fmt, {})}
+              for fmt in set(config.verify) | set(overrides)}
+    config = dataclasses.replace(config, verify=merged)
     train_run(config, args.out, progress=not args.quiet)
     export_run(args.out, formats=config.export.formats, progress=not args.quiet)
     try:
-        report = verify_run(args.out, overrides=overrides, progress=not args.quiet)
+        report = verify_run(args.out, progress=not args.quiet)
     except VerificationError:
         print(format_table(json.loads((Path(args.out) / VERIFY).read_text()), read_manifest(args.out)))
         raise

@@ -52,6 +52,10 @@ def test_threshold_overrides():
 
 
 def test_float_exports_pass_default_thresholds(trained_run):
+    from featx_edge.rundir import read_manifest
+
+    recorded = read_manifest(trained_run)["config"]["verify"]  # the fixture's [verify.*] tables
+    assert recorded["tflite-int8"]["min_agreement"] == 0.8 and "tflite-float32" not in recorded
     report = json.loads((trained_run / "verify.json").read_text())
     assert report["passed"], report
     for fmt in ("tflite-float32", "onnx-float32", "tflite-float16"):
