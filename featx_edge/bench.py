@@ -57,6 +57,7 @@ import numpy as np
 
 from featx_edge import __version__
 from featx_edge.errors import ConfigError, FeatxError, RunDirError
+from featx_edge.macs import _prod, count_macs_onnx
 from featx_edge.rundir import VERIFY, WEIGHTS, atomic_path, read_manifest, sha256_file, write_json
 
 BENCH_JSON = "bench.json"
@@ -245,56 +246,6 @@ def machine_info() -> dict:
     }
 
 
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
-
-
-def count_macs_onnx(path: str | Path) -> dict:
-    """Multiply-accumulates per image of an ONNX graph (Conv, Gemm, MatMul), via shape inference.
-
-    Returns:
-        ``macs_per_image``, ``ops`` (MACs per op type) and ``uncounted`` (nodes of those types
-        whose shapes were unknown).
-    """
-    import onnx
-    from onnx import shape_inference
-
-    model = shape_inference.infer_shapes(onnx.load(str(path)))
-    graph = model.graph
-    shapes: dict[str, list[int | None]] = {}
-    for info in list(graph.input) + list(graph.value_info) + list(graph.output):
-        dims = info.type.tensor_type.shape.dim
-        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    for init in graph.initializer:
-        shapes[init.name] = list(init.dims)
-
-    def known(shape, *, skip_batch: bool) -> bool:
-        return shape is not None and all(d is not None for d in (shape[1:] if skip_batch else shape))
-
-    ops: dict[str, int] = {}
-    uncounted = 0
-    for node in graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul"):
-            continue
-        x, w, y = shapes.get(node.input[0]), shapes.get(node.input[1]), shapes.get(node.output[0])
-        macs = None
-        if node.op_type == "Conv" and known(w, skip_batch=False) and known(y, skip_batch=True):
-            macs = _prod(y[1:]) * _prod(w[1:])  # M*oH*oW * (C/group)*kH*kW
-        elif node.op_type in ("Gemm", "MatMul") and known(y, skip_batch=True) and x and x[-1] is not None:
-            trans_a = any(a.name == "transA" and a.i for a in node.attribute)
-            reduced = x[0] if trans_a else x[-1]
-            if reduced is not None:
-                macs = _prod(y[1:]) * int(reduced)
-        if macs is None:
-            uncounted += 1
-            continue
-        ops[node.op_type] = ops.get(node.op_type, 0) + macs
-    return {"macs_per_image": int(sum(ops.values())), "ops": ops, "uncounted": uncounted}
-
-
 def count_macs_tflite(path: str | Path) -> dict:
     """Multiply-accumulates per image of a TFLite graph (convolutions and fully connected layers).
 
@@ -451,7 +402,15 @@ def _accuracy_lookup(run: Path, manifest: dict) -> tuple[dict, float | None, str
     if path.is_file():
         try:
             verify = json.loads(path.read_text(encoding="utf-8"))
-            per_format = {f: e.get("accuracy") for f, e in (verify.get("formats") or {}).items()}
+            artifacts = manifest.get("artifacts") or {}
+            # An entry measured on another file than the one exported now is stale: not reused.
+            per_format = {f: e.get("accuracy") for f, e in (verify.get("formats") or {}).items()
+                          if e.get("sha256") and e.get("sha256") == (artifacts.get(f) or {}).get("sha256")}
+            stale = sorted(f for f, e in (verify.get("formats") or {}).items()
+                           if f in artifacts and f not in per_format)
+            if stale:
+                note = (f"{VERIFY} is stale for {', '.join(stale)} (the artifact changed since it was verified, "
+                        f"or it predates sha256 records); re-run `featx-edge verify {run}`")
             reference = verify.get("reference_accuracy")
             source = VERIFY if reference is not None else None
         except (OSError, json.JSONDecodeError) as err:
@@ -520,12 +479,13 @@ def _plan(run: Path, manifest: dict, formats: list[str], *, threads: tuple[int, 
         path = run / artifacts[fmt]["path"]
         kind = "onnx" if path.suffix.lower() == ".onnx" else "tflite"
         names = [n for n, _ in (ORT_RUNTIMES if kind == "onnx" else LITERT_RUNTIMES)]
-        combos += [(fmt, name, path, int(artifacts[fmt]["bytes"])) for name in names]
+        combos += [(fmt, name, path, int(artifacts[fmt]["bytes"]), artifacts[fmt].get("sha256")) for name in names]
     weights = run / manifest.get("reference", {}).get("path", WEIGHTS)
-    combos.append((REFERENCE_FORMAT, "tensorflow", weights, weights.stat().st_size if weights.is_file() else None))
+    combos.append((REFERENCE_FORMAT, "tensorflow", weights, weights.stat().st_size if weights.is_file() else None,
+                   manifest.get("reference", {}).get("sha256")))
 
     specs, unavailable = [], []
-    for fmt, name, path, nbytes in combos:
+    for fmt, name, path, nbytes, sha256 in combos:
         info = runtimes[name]
         if not info["available"]:
             unavailable.append({"format": fmt, "runtime": name, "provider": info["provider"],
@@ -537,7 +497,8 @@ def _plan(run: Path, manifest: dict, formats: list[str], *, threads: tuple[int, 
         for t in ((max(threads),) if gpu else threads):
             for b in batches:
                 specs.append({"format": fmt, "runtime": name, "engine": info["engine"], "provider": info["provider"],
-                              "path": str(path), "run": str(run), "threads": t, "batch": b, "model_bytes": nbytes})
+                              "path": str(path), "run": str(run), "threads": t, "batch": b, "model_bytes": nbytes,
+                              "sha256": sha256})
     return specs, unavailable, runtimes
 
 
@@ -730,6 +691,7 @@ def bench_run(run: str | Path, *, threads: Sequence[int] = DEFAULT_THREADS,
 def _row(spec: dict, result: dict, *, macs: dict, ceiling: dict, per_format_acc: dict,
          reference_acc: float | None, reference_source: str | None) -> dict:
     row = {k: spec[k] for k in ("format", "runtime", "engine", "provider", "threads", "batch", "model_bytes")}
+    row["sha256"] = spec.get("sha256")  # the artifact this row measured
     row["status"] = result.get("status", "error")
     row["reason"] = result.get("reason")
     if spec["format"] == REFERENCE_FORMAT:

@@ -167,7 +167,8 @@ def _cmd_sample_data(args) -> int:
     from featx_edge.sample import write_sample_data
 
     root = write_sample_data(args.dir)
-    print(f"wrote sample data to {root}: source/ (digits 0-4, for pretraining) and target/ (digits 5-9)")
+    print(f"wrote sample data to {root}: all/ (digits 0-9, `--data sample`), source/ (digits 0-4, for "
+          "pretraining) and target/ (digits 5-9, a transfer task)")
     return 0
 
 
@@ -190,7 +191,8 @@ def _cmd_train(args) -> int:
 
 def _cmd_export(args) -> int:
     from featx_edge.config import override
-    from featx_edge.pipeline import export_run, update_run_config
+    from featx_edge.errors import VerificationError
+    from featx_edge.pipeline import budget_failure, export_run, update_run_config
 
     def change(config):  # recorded in the run, so the manifest says how each export was made
         config = override(config, "train", qat_epochs=args.qat_epochs)
@@ -198,7 +200,10 @@ def _cmd_export(args) -> int:
 
     if args.qat_epochs is not None or args.int8_budget is not None or args.onnx_calibration:
         update_run_config(args.run, change)
-    export_run(args.run, formats=args.formats, progress=not args.quiet)
+    manifest = export_run(args.run, formats=args.formats, progress=not args.quiet)
+    missed = budget_failure(manifest)
+    if missed:
+        raise VerificationError(missed)
     return 0
 
 
@@ -213,7 +218,7 @@ def _cmd_verify(args) -> int:
 
 def _cmd_run(args) -> int:
     from featx_edge.errors import VerificationError
-    from featx_edge.pipeline import export_run, format_table, train_run
+    from featx_edge.pipeline import budget_failure, export_run, format_table, train_run
     from featx_edge.rundir import VERIFY, read_manifest
     from featx_edge.verify import verify_run
 
@@ -225,13 +230,16 @@ def _cmd_run(args) -> int:
               for fmt in set(config.verify) | set(overrides)}
     config = dataclasses.replace(config, verify=merged)
     train_run(config, args.out, progress=not args.quiet)
-    export_run(args.out, formats=config.export.formats, progress=not args.quiet)
+    manifest = export_run(args.out, formats=config.export.formats, progress=not args.quiet)
     try:
         report = verify_run(args.out, progress=not args.quiet)
     except VerificationError:
         print(format_table(json.loads((Path(args.out) / VERIFY).read_text()), read_manifest(args.out)))
         raise
     print(format_table(report, read_manifest(args.out)))
+    missed = budget_failure(manifest)
+    if missed:
+        raise VerificationError(missed)
     return 0
 
 

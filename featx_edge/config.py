@@ -99,6 +99,9 @@ class TrainConfig:
         mixed_precision: float16 compute on a GPU host.
         qat_epochs: quantization-aware training epochs for tflite-int8-qat (0: no QAT).
         qat_learning_rate: learning rate of quantization-aware training.
+        int8_aware_head: when an int8 format will be exported, train the head on the int8
+            backbone's features of each training image as well as the float ones (the backbone
+            is unchanged); int8 exports then agree with the float model on more images.
     """
 
     epochs: int = 10
@@ -110,6 +113,7 @@ class TrainConfig:
     mixed_precision: bool = False
     qat_epochs: int = 0
     qat_learning_rate: float = 1e-4
+    int8_aware_head: bool = True
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "fine_tune_epochs", "unfreeze_top", "qat_epochs"):

@@ -8,6 +8,8 @@
   (``tflite-int8-selective``; a mixed model, float input and output).
 - ``qat_model``: fine-tunes the classifier with fake-quant (tensorflow-model-optimization)
   so the weights adapt to int8, then converts to full-integer ``tflite-int8-qat``.
+- ``int8_features``: the frozen backbone's pooled features as its full-integer TFLite
+  conversion computes them, so the head can be trained on them too (int8-aware head).
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ import io
 import numpy as np
 
 from featx_edge.errors import ExportError
-
-SELECTIVE_K = 5
 
 
 def _debugger(model, *, size: int, calibration: np.ndarray, denylisted_nodes: list[str] | None = None):
@@ -73,8 +73,14 @@ def convert_selective(model, *, size: int, calibration: np.ndarray, keep_float: 
         raise ExportError(f"selective int8 conversion failed: {type(err).__name__}: {err}") from err
 
 
-def qat_model(model):
+def qat_model(model, *, trainable: tuple[str, ...] | None = None):
     """A fake-quant copy of the flat classifier (weights copied), ready to fine-tune.
+
+    Args:
+        trainable: names of the layers whose weights quantization-aware training may change
+            (None: all). featx-edge passes the head's layers: the frozen backbone stays frozen,
+            BatchNorm in inference mode, so the QAT model is the run's model with a head
+            adapted to int8, and verify compares it with the run's reference.
 
     In-graph preprocessing layers (Rescaling, Normalization) are not quantized by tfmot; they
     pass through unchanged and the TFLite converter quantizes them from calibration.
@@ -121,13 +127,40 @@ def qat_model(model):
         annotated = keras.models.clone_model(model, clone_function=annotate)
         annotated.set_weights(model.get_weights())
         with qk.quantize_scope({"NoOpQuantizeConfig": NoOpQuantizeConfig}):
-            return qk.quantize_apply(annotated)
+            qat = qk.quantize_apply(annotated)
     except Exception as err:  # tfmot raises RuntimeError/ValueError/AttributeError for unsupported layers
         raise ExportError(
             f"quantization-aware training cannot wrap this model ({type(err).__name__}: {str(err)[:300]}). "
             "Use post-training int8 (tflite-int8) or the selective variant for this backbone."
         ) from err
+    if trainable is not None:
+        for layer in qat.layers:
+            # tfmot wraps each layer as `quant_<name>`; the wrapped layer keeps its own name.
+            name = layer.layer.name if hasattr(layer, "layer") else layer.name
+            layer.trainable = name in trainable
+    return qat
 
 
-def qat_stats(qat) -> dict:
-    return {"layers": len(qat.layers), "trainable_weights": int(sum(np.prod(w.shape) for w in qat.trainable_weights))}
+def int8_features(feature_model, batches, *, size: int, calibration: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Pooled features of ``batches`` (uint8 images) through the full-integer TFLite backbone.
+
+    The backbone is converted exactly as ``tflite-int8`` will convert it (same calibration
+    images), then run by LiteRT. Training the head on these features as well as the float
+    ones teaches it the directions int8 rounding moves the features in, so the float model
+    and its int8 export agree on more images; the backbone itself is unchanged.
+
+    Returns:
+        (float32 (N, D) features, {"images", "conversion_seconds"}).
+    """
+    import time
+
+    from featx_edge.export.tflite import TFLiteQuantization, convert
+    from featx_edge.runtime.backends import LiteRTBackend
+
+    t0 = time.perf_counter()
+    flatbuffer = convert(feature_model, size=size, quantization=TFLiteQuantization.for_int8(), calibration=calibration)
+    seconds = time.perf_counter() - t0
+    backend = LiteRTBackend(flatbuffer)
+    out = [backend.run(batch) for batch in batches]
+    features = np.concatenate(out) if out else np.zeros((0, feature_model.output_shape[-1]), np.float32)
+    return features, {"images": len(features), "conversion_seconds": round(seconds, 2)}

@@ -11,7 +11,7 @@ import numpy as np
 from featx_edge import __version__
 from featx_edge.backbones import get_backbone
 from featx_edge.config import RunConfig, config_from_dict
-from featx_edge.data import Splits, load_images, load_splits, scan_folder, split_folder
+from featx_edge.data import Splits, label_of, load_images, load_splits, scan_folder, split_folder
 from featx_edge.errors import ConfigError, RunDirError
 from featx_edge.formats import artifact_filename, parse_formats
 from featx_edge.rundir import (
@@ -61,7 +61,7 @@ def train_run(config: RunConfig, out: str | Path, *, progress: bool = True) -> d
     out = Path(out)
     spec = get_backbone(config.model.backbone)
     size = config.model.input_size
-    data_root = resolve_data(config.data.path, part="target")
+    data_root = resolve_data(config.data.path, part="all")
     # Cheap checks first: weights (may download) before decoding every image.
     weights_file = resolve_weights(spec, weights=config.model.weights, alpha=config.model.alpha, size=size)
     folder = scan_folder(data_root, progress=progress)
@@ -85,11 +85,26 @@ def train_run(config: RunConfig, out: str | Path, *, progress: bool = True) -> d
     f_train = embed(clf.feature_model, splits.root, splits.train, size=size, batch_size=bs, progress=progress)
     f_val = embed(clf.feature_model, splits.root, splits.val, size=size, batch_size=bs, progress=progress)
     embed_s = time.perf_counter() - t0
+    metrics: dict = {"embedding_seconds": round(embed_s, 3)}
+    f_fit, y_fit = f_train, y_train
+    if config.train.int8_aware_head and any("int8" in fmt for fmt in config.export.formats):
+        from featx_edge.data import iter_batches
+        from featx_edge.export.calibration import calibration_images
+        from featx_edge.int8 import int8_features
+
+        _log(progress, "int8-aware head: the training images' features through the int8 backbone as well")
+        calibration = calibration_images(splits.root, splits.train, size=size,
+                                         count=config.export.calibration_images, seed=config.seed)
+        q_train, info = int8_features(clf.feature_model, iter_batches(splits.root, splits.train, size=size,
+                                                                      batch_size=bs),
+                                      size=size, calibration=calibration)
+        info["feature_relative_error"] = float(np.linalg.norm(q_train - f_train) / max(np.linalg.norm(f_train), 1e-12))
+        metrics["int8_aware_head"] = info
+        f_fit, y_fit = np.concatenate([f_train, q_train]), np.concatenate([y_train, y_train])
     _log(progress, f"stage 1: head on cached features ({f_train.shape[1]}-d), {config.train.epochs} epochs")
-    stage1 = train_head_on_features(clf.head_model, f_train, y_train, config=config.train, seed=config.seed,
+    stage1 = train_head_on_features(clf.head_model, f_fit, y_fit, config=config.train, seed=config.seed,
                                     val=(f_val, y_val), progress=progress)
-    metrics: dict = {"embedding_seconds": round(embed_s, 3),
-                     "stage1": dataclasses.asdict(stage1)}
+    metrics["stage1"] = dataclasses.asdict(stage1)
     if config.train.fine_tune_epochs:
         n = unfreeze_top(clf, config.train.unfreeze_top)
         _log(progress, f"stage 2: fine-tuning the top {config.train.unfreeze_top} backbone layers "
@@ -172,6 +187,11 @@ def artifact_metadata(manifest: dict, fmt: str, *, input_dtype: str) -> dict:
     }
 
 
+QAT_TRAINABLE = ("head_dense", "probabilities")
+"""Layers quantization-aware training may change: the head. The backbone stays as trained, so
+``tflite-int8-qat`` is the run's model (with an int8-adapted head), compared with its reference."""
+
+
 class _Exporter:
     """What every format's export needs, computed once and only when needed."""
 
@@ -184,7 +204,7 @@ class _Exporter:
         self.clf = load_reference(run, manifest)
         self.progress = progress
         self._calibration = None
-        self._val = None
+        self._judge = None
         self._golden = None
 
     @property
@@ -197,13 +217,27 @@ class _Exporter:
                                                    seed=self.config.seed)
         return self._calibration
 
-    def val(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Validation pixels, labels and reference probabilities (for int8 choices: never test)."""
-        if self._val is None:
-            pixels = load_images(self.splits.root, self.splits.val, size=self.size)
-            reference = self.clf.model(pixels.astype(np.float32), training=False).numpy()
-            self._val = (pixels, self.splits.labels("val"), reference)
-        return self._val
+    def judging_set(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+        """Images for int8 choices (never test): validation plus calibration-free training images.
+
+        Returns pixels, labels, the reference's probabilities and a description. Training images
+        that calibrated the int8 models are left out: their ranges were fit on them.
+        """
+        if self._judge is None:
+            from featx_edge.export.calibration import calibration_files
+
+            calibrated = set(calibration_files(self.splits.train, count=self.config.export.calibration_images,
+                                               seed=self.config.seed))
+            free = [p for p in self.splits.train if p not in calibrated]
+            rng = np.random.default_rng([self.config.seed, 11])
+            free = [free[i] for i in sorted(rng.permutation(len(free))[:JUDGE_TRAIN_IMAGES])]
+            train_labels = np.array([self.splits.classes.index(label_of(p)) for p in free], dtype=np.int64)
+            pixels = load_images(self.splits.root, [*self.splits.val, *free], size=self.size)
+            labels = np.concatenate([self.splits.labels("val"), train_labels])
+            reference = predict_pixels_keras(self.clf.model, pixels)
+            what = f"{len(self.splits.val)} validation + {len(free)} calibration-free training images"
+            self._judge = (pixels, labels, reference, what)
+        return self._judge
 
     def export(self, fmt: str) -> dict:
         from featx_edge.export import onnx as onnx_export
@@ -288,8 +322,9 @@ class _Exporter:
         epochs = self.config.train.qat_epochs
         if epochs < 1:
             raise ConfigError("tflite-int8-qat needs `--qat-epochs N` (N >= 1) of quantization-aware training.")
-        qat = qat_model(self.clf.model)
-        _log(self.progress, f"  quantization-aware training: {epochs} epoch(s), lr {self.config.train.qat_learning_rate}")
+        qat = qat_model(self.clf.model, trainable=QAT_TRAINABLE)
+        _log(self.progress, f"  quantization-aware training of the head ({', '.join(QAT_TRAINABLE)}; the backbone "
+                            f"stays frozen): {epochs} epoch(s), lr {self.config.train.qat_learning_rate}")
         bs = self.config.train.batch_size
         seq = image_sequence(self.splits.root, self.splits.train, self.splits.labels("train"), size=self.size,
                              batch_size=bs, seed=self.config.seed + 2)
@@ -298,22 +333,39 @@ class _Exporter:
         flatbuffer = tflite_export.convert(qat, size=self.size, quantization=tflite_export.TFLiteQuantization.for_int8(),
                                            calibration=self.calibration)
         return flatbuffer, {"quantization": {"method": "tfmot quantization-aware training", "epochs": epochs,
+                                             "trained_layers": list(QAT_TRAINABLE),
                                              "seconds": round(result.seconds, 2)}}
 
-    def val_drop(self, fmt: str) -> dict:
-        """Validation accuracy of an exported format and its drop (points) versus the reference."""
-        from featx_edge.runtime import load
+    def judge(self, fmt: str, *, budget: float) -> dict:
+        """How far an exported int8 format strays from the reference on the judging set.
 
-        pixels, labels, reference = self.val()
+        Only losses count: an image the reference gets right and the candidate gets wrong.
+        Images the candidate "gains" are disagreements too, not credit; choosing a variant
+        because it scored higher than the reference would be choosing noise.
+        """
+        from featx_edge.intervals import wilson
+        from featx_edge.runtime import load
+        from featx_edge.verify import thresholds_for
+
+        pixels, labels, reference, what = self.judging_set()
         probs = load(self.run / self.manifest["artifacts"][fmt]["path"]).predict_pixels(pixels)
-        accuracy = float(np.mean(probs.argmax(1) == labels))
-        reference_accuracy = float(np.mean(reference.argmax(1) == labels))
-        return {"format": fmt, "val_accuracy": accuracy, "reference_val_accuracy": reference_accuracy,
-                "drop_points": 100.0 * (reference_accuracy - accuracy),
-                "val_agreement": float(np.mean(probs.argmax(1) == reference.argmax(1)))}
+        n = len(labels)
+        right, reference_right = probs.argmax(1) == labels, reference.argmax(1) == labels
+        agree = int(np.sum(probs.argmax(1) == reference.argmax(1)))
+        lost = int(np.sum(reference_right & ~right))
+        loss_low, loss_high = wilson(lost, n)
+        min_agreement = thresholds_for(fmt, self.config.verify).min_agreement
+        attempt = {"format": fmt, "images": n, "judged_on": what,
+                   "top1_agreement": agree / n, "top1_agreement_ci95": list(wilson(agree, n)),
+                   "images_lost": lost, "images_gained": int(np.sum(right & ~reference_right)),
+                   "loss_points": 100.0 * lost / n, "loss_ci95_points": [100.0 * loss_low, 100.0 * loss_high],
+                   "min_agreement": min_agreement}
+        attempt["within_budget"] = bool(attempt["loss_points"] <= budget
+                                        and (min_agreement is None or attempt["top1_agreement"] >= min_agreement))
+        return attempt
 
     def choose_int8(self, budget: float) -> dict:
-        """Try plain int8, then selective, then QAT (when enabled); stop at the first within budget."""
+        """Try plain int8, then selective, then QAT (when enabled); keep the first within budget."""
         candidates = ["tflite-int8", "tflite-int8-selective"]
         if self.config.train.qat_epochs:
             candidates.append("tflite-int8-qat")
@@ -322,15 +374,18 @@ class _Exporter:
         for fmt in candidates:
             if fmt not in self.manifest.get("artifacts", {}):
                 self.export(fmt)
-            attempt = self.val_drop(fmt) | {"within_budget": False}
-            attempt["within_budget"] = attempt["drop_points"] <= budget
+            attempt = self.judge(fmt, budget=budget)
             attempts.append(attempt)
-            _log(self.progress, f"  int8 budget {budget} points: {fmt} loses {attempt['drop_points']:.2f} "
-                                f"on validation -> {'OK' if attempt['within_budget'] else 'over budget'}")
+            _log(self.progress, f"  int8 budget {budget} points: {fmt} loses {attempt['images_lost']} of "
+                                f"{attempt['images']} images the reference gets right "
+                                f"({attempt['loss_points']:.2f} points), agreement {attempt['top1_agreement']:.4f}"
+                                f" -> {'OK' if attempt['within_budget'] else 'over budget'}")
             if attempt["within_budget"]:
                 chosen = fmt
                 break
-        decision = {"budget_points": budget, "split": "val", "attempts": attempts, "chosen": chosen}
+        decision = {"budget_points": budget, "judged_on": attempts[0]["judged_on"], "attempts": attempts,
+                    "chosen": chosen, "criterion": "images lost versus the reference (gains are not credited), "
+                                                   "and top-1 agreement at least the format's verify threshold"}
         if chosen is None:
             decision["note"] = ("no int8 variant met the budget" +
                                 ("" if self.config.train.qat_epochs else "; enable QAT with --qat-epochs N"))
@@ -338,6 +393,33 @@ class _Exporter:
         self.manifest["int8_selection"] = decision
         write_json(self.run / MANIFEST, self.manifest)
         return decision
+
+
+JUDGE_TRAIN_IMAGES = 2000
+"""At most this many calibration-free training images join validation to judge int8 variants."""
+
+
+def predict_pixels_keras(model, pixels: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+    """The Keras model's probabilities for uint8 pixels, in batches (bounded memory per call)."""
+    out = [model(pixels[i:i + batch_size].astype(np.float32), training=False).numpy()
+           for i in range(0, len(pixels), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, model.output_shape[-1]), np.float32)
+
+
+def budget_failure(manifest: dict) -> str | None:
+    """The message for a missed ``--int8-budget`` (None when met or not asked for)."""
+    decision = manifest.get("int8_selection")
+    if not decision or decision.get("chosen"):
+        return None
+    rows = "\n  ".join(f"{a['format']}: lost {a['images_lost']} of {a['images']} images "
+                       f"({a['loss_points']:.2f} points, 95% CI {a['loss_ci95_points'][0]:.2f}-"
+                       f"{a['loss_ci95_points'][1]:.2f}), agreement {a['top1_agreement']:.4f}"
+                       for a in decision["attempts"])
+    return (f"no int8 variant met `--int8-budget {decision['budget_points']}` "
+            f"(judged on {decision['judged_on']}):\n  {rows}\n"
+            + ("Enable quantization-aware training with `--qat-epochs N`, raise `[export] calibration_images`, "
+               "or ship a float16 / dynamic-range export.")
+            )
 
 
 def export_run(run: str | Path, *, formats: tuple[str, ...] | str | None = None, progress: bool = True) -> dict:
@@ -384,13 +466,27 @@ def load_run_splits(run: Path, manifest: dict) -> Splits:
 
 
 def format_table(report: dict, manifest: dict) -> str:
-    """The run's short table from a verify report: format, size, test accuracy, agreement, verdict."""
-    lines = [f"{'format':<22} {'size (MB)':>9} {'test acc':>9} {'agreement':>9}  verify"]
-    lines.append(f"{'keras (reference)':<22} {'':>9} {report['reference_accuracy']:>9.4f} {'':>9}")
+    """The run's table from a verify report: size, test accuracy, change and agreement with 95% intervals."""
+    header = (f"{'format':<22} {'size (MB)':>9} {'test acc':>8} {'change (points) [95% CI]':>26} "
+              f"{'agreement [95% CI]':>25}  verify")
+    lines = [header]
+    low, high = report.get("reference_accuracy_ci95") or (None, None)
+    ci = f"[{low:.3f}, {high:.3f}]" if low is not None else ""
+    lines.append(f"{'keras (reference)':<22} {'':>9} {report['reference_accuracy']:>8.4f} {ci:>26}")
     for fmt, row in report["formats"].items():
-        size = manifest["artifacts"].get(fmt, {}).get("bytes")
+        size = manifest.get("artifacts", {}).get(fmt, {}).get("bytes")
         acc, agree = row.get("accuracy"), row.get("top1_agreement")
+        change = ""
+        if row.get("accuracy_change_points") is not None:
+            c_low, c_high = row["accuracy_change_ci95_points"]
+            change = f"{row['accuracy_change_points']:+.2f} [{c_low:+.2f}, {c_high:+.2f}]"
+        agreement = ""
+        if agree is not None:
+            a_low, a_high = row["top1_agreement_ci95"]
+            agreement = f"{agree:.4f} [{a_low:.3f}, {a_high:.3f}]"
         lines.append(f"{fmt:<22} {'' if size is None else f'{size / 1e6:.2f}':>9} "
-                     f"{'' if acc is None else f'{acc:.4f}':>9} {'' if agree is None else f'{agree:.4f}':>9}  "
+                     f"{'' if acc is None else f'{acc:.4f}':>8} {change:>26} {agreement:>25}  "
                      f"{'pass' if row['passed'] else 'FAIL'}")
+    lines.append(f"({report['images']} test images; change and agreement are against the Keras reference "
+                 "on the same images)")
     return "\n".join(lines)

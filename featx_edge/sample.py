@@ -1,13 +1,15 @@
 """The built-in sample dataset: real handwritten digits that ship with scikit-learn.
 
 scikit-learn's ``load_digits`` holds 1,797 real 8x8 grayscale scans of handwritten digits
-(UCI ML hand-written digits). They are written as 32x32 grayscale PNG files in two parts:
+(UCI ML hand-written digits). They are written as 32x32 grayscale PNG files, dark ink on
+white paper as they were scanned, in three parts:
 
+- ``all/``: all ten digits (``--data sample``): the demo task for an ImageNet backbone;
 - ``source/``: digits 0-4, for pretraining a backbone from scratch (``featx-edge pretrain``);
-- ``target/``: digits 5-9, the transfer task (``--data sample``).
+- ``target/``: digits 5-9, a transfer task for a backbone pretrained on ``source``.
 
-The two parts share no class, so a model that classifies ``target`` well with a frozen
-backbone pretrained on ``source`` shows that the features transfer.
+``source`` and ``target`` share no class, so a model that classifies ``target`` well with a
+frozen backbone pretrained on ``source`` shows that the features transfer.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from PIL import Image
 SOURCE_DIGITS = (0, 1, 2, 3, 4)
 TARGET_DIGITS = (5, 6, 7, 8, 9)
 SAMPLE_SIZE = 32
-_MARKER = ".featx-edge-sample-v1"
+_MARKER = ".featx-edge-sample-v2"
+_OLD_MARKERS = (".featx-edge-sample-v1",)  # earlier layouts of our own cache: rewritten
 
 
 def default_sample_dir() -> Path:
@@ -46,6 +49,8 @@ def write_sample_data(out_dir: str | Path) -> Path:
     out_dir = Path(out_dir).expanduser()
     if (out_dir / _MARKER).exists():
         return out_dir
+    if any((out_dir / old).exists() for old in _OLD_MARKERS):
+        shutil.rmtree(out_dir)  # our own copy in an older layout (no `all/`): write it anew
     if out_dir.exists() and any(out_dir.iterdir()):
         from featx_edge.errors import DataError
 
@@ -60,14 +65,15 @@ def write_sample_data(out_dir: str | Path) -> Path:
         for image, target in zip(digits.images, digits.target):
             target = int(target)
             part = "source" if target in SOURCE_DIGITS else "target"
-            folder = tmp / part / f"digit_{target}"
-            folder.mkdir(parents=True, exist_ok=True)
             counters[target] = counters.get(target, 0) + 1
-            # 0..16 ink levels -> 0..255; upsampled so the files look like small scans.
-            pixels = np.clip(image * (255.0 / 16.0), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).resize(
-                (SAMPLE_SIZE, SAMPLE_SIZE), resample=Image.Resampling.BICUBIC
-            ).save(folder / f"{counters[target]:04d}.png")
+            # 0..16 ink levels -> dark ink on white paper, as the forms were scanned; upsampled so
+            # the files look like small scans. (White ink on black, scikit-learn's display
+            # convention, is a much harder case for int8: see README "int8".)
+            pixels = (255 - np.clip(np.round(image * (255.0 / 16.0)), 0, 255)).astype(np.uint8)
+            scan = Image.fromarray(pixels).resize((SAMPLE_SIZE, SAMPLE_SIZE), resample=Image.Resampling.BICUBIC)
+            for folder in (tmp / part / f"digit_{target}", tmp / "all" / f"digit_{target}"):
+                folder.mkdir(parents=True, exist_ok=True)
+                scan.save(folder / f"{counters[target]:04d}.png")
         (tmp / _MARKER).write_text("scikit-learn load_digits\n", encoding="utf-8")
         if out_dir.exists():
             out_dir.rmdir()
@@ -78,8 +84,19 @@ def write_sample_data(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def resolve_data(path: str, *, part: str = "target") -> Path:
-    """Map ``"sample"`` to the materialised sample part; any other value is a folder path."""
-    if path == "sample":
+SAMPLE_PARTS = ("all", "source", "target")
+
+
+def resolve_data(path: str, *, part: str = "all") -> Path:
+    """Map ``"sample"`` (its ``part``) or ``"sample:PART"`` to the materialised sample data;
+    any other value is a folder path."""
+    if path == "sample" or path.startswith("sample:"):
+        if path.startswith("sample:"):
+            part = path.split(":", 1)[1]
+        if part not in SAMPLE_PARTS:
+            from featx_edge.errors import DataError
+
+            raise DataError(f"`--data {path}`: the sample data has the parts {', '.join(SAMPLE_PARTS)}; "
+                            f"use e.g. `--data sample:target`.")
         return write_sample_data(default_sample_dir()) / part
     return Path(path).expanduser()

@@ -16,6 +16,7 @@ import numpy as np
 
 from featx_edge.errors import ConfigError, ModelFileError, VerificationError
 from featx_edge.formats import ALL_FORMATS, check_format
+from featx_edge.intervals import paired_difference, wilson
 from featx_edge.rundir import VERIFY, read_manifest, sha256_file, write_json
 
 
@@ -84,14 +85,26 @@ def compare(probs: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dic
     signal = float(np.sum(reference.astype(np.float64) ** 2))
     norms = np.linalg.norm(probs, axis=1) * np.linalg.norm(reference, axis=1)
     cosine = np.sum(probs.astype(np.float64) * reference, axis=1) / np.maximum(norms, 1e-12)
-    accuracy = float(np.mean(probs.argmax(1) == labels))
-    reference_accuracy = float(np.mean(reference.argmax(1) == labels))
+    n = len(labels)
+    right = probs.argmax(1) == labels
+    reference_right = reference.argmax(1) == labels
+    agree = int(np.sum(probs.argmax(1) == reference.argmax(1)))
+    gained, lost = int(np.sum(right & ~reference_right)), int(np.sum(~right & reference_right))
+    accuracy = float(np.mean(right)) if n else 0.0
+    reference_accuracy = float(np.mean(reference_right)) if n else 0.0
+    change_low, change_high = paired_difference(gained, lost, n)
     return {
-        "images": len(labels),
+        "images": n,
         "accuracy": accuracy,
+        "accuracy_ci95": list(wilson(int(np.sum(right)), n)),
         "reference_accuracy": reference_accuracy,
         "accuracy_change_points": 100.0 * (accuracy - reference_accuracy),
-        "top1_agreement": float(np.mean(probs.argmax(1) == reference.argmax(1))),
+        "accuracy_change_ci95_points": [100.0 * change_low, 100.0 * change_high],
+        "images_gained": gained,
+        "images_lost": lost,
+        "top1_agreement": agree / n if n else 1.0,
+        "top1_agreement_ci95": list(wilson(agree, n)),
+        "disagreements": n - agree,
         "max_abs_diff": float(delta.max()) if delta.size else 0.0,
         "mean_abs_diff": float(delta.mean()) if delta.size else 0.0,
         "cosine_similarity": float(cosine.mean()) if cosine.size else 1.0,
@@ -123,6 +136,7 @@ def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
     """
     from featx_edge.data import load_images
     from featx_edge.export.tflite import integer_report
+    from featx_edge.macs import onnx_quantization_report
     from featx_edge.pipeline import load_reference, load_run_splits
     from featx_edge.runtime import load
     from featx_edge.runtime.metadata import read_tflite
@@ -141,8 +155,11 @@ def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
     pixels = load_images(splits.root, splits.test, size=size)
     labels = splits.labels("test")
     reference = load_reference(run, manifest).model(pixels.astype(np.float32), training=False).numpy()
-    report: dict = {"run": str(run), "images": len(labels), "reference_accuracy":
-                    float(np.mean(reference.argmax(1) == labels)), "formats": {}}
+    reference_right = int(np.sum(reference.argmax(1) == labels))
+    report: dict = {"run": str(run), "images": len(labels),
+                    "reference_accuracy": reference_right / max(len(labels), 1),
+                    "reference_accuracy_ci95": list(wilson(reference_right, len(labels))),
+                    "reference_sha256": manifest["reference"]["sha256"], "formats": {}}
     failures: list[str] = []
     for fmt in formats:
         limits = thresholds_for(fmt, overrides)
@@ -152,6 +169,9 @@ def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
         if not problems:
             t0 = time.perf_counter()
             path = run / artifacts[fmt]["path"]
+            # What was measured, so a later reader (bench, report) can tell a stale entry.
+            entry["sha256"] = artifacts[fmt]["sha256"]
+            entry["compared_with"] = f"the run's float Keras reference ({manifest['reference']['path']})"
             try:
                 predictor = load(path)
                 if predictor.labels != manifest["labels"]:
@@ -165,6 +185,9 @@ def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
                     if fmt == "tflite-int8" and (entry["integer"]["float_tensors"]
                                                  or entry["integer"]["input_dtype"] not in ("uint8", "int8")):
                         problems.append("not integer-only: " + str(entry["integer"]["float_tensors"][:3]))
+                if fmt == "onnx-int8":
+                    entry["integer"] = onnx_quantization_report(path)
+                    problems += _onnx_int8_problems(entry["integer"])
             except (ModelFileError, VerificationError) as err:
                 problems.append(str(err))
             entry["seconds"] = round(time.perf_counter() - t0, 3)
@@ -174,15 +197,32 @@ def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
         if progress:
             status = "PASS" if not problems else "FAIL: " + "; ".join(problems)
             agree = entry.get("top1_agreement")
-            print(f"{fmt:<22} {'' if agree is None else f'agreement {agree:.4f} '}{status}", flush=True)
+            shown = "" if agree is None else (f"agreement {agree:.4f} [{entry['top1_agreement_ci95'][0]:.3f}, "
+                                              f"{entry['top1_agreement_ci95'][1]:.3f}] ")
+            print(f"{fmt:<22} {shown}{status}", flush=True)
     report["passed"] = not failures
     write_json(run / VERIFY, report)
     if failures:
+        remedy = ""
+        if any(f.split(":")[0] in ("tflite-int8", "onnx-int8") for f in failures):
+            remedy = (f"\nFor int8: try `featx-edge export {run} --int8-budget 1.0` (tries the selective and, with "
+                      "`--qat-epochs N`, the QAT variants and keeps the first within budget), more calibration "
+                      "images (`[export] calibration_images`), or accept a looser limit knowingly with "
+                      "`--threshold FORMAT.METRIC=VALUE`.")
         raise VerificationError(
             f"{len(failures)} check(s) failed on {len(labels)} test images (details in {run / VERIFY}):\n  "
-            + "\n  ".join(failures)
+            + "\n  ".join(failures) + remedy
         )
     return report
+
+
+def _onnx_int8_problems(report: dict) -> list[str]:
+    """An ``onnx-int8`` file must really compute in int8 (QDQ pairs or integer ops)."""
+    if not (report["quantize_nodes"] and report["dequantize_nodes"]) and not report["integer_ops"]:
+        return ["not quantized: no QuantizeLinear/DequantizeLinear pairs and no integer ops in the graph"]
+    if not report["int8_mac_share"]:
+        return ["not quantized: none of the convolutions or matrix products has int8 inputs and weights"]
+    return []
 
 
 def _ordered(artifacts: dict) -> list[str]:

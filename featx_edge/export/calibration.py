@@ -14,8 +14,13 @@ import numpy as np
 from featx_edge.data import load_images
 
 
-def calibration_images(root: Path, train: Sequence[str], *, size: int, count: int, seed: int) -> np.ndarray:
-    """Up to ``count`` training images (seeded choice), uint8 (N, size, size, 3)."""
+def calibration_files(train: Sequence[str], *, count: int, seed: int) -> list[str]:
+    """The training images int8 calibration uses: up to ``count``, a seeded choice."""
     rng = np.random.default_rng([seed, 7])
     chosen = sorted(rng.choice(len(train), size=min(count, len(train)), replace=False))
-    return load_images(root, [train[i] for i in chosen], size=size)
+    return [train[i] for i in chosen]
+
+
+def calibration_images(root: Path, train: Sequence[str], *, size: int, count: int, seed: int) -> np.ndarray:
+    """Up to ``count`` training images (seeded choice), uint8 (N, size, size, 3)."""
+    return load_images(root, calibration_files(train, count=count, seed=seed), size=size)
