@@ -136,9 +136,42 @@ def qat_model(model, *, trainable: tuple[str, ...] | None = None):
     if trainable is not None:
         for layer in qat.layers:
             # tfmot wraps each layer as `quant_<name>`; the wrapped layer keeps its own name.
-            name = layer.layer.name if hasattr(layer, "layer") else layer.name
-            layer.trainable = name in trainable
+            # A frozen inner BatchNormalization runs in inference mode during training.
+            inner = getattr(layer, "layer", layer)
+            inner.trainable = layer.trainable = inner.name in trainable
     return qat
+
+
+def trainable_variables(qat, trainable: tuple[str, ...]) -> list:
+    """The QAT model's variables that belong to the ``trainable`` layers.
+
+    tfmot's wrappers list their layer's kernel as trainable whatever the layer's flag says, so
+    ``fit`` would train the frozen backbone too; train these variables explicitly instead.
+    """
+    return [v for v in qat.trainable_variables if v.name.split("/")[0].removeprefix("quant_") in trainable]
+
+
+def fit_variables(model, sequence, *, variables: list, epochs: int, learning_rate: float) -> dict:
+    """Adam on sparse categorical cross-entropy, updating only ``variables``; returns the loss per epoch."""
+    from featx_edge._tf import import_tf
+
+    tf, keras = import_tf()
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return loss
+
+    history = []
+    for _ in range(epochs):
+        losses = [float(step(*sequence[i])) for i in range(len(sequence))]
+        sequence.on_epoch_end()
+        history.append(float(np.mean(losses)))
+    return {"loss": history}
 
 
 def int8_features(feature_model, batches, *, size: int, calibration: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -164,3 +197,4 @@ def int8_features(feature_model, batches, *, size: int, calibration: np.ndarray)
     out = [backend.run(batch) for batch in batches]
     features = np.concatenate(out) if out else np.zeros((0, feature_model.output_shape[-1]), np.float32)
     return features, {"images": len(features), "conversion_seconds": round(seconds, 2)}
+

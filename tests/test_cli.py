@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import numpy as np
+
 from featx_edge.cli import main
 
 
@@ -51,10 +53,16 @@ def test_sample_data_writes_real_digits(tmp_path, capsys):
     source = sorted(p.name for p in (tmp_path / "digits" / "source").iterdir())
     target = sorted(p.name for p in (tmp_path / "digits" / "target").iterdir())
     assert source == [f"digit_{d}" for d in range(5)] and target == [f"digit_{d}" for d in range(5, 10)]
-    files = list((tmp_path / "digits").rglob("*.png"))
+    every = sorted(p.name for p in (tmp_path / "digits" / "all").iterdir())
+    assert every == [f"digit_{d}" for d in range(10)]
+    files = list((tmp_path / "digits" / "all").rglob("*.png"))
     assert len(files) == 1797  # every scan scikit-learn ships
+    parts = list((tmp_path / "digits" / "source").rglob("*.png")) + list((tmp_path / "digits" / "target").rglob("*.png"))
+    assert len(parts) == 1797
     with Image.open(files[0]) as img:
         assert img.size == (32, 32) and img.mode == "L"
+        pixels = np.asarray(img)
+    assert np.median(pixels) > 200 and pixels.min() < 100  # dark ink on white paper, as scanned
     # Re-running on a complete copy is a no-op; a non-empty foreign folder is refused.
     assert main(["sample-data", str(tmp_path / "digits")]) == 0
     (tmp_path / "other").mkdir()

@@ -36,7 +36,8 @@ def test_preprocessing_is_inside_the_graph():
     _, keras = import_tf()
     x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     for name, preprocess in (("mobilenet_v2", keras.applications.mobilenet_v2.preprocess_input),
-                             ("vgg16", keras.applications.vgg16.preprocess_input)):
+                             ("vgg16", keras.applications.vgg16.preprocess_input),
+                             ("efficientnet_lite0", lambda v: (v - 127.0) / 128.0)):
         spec = get_backbone(name)
         alpha = 0.35 if spec.has_alpha else None
         clf = build_classifier(num_classes=2, config=ModelConfig(backbone=name, alpha=alpha, image_size=32,

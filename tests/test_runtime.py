@@ -21,7 +21,7 @@ def test_every_input_kind_gives_the_same_answer(trained_run, sample_root, fmt):
     from featx_edge.runtime import load
 
     predictor = load(_model(trained_run, fmt))
-    path = min((sample_root / "target" / "digit_7").glob("*.png"))
+    path = min((sample_root / "all" / "digit_7").glob("*.png"))
     gray = Image.open(path)  # 32x32 grayscale file; the model wants 64x64 RGB
     rgb_array = np.asarray(gray.convert("RGB"))
     inputs = [path, str(path), gray, gray.convert("RGBA"), gray.convert("P"), np.asarray(gray), rgb_array]
@@ -37,15 +37,18 @@ def test_predictions_match_the_reference_on_the_test_split(trained_run):
     """Runtime probabilities match the Keras model on held-out images (float32: tight)."""
     from featx_edge.data import load_images, load_splits
     from featx_edge.pipeline import load_reference
+    from featx_edge.rundir import read_manifest
     from featx_edge.runtime import load
 
     splits = load_splits(trained_run / "splits.json")
-    pixels = load_images(splits.root, splits.test, size=64)
+    pixels = load_images(splits.root, splits.test, size=read_manifest(trained_run)["input"]["height"])
     reference = load_reference(trained_run).model(pixels.astype(np.float32)).numpy()
-    # (format, max |dprob| bound, mean |dprob| bound, top-1 agreement bound)
+    # (format, max |dprob| bound, mean |dprob| bound, top-1 agreement bound). Measured on x86-64
+    # (Zen 4): mean |dprob| 1.7e-4 float16, 1.9e-3 dynamic, 4.4e-3 int8; the bounds leave room
+    # for other CPUs' int8 kernels, and the agreement bounds are verify's default gates.
     for fmt, max_d, mean_d, agree in (("tflite-float32", 1e-4, 1e-5, 1.0), ("onnx-float32", 1e-4, 1e-5, 1.0),
-                                      ("tflite-float16", 0.05, 5e-3, 0.97), ("tflite-dynamic", 0.5, 0.03, 0.9),
-                                      ("tflite-int8", 1.0, 0.05, 0.85)):
+                                      ("tflite-float16", 0.05, 1e-3, 0.98), ("tflite-dynamic", 0.6, 0.01, 0.97),
+                                      ("tflite-int8", 0.8, 0.015, 0.97)):
         probs = load(_model(trained_run, fmt)).predict_pixels(pixels)
         delta = np.abs(probs - reference)
         assert delta.max() <= max_d and delta.mean() <= mean_d, fmt
@@ -54,7 +57,7 @@ def test_predictions_match_the_reference_on_the_test_split(trained_run):
 
 def test_runtime_imports_no_tensorflow(trained_run, sample_root):
     """In a fresh interpreter where TF, Keras, tf2onnx and onnx cannot be imported, predict works."""
-    image = min((sample_root / "target" / "digit_5").glob("*.png"))
+    image = min((sample_root / "all" / "digit_5").glob("*.png"))
     code = BLOCK_TENSORFLOW + f"""
 import featx_edge.runtime as rt
 for path in {[str(_model(trained_run, f)) for f in MODELS]!r}:

@@ -51,27 +51,19 @@ def test_threshold_overrides():
         parse_threshold("tflite-int8.min_agree=0.9")
 
 
-def test_float_exports_pass_default_thresholds(trained_run):
+def test_every_export_passes_default_thresholds_on_an_imagenet_backbone(trained_run):
+    """The main run's exports, int8 included, meet the DEFAULT gate; nothing was loosened."""
     from featx_edge.rundir import read_manifest
 
-    recorded = read_manifest(trained_run)["config"]["verify"]  # the fixture's [verify.*] tables
-    assert recorded["tflite-int8"]["min_agreement"] == 0.8 and "tflite-float32" not in recorded
+    assert read_manifest(trained_run)["config"]["verify"] == {}
     report = json.loads((trained_run / "verify.json").read_text())
     assert report["passed"], report
-    for fmt in ("tflite-float32", "onnx-float32", "tflite-float16"):
-        row = report["formats"][fmt]
-        assert row["thresholds"] == dataclasses.asdict(thresholds_for(fmt)), "defaults, not loosened"
-        assert row["passed"] and row["top1_agreement"] >= thresholds_for(fmt).min_agreement
-    for row in report["formats"].values():
-        assert row["images"] == report["images"] > 0
-
-
-def test_int8_meets_default_thresholds_on_a_locally_pretrained_backbone(indomain_run):
-    report = json.loads((indomain_run / "verify.json").read_text())
-    for fmt in ("tflite-int8", "onnx-int8"):
-        row = report["formats"][fmt]
-        assert row["thresholds"] == dataclasses.asdict(thresholds_for(fmt))
-        assert row["passed"] and row["top1_agreement"] >= 0.97 and -row["accuracy_change_points"] <= 1.0, row
+    for fmt, row in report["formats"].items():
+        limits = thresholds_for(fmt)
+        assert row["thresholds"] == dataclasses.asdict(limits), "defaults, not loosened"
+        assert row["passed"] and row["top1_agreement"] >= limits.min_agreement, (fmt, row)
+        assert -row["accuracy_change_points"] <= limits.max_accuracy_drop + 1e-9, (fmt, row)
+        assert row["images"] == report["images"] >= 250  # all ten digits: enough to resolve a few points
     integer = report["formats"]["tflite-int8"]["integer"]
     assert integer["float_tensors"] == [] and integer["input_dtype"] == "uint8"
     assert {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "QUANTIZE"} <= set(integer["op_types"])
@@ -119,7 +111,8 @@ def test_verify_catches_swapped_truncated_and_perturbed_models(run_copy, capsys)
     msg = str(err.value)
     assert "tflite-float16: " in msg and "truncated or replaced" in msg  # size differs: caught first
     assert "onnx-float32: " in msg and "truncated" in msg
-    assert "onnx-int8: top-1 agreement" in msg and "< 0.8" in msg  # the run's recorded [verify] threshold
+    assert "onnx-int8: top-1 agreement" in msg and "< 0.97" in msg  # the default threshold
+    assert "onnx-int8: not quantized" in msg  # a float graph recorded as onnx-int8
     report = json.loads((run_copy / "verify.json").read_text())
     failing = {fmt for fmt, row in report["formats"].items() if not row["passed"]}
     assert failing == {"tflite-float16", "onnx-float32", "onnx-int8"} and not report["passed"]
@@ -146,13 +139,3 @@ def test_verify_threshold_override_from_cli(run_copy, capsys):
                "--threshold", "tflite-float16.max_abs_diff=0"])
     assert rc == 2
     assert "tflite-float16: max |dprob|" in capsys.readouterr().err
-
-
-def test_indomain_test_images_were_never_trained_on(indomain_run, pretrained):
-    """The in-domain run's test split is exactly the split `pretrain` held out."""
-    from featx_edge.data import load_splits
-
-    info = json.loads(pretrained.with_name(pretrained.name + ".json").read_text())
-    assert info["classes"] == [f"digit_{d}" for d in range(5)]
-    splits = load_splits(indomain_run / "splits.json")
-    assert set(splits.test) == set(info["test_files"])
