@@ -99,9 +99,6 @@ class TrainConfig:
         mixed_precision: float16 compute on a GPU host.
         qat_epochs: quantization-aware training epochs for tflite-int8-qat (0: no QAT).
         qat_learning_rate: learning rate of quantization-aware training.
-        int8_aware_head: when an int8 format will be exported, train the head on the int8
-            backbone's features of each training image as well as the float ones (the backbone
-            is unchanged); int8 exports then agree with the float model on more images.
     """
 
     epochs: int = 10
@@ -113,7 +110,6 @@ class TrainConfig:
     mixed_precision: bool = False
     qat_epochs: int = 0
     qat_learning_rate: float = 1e-4
-    int8_aware_head: bool = True
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "fine_tune_epochs", "unfreeze_top", "qat_epochs"):
@@ -138,6 +134,8 @@ class ExportConfig:
             then the selective variant, then QAT (if ``qat_epochs``) are tried until one fits.
         selective_float_layers: layers kept in float by tflite-int8-selective (worst first).
         reference_images: images whose reference outputs ship next to each model (self-test).
+        bias_correction: convert post-training int8 from a copy of the model whose BatchNorm
+            offsets cancel the mean error of int8 weight rounding (see ``int8.bias_corrected``).
     """
 
     formats: tuple[str, ...] = FORMATS
@@ -146,6 +144,7 @@ class ExportConfig:
     int8_budget: float | None = None
     selective_float_layers: int = 5
     reference_images: int = 8
+    bias_correction: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "formats", parse_formats(self.formats))

@@ -201,3 +201,23 @@ def test_time_calls_stops_on_count_and_time():
     samples, elapsed = time_calls(lambda x: None, [np.zeros(1)], warmup=0, repeats=1, min_seconds=0.05,
                                   max_seconds=5.0)
     assert elapsed >= 0.05 and len(samples) > 1
+
+
+def test_rows_record_the_artifact_and_stale_verify_entries_are_not_reused(benched, tmp_path):
+    from featx_edge.bench import _accuracy_lookup
+    from featx_edge.rundir import read_manifest
+
+    run, report = benched
+    manifest = read_manifest(run)
+    for row in _rows(report, status="ok"):
+        if row["format"] in manifest["artifacts"]:
+            assert row["sha256"] == manifest["artifacts"][row["format"]]["sha256"]
+    per_format, _, _, note = _accuracy_lookup(run, manifest)
+    assert per_format["tflite-int8"] is not None and note is None
+    # The int8 model is re-exported (another checksum) after verify ran: its verify entry is stale.
+    changed = dict(manifest, artifacts=dict(manifest["artifacts"],
+                                            **{"tflite-int8": dict(manifest["artifacts"]["tflite-int8"],
+                                                                   sha256="0" * 64)}))
+    per_format, _, _, note = _accuracy_lookup(run, changed)
+    assert "tflite-int8" not in per_format and "stale for tflite-int8" in note
+    assert per_format["tflite-float32"] is not None

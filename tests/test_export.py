@@ -18,8 +18,6 @@ def test_imagenet_backbone_transfers_to_digits(trained_run):
     assert manifest["training"]["stage1"]["epochs"] == 60
     assert manifest["backbone"]["name"] == "efficientnet_lite0" and manifest["backbone"]["weights"] == "imagenet"
     assert len(manifest["backbone"]["weights_sha256"]) == 64  # the converted file the run used
-    aware = manifest["training"]["int8_aware_head"]
-    assert aware["images"] == manifest["data"]["counts"]["train"] and 0 < aware["feature_relative_error"] < 1
 
 
 def test_run_directory_contract(trained_run, sample_root):

@@ -49,24 +49,31 @@ def test_qat_exports_an_integer_model(int8_run):
     assert report["input_dtype"] == "uint8" and report["float_tensors"] == []
     assert meta["quantization"]["method"] == "tfmot quantization-aware training"
     assert meta["quantization"]["trained_layers"] == ["head_dense", "probabilities"]
-    assert main(["verify", str(int8_run), "--formats", "tflite-int8-qat", "--quiet"]) == 2  # see below
+    main(["verify", str(int8_run), "--formats", "tflite-int8-qat", "--quiet"])
     row = json.loads((int8_run / "verify.json").read_text())["formats"]["tflite-int8-qat"]
     # The backbone stayed frozen, so QAT's int8 model is still the run's model: it is compared
-    # with the run's reference.
+    # with the run's reference, and stays close to it. (Before its activation ranges were
+    # initialised from calibration, a short QAT on EfficientNet-Lite agreed on 8% of images.)
     assert "float Keras reference" in row["compared_with"]
-    assert not row["passed"] and row["top1_agreement"] < 0.5, row
+    assert row["top1_agreement"] >= 0.95, row
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: tfmot's fake-quant ranges start at [-6, 6] and move by an "
-                                       "EMA of decay 0.999, so EfficientNet-Lite's linear bottlenecks (values "
-                                       "up to +-50) stay clipped after a short QAT; the QAT model is noise")
-def test_qat_stays_close_to_its_float_twin(trained_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    main(["export", str(run), "--formats", "tflite-int8-qat", "--qat-epochs", "1", "--quiet"])
-    main(["verify", str(run), "--formats", "tflite-int8-qat", "--quiet"])
-    row = json.loads((run / "verify.json").read_text())["formats"]["tflite-int8-qat"]
-    assert row["top1_agreement"] >= 0.97, row
+def test_qat_ranges_start_at_the_float_models(trained_run):
+    from featx_edge.export.calibration import calibration_images
+    from featx_edge.int8 import init_qat_ranges, qat_model
+    from featx_edge.pipeline import load_reference, load_run_splits, predict_pixels_keras
+
+    clf = load_reference(trained_run)
+    splits = load_run_splits(trained_run, read_manifest(trained_run))
+    calibration = calibration_images(splits.root, splits.train, size=96, count=64, seed=0)
+    qat = qat_model(clf.model, trainable=("head_dense", "probabilities"))
+    assert init_qat_ranges(qat, clf.model, calibration=calibration) > 50
+    bottleneck = qat.get_layer("quant_block0_project_bn")
+    high = max(float(v.numpy()) for v in bottleneck.weights if v.name.endswith("output_max:0"))
+    assert high > 6.0  # tfmot's default would clip this linear bottleneck at 6
+    pixels = calibration[:32]
+    agree = np.mean(predict_pixels_keras(qat, pixels).argmax(1) == predict_pixels_keras(clf.model, pixels).argmax(1))
+    assert agree >= 0.9, agree  # fake-quant model = float model + rounding, before any training
 
 
 def test_qat_keeps_the_backbone_frozen():
@@ -143,3 +150,37 @@ def test_budget_validation():
     with pytest.raises(ConfigError, match="int8_budget"):
         ExportConfig(int8_budget=-1.0)
     assert np.isclose(ExportConfig(int8_budget=0.5).int8_budget, 0.5)
+
+
+def test_bias_correction_shrinks_the_int8_feature_error(trained_run):
+    """On the main run, the backbone's int8 features are measurably closer to the float ones when
+    converted from the bias-corrected copy (measured on Zen 4: 15.5% -> 10.4% relative error)."""
+    from featx_edge._tf import import_tf
+    from featx_edge.data import load_images
+    from featx_edge.export.calibration import calibration_images
+    from featx_edge.export.tflite import TFLiteQuantization, convert
+    from featx_edge.int8 import bias_corrected
+    from featx_edge.pipeline import load_reference, load_run_splits, predict_pixels_keras
+    from featx_edge.runtime.backends import LiteRTBackend
+
+    _, keras = import_tf()
+    clf = load_reference(trained_run)
+    splits = load_run_splits(trained_run, read_manifest(trained_run))
+    calibration = calibration_images(splits.root, splits.train, size=96, count=200, seed=0)
+    test = load_images(splits.root, splits.test, size=96)
+    corrected, info = bias_corrected(clf.model, calibration=calibration)
+    assert info["layers"] == 49  # every conv + BatchNorm pair of EfficientNet-Lite0
+    reference = predict_pixels_keras(clf.feature_model, test)
+
+    def int8_error(model) -> float:
+        features = keras.Model(model.input, model.get_layer("features").output)
+        flatbuffer = convert(features, size=96, quantization=TFLiteQuantization.for_int8(), calibration=calibration)
+        out = LiteRTBackend(flatbuffer).run(test)
+        return float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
+
+    plain, fixed = int8_error(clf.model), int8_error(corrected)
+    assert fixed < 0.85 * plain, (plain, fixed)
+    # The correction only moves BatchNorm offsets: kernels are untouched.
+    for a, b in zip(clf.model.layers, corrected.layers):
+        if a.name.endswith("conv"):
+            np.testing.assert_array_equal(a.get_weights()[0], b.get_weights()[0])

@@ -114,3 +114,28 @@ def test_weights_path_errors(tmp_path):
 def test_registry_lookup_error():
     with pytest.raises(ConfigError, match="featx-edge backbones"):
         get_backbone("resnet")
+
+
+def test_imagenet_lite0_features_transfer_far_above_a_random_backbone(sample_root):
+    """Frozen features + a linear head on the sample digits: the converted ImageNet weights carry
+    real features; the same network with random weights does not."""
+    from sklearn.linear_model import LogisticRegression
+
+    from featx_edge.data import load_images, scan_folder, split_folder
+    from featx_edge.pipeline import predict_pixels_keras
+
+    spec = get_backbone("efficientnet_lite0")
+    splits = split_folder(scan_folder(sample_root / "all"), val_fraction=0.1, test_fraction=0.2, seed=0)
+    train, test = splits.train[:800], splits.test[:300]
+    y_train = splits.labels("train")[:800]
+    y_test = splits.labels("test")[:300]
+    x_train, x_test = load_images(splits.root, train, size=96), load_images(splits.root, test, size=96)
+    scores = {}
+    for weights in ("imagenet", "none"):
+        cfg = ModelConfig(backbone="efficientnet_lite0", image_size=96, weights=weights)
+        clf = build_classifier(num_classes=10, config=cfg, seed=0,
+                               weights_file=resolve_weights(spec, weights=weights, alpha=None, size=96))
+        head = LogisticRegression(max_iter=2000).fit(predict_pixels_keras(clf.feature_model, x_train), y_train)
+        scores[weights] = head.score(predict_pixels_keras(clf.feature_model, x_test), y_test)
+    # Measured (Zen 4): 0.81 against 0.12 (chance 0.10) with a plain logistic regression.
+    assert scores["imagenet"] >= 0.75 and scores["imagenet"] >= scores["none"] + 0.4, scores

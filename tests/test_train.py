@@ -41,3 +41,22 @@ def test_cached_feature_head_equals_graph_trained_head(sample_root, pretrained):
     # The frozen backbone did not move in either path.
     for a, b in zip(cached.feature_model.get_weights(), graph.feature_model.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_fine_tune_stage_reports_what_it_changed_on_validation(tmp_path, capsys):
+    """Stage 2 runs end to end and the run records (and prints) its validation change."""
+    from conftest import make_class_folder
+
+    from featx_edge.cli import main
+    from featx_edge.rundir import read_manifest
+
+    root = make_class_folder(tmp_path / "data", {"a": 12, "b": 12}, size=40)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--out", str(run), "--backbone", "mobilenet_v2", "--alpha", "0.35",
+                 "--image-size", "32", "--weights", "none", "--epochs", "2", "--fine-tune-epochs", "1",
+                 "--unfreeze-top", "10"]) == 0
+    training = read_manifest(run)["training"]
+    assert training["stage2"]["epochs"] == 1 and training["stage2"]["unfrozen_layers_with_weights"] > 0
+    expected = 100 * (training["val_accuracy"] - training["stage1_val_accuracy"])
+    assert abs(training["stage2_val_gain_points"] - expected) < 1e-9
+    assert "stage 2 changed validation accuracy by" in capsys.readouterr().out
