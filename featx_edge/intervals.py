@@ -24,7 +24,10 @@ def wilson(successes: int, n: int, *, z: float = Z95) -> tuple[float, float]:
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At 0 or n the bound is exactly 0 or 1 (floating point would leave ~1e-17).
+    low = 0.0 if successes <= 0 else max(0.0, centre - half)
+    high = 1.0 if successes >= n else min(1.0, centre + half)
+    return low, high
 
 
 def paired_difference(gained: int, lost: int, n: int, *, z: float = Z95) -> tuple[float, float]:

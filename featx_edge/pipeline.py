@@ -52,7 +52,8 @@ def train_run(config: RunConfig, out: str | Path, *, progress: bool = True) -> d
     Example:
         >>> from featx_edge.config import RunConfig, DataConfig, ModelConfig
         >>> cfg = RunConfig(data=DataConfig(path="sample"),
-        ...                 model=ModelConfig(alpha=0.35, image_size=96, weights="pretrained.h5"))
+        ...                 model=ModelConfig(backbone="mobilenet_v2", alpha=0.35, image_size=96,
+        ...                                   weights="pretrained.h5"))
         >>> manifest = train_run(cfg, "runs/demo")  # doctest: +SKIP
     """
     from featx_edge.model import build_classifier, unfreeze_top

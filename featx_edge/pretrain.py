@@ -42,7 +42,7 @@ def pretrain(*, data: str, out: str | Path, model: ModelConfig, train: TrainConf
 
     Example:
         >>> pretrain(data="sample", out="pretrained.h5", seed=0,  # doctest: +SKIP
-        ...          model=ModelConfig(alpha=0.35, image_size=96, weights="none"), train=TrainConfig(epochs=8))
+        ...          model=ModelConfig(backbone="mobilenet_v2", alpha=0.35, image_size=96, weights="none"), train=TrainConfig(epochs=8))
     """
     from featx_edge._tf import import_tf
     from featx_edge.model import build_backbone, build_classifier

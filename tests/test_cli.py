@@ -31,7 +31,7 @@ def test_bad_backbone_is_a_one_line_error(tmp_path, capsys):
 
 def test_bad_data_folder_fails_before_training(tmp_path, capsys):
     rc = main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"),
-               "--alpha", "0.35", "--image-size", "32", "--weights", "none"])
+               "--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "32", "--weights", "none"])
     assert rc == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -40,7 +40,7 @@ def test_mixed_precision_without_gpu_is_explained(tmp_path, capsys):
     from conftest import make_class_folder
 
     root = make_class_folder(tmp_path / "data", {"a": 4, "b": 4})
-    rc = main(["train", "--data", str(root), "--out", str(tmp_path / "run"), "--alpha", "0.35",
+    rc = main(["train", "--data", str(root), "--out", str(tmp_path / "run"), "--backbone", "mobilenet_v2", "--alpha", "0.35",
                "--image-size", "32", "--weights", "none", "--mixed-precision"])
     err = capsys.readouterr().err
     assert rc == 2 and "needs a GPU" in err

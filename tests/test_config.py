@@ -9,7 +9,7 @@ from featx_edge.formats import FORMATS, artifact_filename, parse_formats
 
 def test_defaults_are_valid_and_frozen():
     cfg = RunConfig()
-    assert cfg.model.backbone == "mobilenet_v2" and cfg.model.alpha == 1.0
+    assert cfg.model.backbone == "efficientnet_lite0" and cfg.model.alpha is None and cfg.model.weights == "imagenet"
     assert cfg.export.formats == FORMATS
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.seed = 3  # type: ignore[misc]
@@ -19,7 +19,7 @@ def test_defaults_are_valid_and_frozen():
     ({"backbone": "mobilenet2"}, "`--backbone` must be one of mobilenet_v2"),
     ({"backbone": "mobilenet_v2", "alpha": 0.6}, "`--alpha` for `mobilenet_v2` must be one of"),
     ({"backbone": "resnet50", "alpha": 0.5}, "has no width multiplier"),
-    ({"image_size": 16}, "`--image-size` for `mobilenet_v2` must be an integer >= 32"),
+    ({"image_size": 16}, "`--image-size` for `efficientnet_lite0` must be an integer >= 32"),
     ({"head_units": -1}, "`head_units` must be an integer >= 0"),
 ])
 def test_model_config_errors_name_the_fix(kwargs, message):

