@@ -182,10 +182,10 @@ def _affine_1x1(keras, inputs, *, scale: float, offset: float):
 
     Why not ``Rescaling``: full-integer TFLite turns it into a MUL and an ADD, each with its
     own int8 range, and the MUL's range came out wider than its values (scale 0.0117 where a
-    pixel step is 0.0078), so two of every three pixel levels merged before the stem; with the
-    stem's BatchNorm gains (up to 54x in EfficientNet-Lite0) that cost 25% relative error in
-    the pooled features and 4 points of int8 agreement (measured). One affine op whose output
-    spans exactly [offset, 255 * scale + offset] maps each pixel level onto one int8 level.
+    pixel step is 0.0078), so about one pixel level in three merged with a neighbour before the
+    stem, whose BatchNorm gains reach 54x in EfficientNet-Lite0. One affine op whose output
+    spans exactly [offset, 255 * scale + offset] maps each pixel level onto one int8 level
+    (measured on one run: tflite-int8 agreement 0.959 -> 0.963; small, but free).
     """
     layer = keras.layers.DepthwiseConv2D(1, use_bias=True, trainable=False, name="featx_preprocess_affine")
     out = layer(inputs)
