@@ -347,10 +347,9 @@ def _positive_ints(name: str, values) -> tuple[int, ...]:
 def _check_artifacts(run: Path, manifest: dict, formats) -> list[str]:
     artifacts = manifest.get("artifacts") or {}
     if formats is None:
-        from featx_edge.formats import FORMATS
+        from featx_edge.formats import ordered
 
-        known = [f for f in FORMATS if f in artifacts]
-        chosen = known + sorted(f for f in artifacts if f not in known)
+        chosen = ordered(artifacts)
         if not chosen:
             raise RunDirError(f"`{run}` has no exported models; run `featx-edge export {run}` first.")
     else:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from featx_edge import __version__
 from featx_edge.errors import FeatxError
+from featx_edge.formats import ONNX_CALIBRATION_METHODS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -41,7 +42,7 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--formats", help="comma-separated formats, or `all` (default: the six standard formats)")
     g.add_argument("--int8-budget", type=float,
                    help="accuracy points int8 may lose on validation; tries int8, selective, then QAT")
-    g.add_argument("--onnx-calibration", choices=("minmax", "percentile", "entropy"),
+    g.add_argument("--onnx-calibration", choices=ONNX_CALIBRATION_METHODS,
                    help="onnxruntime calibration method for onnx-int8 (default percentile)")
 
 
@@ -144,7 +145,7 @@ def _export_overrides(config, args):
 
 
 def _thresholds(args) -> dict:
-    from featx_edge.verify import parse_threshold
+    from featx_edge.formats import parse_threshold
 
     overrides: dict = {}
     for text in args.threshold:
@@ -218,6 +219,7 @@ def _cmd_verify(args) -> int:
 
 def _cmd_run(args) -> int:
     from featx_edge.errors import VerificationError
+    from featx_edge.formats import merge_overrides
     from featx_edge.pipeline import budget_failure, export_run, format_table, train_run
     from featx_edge.rundir import VERIFY, read_manifest
     from featx_edge.verify import verify_run
@@ -226,9 +228,7 @@ def _cmd_run(args) -> int:
     # Parsed before training (a typo must not cost a training run) and recorded with the run,
     # so a later `featx-edge verify RUN` applies the same thresholds.
     overrides = _thresholds(args)
-    merged = {fmt: {**config.verify.get(fmt, {}), **overrides.get(fmt, {})}
-              for fmt in set(config.verify) | set(overrides)}
-    config = dataclasses.replace(config, verify=merged)
+    config = dataclasses.replace(config, verify=merge_overrides(config.verify, overrides))
     train_run(config, args.out, progress=not args.quiet)
     manifest = export_run(args.out, formats=config.export.formats, progress=not args.quiet)
     try:

@@ -14,7 +14,7 @@ from typing import Any
 
 from featx_edge.backbones import get_backbone
 from featx_edge.errors import ConfigError
-from featx_edge.formats import FORMATS, parse_formats
+from featx_edge.formats import FORMATS, ONNX_CALIBRATION_METHODS, parse_formats, parse_threshold
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -158,9 +158,9 @@ class ExportConfig:
             raise ConfigError(
                 f"`selective_float_layers` must be an integer >= 1; received `{self.selective_float_layers}`."
             )
-        if self.onnx_calibration not in ("minmax", "percentile", "entropy"):
+        if self.onnx_calibration not in ONNX_CALIBRATION_METHODS:
             raise ConfigError(
-                "`onnx_calibration` must be one of minmax, percentile, entropy; "
+                f"`onnx_calibration` must be one of {', '.join(ONNX_CALIBRATION_METHODS)}; "
                 f"received `{self.onnx_calibration}`."
             )
 
@@ -170,7 +170,7 @@ class RunConfig:
     """Every setting of a run; recorded in ``manifest.json``.
 
     ``verify`` holds threshold overrides per format, e.g. ``{"tflite-int8": {"min_agreement": 0.95}}``
-    (TOML: ``[verify.tflite-int8]``); see ``featx_edge.verify.Thresholds``.
+    (TOML: ``[verify.tflite-int8]``); see ``featx_edge.formats.Thresholds``.
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -226,8 +226,6 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "config") -> RunConfi
 
 def _verify_overrides(raw: Any, *, source: str) -> dict[str, dict[str, float]]:
     """Validate ``[verify.FORMAT]`` tables of threshold overrides."""
-    from featx_edge.verify import parse_threshold  # numpy only; no TensorFlow
-
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: `verify` must hold tables such as `[verify.tflite-int8]`.")
     out: dict[str, dict[str, float]] = {}

@@ -1,41 +1,128 @@
-"""Export format names, shared by the CLI, the run directory and every JSON report."""
+"""The export format registry: everything featx-edge knows about a format, in one place.
+
+A leaf module (imports only ``errors``): the CLI, the config, export, verify, bench and the
+device runtime all read formats from here. Each ``FormatSpec`` says where the artifact goes
+(extension, engine), what it claims (int8 arithmetic, integer-only input and output), how
+verify judges it (default ``Thresholds``) and how far a device's outputs may stray from the
+export machine's (self-test tolerance).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 from featx_edge.errors import ConfigError
 
-FORMATS: tuple[str, ...] = (
-    "tflite-float32",
-    "tflite-float16",
-    "tflite-dynamic",
-    "tflite-int8",
-    "onnx-float32",
-    "onnx-int8",
-)
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass/fail limits for one format (None: not checked).
+
+    Attributes:
+        min_agreement: top-1 agreement with the reference, as a fraction of images.
+        max_accuracy_drop: test accuracy lost versus the reference, in percentage points.
+        max_abs_diff: largest |probability difference| over all images and classes.
+        min_sqnr_db: signal-to-quantization-noise ratio of the probabilities, in dB.
+    """
+
+    min_agreement: float | None = None
+    max_accuracy_drop: float | None = None
+    max_abs_diff: float | None = None
+    min_sqnr_db: float | None = None
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """One export format.
+
+    Attributes:
+        name: the name used everywhere (CLI, JSON keys, file names).
+        extension: the artifact's file ending.
+        engine: the device runtime that runs it: ``litert`` or ``onnxruntime``.
+        int8: computes in int8; verify checks that it really does.
+        integer_only: full-integer: uint8 input and output and no float tensor (TFLite).
+        standard: part of ``--formats all``; otherwise an int8 variant made on request or by
+            ``--int8-budget``.
+        thresholds: verify's default limits.
+        selftest_tolerance: largest |probability difference| a device may show against the
+            export machine (integer kernels differ between CPUs by a few steps of 1/256).
+    """
+
+    name: str
+    extension: str
+    engine: str
+    int8: bool
+    integer_only: bool
+    standard: bool
+    thresholds: Thresholds
+    selftest_tolerance: float
+
+
+_FLOAT32 = Thresholds(min_agreement=1.0, max_accuracy_drop=0.0, max_abs_diff=1e-4)
+_INT8 = Thresholds(min_agreement=0.97, max_accuracy_drop=1.0)
+_QUANTIZED_TOLERANCE = 0.03
+
+FORMAT_SPECS: dict[str, FormatSpec] = {
+    spec.name: spec
+    for spec in (
+        FormatSpec("tflite-float32", ".tflite", "litert", int8=False, integer_only=False, standard=True,
+                   thresholds=_FLOAT32, selftest_tolerance=1e-4),
+        FormatSpec("tflite-float16", ".tflite", "litert", int8=False, integer_only=False, standard=True,
+                   thresholds=Thresholds(min_agreement=0.98, max_accuracy_drop=1.0, max_abs_diff=0.05),
+                   selftest_tolerance=2e-3),
+        FormatSpec("tflite-dynamic", ".tflite", "litert", int8=False, integer_only=False, standard=True,
+                   thresholds=Thresholds(min_agreement=0.97, max_accuracy_drop=1.0, min_sqnr_db=20.0),
+                   selftest_tolerance=_QUANTIZED_TOLERANCE),
+        FormatSpec("tflite-int8", ".tflite", "litert", int8=True, integer_only=True, standard=True,
+                   thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE),
+        FormatSpec("onnx-float32", ".onnx", "onnxruntime", int8=False, integer_only=False, standard=True,
+                   thresholds=_FLOAT32, selftest_tolerance=1e-4),
+        FormatSpec("onnx-int8", ".onnx", "onnxruntime", int8=True, integer_only=False, standard=True,
+                   thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE),
+        FormatSpec("tflite-int8-selective", ".tflite", "litert", int8=True, integer_only=False, standard=False,
+                   thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE),
+        FormatSpec("tflite-int8-qat", ".tflite", "litert", int8=True, integer_only=True, standard=False,
+                   thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE),
+    )
+}
+
+FORMATS: tuple[str, ...] = tuple(name for name, spec in FORMAT_SPECS.items() if spec.standard)
 """The standard export formats (`--formats all`), in the order they are produced and reported."""
 
-INT8_VARIANTS: tuple[str, ...] = ("tflite-int8-selective", "tflite-int8-qat")
+INT8_VARIANTS: tuple[str, ...] = tuple(name for name, spec in FORMAT_SPECS.items() if not spec.standard)
 """Extra int8 variants: made on request, or by `--int8-budget` when plain int8 misses it."""
 
 ALL_FORMATS = FORMATS + INT8_VARIANTS
 
-EXTENSIONS = {"tflite": ".tflite", "onnx": ".onnx"}
+ONNX_CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy")
+"""onnxruntime calibration methods for onnx-int8 (`--onnx-calibration`)."""
+
+
+def get_format(fmt: str) -> FormatSpec:
+    """The spec of a known format; ConfigError naming the choices otherwise."""
+    return FORMAT_SPECS[check_format(fmt)]
 
 
 def artifact_filename(fmt: str) -> str:
     """File name of a format's artifact inside ``RUN/export/``, e.g. ``model.tflite-int8.tflite``."""
-    check_format(fmt)
-    return f"model.{fmt}{EXTENSIONS[fmt.split('-')[0]]}"
+    return f"model.{fmt}{get_format(fmt).extension}"
 
 
 def check_format(fmt: str) -> str:
     """Return ``fmt`` if it is a known format name, else raise ConfigError naming the choices."""
-    if fmt not in ALL_FORMATS:
+    if fmt not in FORMAT_SPECS:
         raise ConfigError(
             f"unknown export format `{fmt}`; allowed: {', '.join(ALL_FORMATS)}. "
             "Pass a comma-separated list, e.g. `--formats tflite-int8,onnx-float32`."
         )
     return fmt
+
+
+def ordered(names) -> list[str]:
+    """``names`` in registry order (the order reports use), unknown names last, sorted."""
+    names = list(names)
+    return [f for f in ALL_FORMATS if f in names] + sorted(f for f in names if f not in FORMAT_SPECS)
 
 
 def parse_formats(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -51,3 +138,37 @@ def parse_formats(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
         if check_format(item) not in seen:
             seen.append(item)
     return tuple(seen)
+
+
+def thresholds_for(fmt: str, overrides: dict[str, dict[str, float]] | None = None) -> Thresholds:
+    """The format's default thresholds with ``overrides[fmt]`` applied."""
+    base = FORMAT_SPECS[fmt].thresholds if fmt in FORMAT_SPECS else _INT8
+    changes = (overrides or {}).get(fmt, {})
+    return dataclasses.replace(base, **changes) if changes else base
+
+
+def parse_threshold(text: str) -> tuple[str, str, float]:
+    """Parse ``FORMAT.METRIC=VALUE`` (e.g. ``tflite-int8.min_agreement=0.95``)."""
+    fields = [f.name for f in dataclasses.fields(Thresholds)]
+    try:
+        key, value = text.split("=", 1)
+        fmt, metric = key.rsplit(".", 1)
+        number = float(value)
+    except ValueError:
+        raise ConfigError(
+            f"`--threshold` must look like FORMAT.METRIC=VALUE, e.g. tflite-int8.min_agreement=0.95; "
+            f"received `{text}`."
+        ) from None
+    if metric not in fields:
+        raise ConfigError(f"unknown threshold `{metric}` in `{text}`; allowed: {', '.join(fields)}.")
+    check_format(fmt)
+    return fmt, metric, number
+
+
+def merge_overrides(*layers: dict[str, dict[str, float]] | None) -> dict[str, dict[str, float]]:
+    """Threshold overrides layered left to right (later wins per format and metric)."""
+    out: dict[str, dict[str, float]] = {}
+    for layer in layers:
+        for fmt, metrics in (layer or {}).items():
+            out.setdefault(fmt, {}).update(metrics)
+    return out

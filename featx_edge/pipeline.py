@@ -365,9 +365,9 @@ class _Exporter:
         Images the candidate "gains" are disagreements too, not credit; choosing a variant
         because it scored higher than the reference would be choosing noise.
         """
+        from featx_edge.formats import thresholds_for
         from featx_edge.intervals import wilson
         from featx_edge.runtime import load
-        from featx_edge.verify import thresholds_for
 
         pixels, labels, reference, what = self.judging_set()
         probs = load(self.run / self.manifest["artifacts"][fmt]["path"]).predict_pixels(pixels)

@@ -9,71 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from featx_edge.errors import ConfigError, ModelFileError, VerificationError
-from featx_edge.formats import ALL_FORMATS, check_format
+from featx_edge.errors import ModelFileError, VerificationError
+from featx_edge.formats import Thresholds, get_format, merge_overrides, ordered, thresholds_for
 from featx_edge.intervals import paired_difference, wilson
 from featx_edge.rundir import VERIFY, read_manifest, sha256_file, write_json
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Pass/fail limits for one format (None: not checked).
-
-    Attributes:
-        min_agreement: top-1 agreement with the reference, as a fraction of images.
-        max_accuracy_drop: test accuracy lost versus the reference, in percentage points.
-        max_abs_diff: largest |probability difference| over all images and classes.
-        min_sqnr_db: signal-to-quantization-noise ratio of the probabilities, in dB.
-    """
-
-    min_agreement: float | None = None
-    max_accuracy_drop: float | None = None
-    max_abs_diff: float | None = None
-    min_sqnr_db: float | None = None
-
-
-_FLOAT32 = Thresholds(min_agreement=1.0, max_accuracy_drop=0.0, max_abs_diff=1e-4)
-_INT8 = Thresholds(min_agreement=0.97, max_accuracy_drop=1.0)
-DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
-    "tflite-float32": _FLOAT32,
-    "onnx-float32": _FLOAT32,
-    "tflite-float16": Thresholds(min_agreement=0.98, max_accuracy_drop=1.0, max_abs_diff=0.05),
-    "tflite-dynamic": Thresholds(min_agreement=0.97, max_accuracy_drop=1.0, min_sqnr_db=20.0),
-    "tflite-int8": _INT8,
-    "tflite-int8-selective": _INT8,
-    "tflite-int8-qat": _INT8,
-    "onnx-int8": _INT8,
-}
-
-
-def thresholds_for(fmt: str, overrides: dict[str, dict[str, float]] | None = None) -> Thresholds:
-    base = DEFAULT_THRESHOLDS.get(fmt, _INT8)
-    changes = (overrides or {}).get(fmt, {})
-    return dataclasses.replace(base, **changes) if changes else base
-
-
-def parse_threshold(text: str) -> tuple[str, str, float]:
-    """Parse ``FORMAT.METRIC=VALUE`` (e.g. ``tflite-int8.min_agreement=0.95``)."""
-    fields = [f.name for f in dataclasses.fields(Thresholds)]
-    try:
-        key, value = text.split("=", 1)
-        fmt, metric = key.rsplit(".", 1)
-        number = float(value)
-    except ValueError:
-        raise ConfigError(
-            f"`--threshold` must look like FORMAT.METRIC=VALUE, e.g. tflite-int8.min_agreement=0.95; "
-            f"received `{text}`."
-        ) from None
-    if metric not in fields:
-        raise ConfigError(f"unknown threshold `{metric}` in `{text}`; allowed: {', '.join(fields)}.")
-    if fmt not in DEFAULT_THRESHOLDS:
-        check_format(fmt)
-    return fmt, metric, number
 
 
 def compare(probs: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dict:
@@ -143,11 +86,10 @@ def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
 
     run = Path(run)
     manifest = read_manifest(run)
-    recorded = manifest.get("config", {}).get("verify", {})  # the run's own [verify] settings
-    overrides = {fmt: {**recorded.get(fmt, {}), **(overrides or {}).get(fmt, {})}
-                 for fmt in set(recorded) | set(overrides or {})}
+    # The run's own [verify] settings, then this call's.
+    overrides = merge_overrides(manifest.get("config", {}).get("verify", {}), overrides)
     artifacts = manifest.get("artifacts", {})
-    formats = tuple(formats) if formats else tuple(f for f in _ordered(artifacts))
+    formats = tuple(formats) if formats else tuple(ordered(artifacts))
     if not formats:
         raise VerificationError(f"`{run}` has no exported models; run `featx-edge export {run}` first.")
     splits = load_run_splits(run, manifest)
@@ -180,12 +122,13 @@ def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
                     probs = predictor.predict_pixels(pixels)
                     entry.update(compare(probs, reference, labels))
                     problems += check(entry, limits)
-                if fmt.startswith("tflite-int8") and not problems:
+                spec = get_format(fmt)
+                if spec.int8 and spec.engine == "litert" and not problems:
                     entry["integer"] = integer_report(read_tflite(path)[0])
-                    if fmt == "tflite-int8" and (entry["integer"]["float_tensors"]
-                                                 or entry["integer"]["input_dtype"] not in ("uint8", "int8")):
+                    if spec.integer_only and (entry["integer"]["float_tensors"]
+                                              or entry["integer"]["input_dtype"] not in ("uint8", "int8")):
                         problems.append("not integer-only: " + str(entry["integer"]["float_tensors"][:3]))
-                if fmt == "onnx-int8":
+                if spec.int8 and spec.engine == "onnxruntime":
                     entry["integer"] = onnx_quantization_report(path)
                     problems += _onnx_int8_problems(entry["integer"])
             except (ModelFileError, VerificationError) as err:
@@ -204,7 +147,7 @@ def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
     write_json(run / VERIFY, report)
     if failures:
         remedy = ""
-        if any(f.split(":")[0] in ("tflite-int8", "onnx-int8") for f in failures):
+        if any(get_format(f.split(":")[0]).int8 for f in failures):
             remedy = (f"\nFor int8: try `featx-edge export {run} --int8-budget 1.0 --qat-epochs 2` (tries the "
                       "selective and QAT variants, keeps the first within budget), ship tflite-float16 or "
                       "tflite-dynamic instead, or accept a looser limit knowingly with "
@@ -223,11 +166,6 @@ def _onnx_int8_problems(report: dict) -> list[str]:
     if not report["int8_mac_share"]:
         return ["not quantized: none of the convolutions or matrix products has int8 inputs and weights"]
     return []
-
-
-def _ordered(artifacts: dict) -> list[str]:
-    known = [f for f in ALL_FORMATS if f in artifacts]
-    return known + sorted(f for f in artifacts if f not in known)
 
 
 def _integrity(run: Path, manifest: dict, fmt: str) -> list[str]:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from featx_edge.errors import ConfigError, VerificationError
-from featx_edge.verify import Thresholds, check, compare, parse_threshold, thresholds_for, verify_run
+from featx_edge.formats import Thresholds, parse_threshold, thresholds_for
+from featx_edge.verify import check, compare, verify_run
 
 
 def test_metrics_on_hand_made_outputs():

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from featx_edge.errors import ConfigError, ExportError
+from featx_edge.formats import ONNX_CALIBRATION_METHODS
 from featx_edge.rundir import atomic_path
 
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+CALIBRATION_METHODS = ONNX_CALIBRATION_METHODS
 
 
 def _reader(images: np.ndarray, input_name: str):

@@ -16,21 +16,16 @@ from pathlib import Path
 import numpy as np
 
 from featx_edge.errors import ModelFileError, VerificationError
+from featx_edge.formats import FORMAT_SPECS
 
 SELFTEST_DIR = "selftest"
 
-# Largest |probability difference| allowed between this device and the export machine. Integer
-# kernels differ between CPUs (x86 vs ARM, XNNPACK versions) by a few output steps of 1/256.
-TOLERANCE = {
-    "tflite-float32": 1e-4,
-    "onnx-float32": 1e-4,
-    "tflite-float16": 2e-3,
-}
-QUANTIZED_TOLERANCE = 0.03
-
-
 def tolerance_for(fmt: str) -> float:
-    return TOLERANCE.get(fmt, QUANTIZED_TOLERANCE)
+    """Largest |probability difference| allowed between this device and the export machine
+    (the format registry's ``selftest_tolerance``); a model of an unknown format is refused."""
+    if fmt not in FORMAT_SPECS:
+        raise VerificationError(f"unknown format `{fmt}` in the self-test file; known: {', '.join(FORMAT_SPECS)}.")
+    return FORMAT_SPECS[fmt].selftest_tolerance
 
 
 def golden_path(model_path: Path) -> Path:
