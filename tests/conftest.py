@@ -87,3 +87,17 @@ def make_class_folder(root: Path, classes: dict[str, int], *, size: int = 24, se
             arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
             Image.fromarray(arr).save(root / name / f"{i:03d}.png")
     return root
+
+
+# Fixtures that train, convert or export real models: a test that uses one (directly or through
+# another fixture) is `slow`. `python -m pytest -m "not slow"` is the fast tier (well under a
+# minute); tests under tests/runtime need no TensorFlow and are also marked `runtime`.
+_SLOW_FIXTURES = {"trained_run", "pretrained", "benched", "int8_run", "run_copy"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        if "tests/runtime/" in item.nodeid.replace("\\", "/"):
+            item.add_marker(pytest.mark.runtime)
