@@ -377,7 +377,7 @@ def _load_inputs(run: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray | No
     width = int(manifest["input"].get("width", size))
     try:
         from featx_edge.data import load_images
-        from featx_edge.pipeline import load_run_splits
+        from featx_edge.run import load_run_splits
 
         splits = load_run_splits(run, manifest)
         if not splits.test:
@@ -1005,7 +1005,7 @@ def _row_worker(job: dict) -> dict:
             return {"status": "unavailable", "reason": str(err)}
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
-        from featx_edge.pipeline import load_reference
+        from featx_edge.run import load_reference
     else:
         from featx_edge.runtime import load
         if engine == "onnxruntime":

@@ -193,7 +193,8 @@ def _cmd_train(args) -> int:
 def _cmd_export(args) -> int:
     from featx_edge.config import override
     from featx_edge.errors import VerificationError
-    from featx_edge.pipeline import budget_failure, export_run, update_run_config
+    from featx_edge.pipeline import budget_failure, export_run
+    from featx_edge.run import update_run_config
 
     def change(config):  # recorded in the run, so the manifest says how each export was made
         config = override(config, "train", qat_epochs=args.qat_epochs)

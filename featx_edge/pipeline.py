@@ -10,14 +10,16 @@ import numpy as np
 
 from featx_edge import __version__
 from featx_edge.backbones import get_backbone
-from featx_edge.config import RunConfig, config_from_dict
-from featx_edge.data import Splits, label_of, load_images, load_splits, scan_folder, split_folder
-from featx_edge.errors import ConfigError, RunDirError
+from featx_edge.config import RunConfig
+from featx_edge.data import label_of, load_images, scan_folder, split_folder
+from featx_edge.errors import ConfigError
 from featx_edge.formats import artifact_filename, parse_formats
+from featx_edge.run import load_reference, load_run_splits, run_config
 from featx_edge.rundir import (
     EXPORT_DIR,
     INT8_LAYERS,
     MANIFEST,
+    MANIFEST_VERSION,
     SPLITS,
     WEIGHTS,
     atomic_path,
@@ -117,6 +119,7 @@ def train_run(config: RunConfig, out: str | Path, *, progress: bool = True) -> d
     with atomic_path(out / WEIGHTS) as tmp:
         clf.model.save_weights(str(tmp))
     manifest = {
+        "manifest_version": MANIFEST_VERSION,
         "featx_edge_version": __version__,
         "labels": list(splits.classes),
         "backbone": {"name": spec.name, "alpha": config.model.alpha, "weights": config.model.weights,
@@ -134,40 +137,6 @@ def train_run(config: RunConfig, out: str | Path, *, progress: bool = True) -> d
     }
     write_json(out / MANIFEST, manifest)
     return manifest
-
-
-def run_config(manifest: dict) -> RunConfig:
-    return config_from_dict(manifest["config"], source=MANIFEST)
-
-
-def update_run_config(run: str | Path, change) -> RunConfig:
-    """Apply ``change(config) -> config`` to the settings recorded in the run's manifest."""
-    manifest = read_manifest(run)
-    config = change(run_config(manifest))
-    manifest["config"] = config.to_dict()
-    write_json(Path(run) / MANIFEST, manifest)
-    return config
-
-
-def load_reference(run: str | Path, manifest: dict | None = None):
-    """Rebuild the run's Keras classifier (float32) and load its trained weights."""
-    from featx_edge.model import build_classifier
-    from featx_edge.train import setup_devices
-
-    run = Path(run)
-    manifest = manifest or read_manifest(run)
-    weights = run / manifest["reference"]["path"]
-    if not weights.is_file():
-        raise RunDirError(f"`{weights}` is missing; re-run `featx-edge train`.")
-    if sha256_file(weights) != manifest["reference"]["sha256"]:
-        raise RunDirError(f"`{weights}` does not match the checksum in {MANIFEST}; re-run `featx-edge train`.")
-    config = run_config(manifest)
-    setup_devices(mixed_precision=False)
-    model_config = dataclasses.replace(config.model, weights="none")
-    clf = build_classifier(num_classes=len(manifest["labels"]), config=model_config, weights_file=None,
-                           seed=config.seed)
-    clf.model.load_weights(str(weights))
-    return clf
 
 
 def artifact_metadata(manifest: dict, fmt: str, *, input_dtype: str) -> dict:
@@ -477,15 +446,6 @@ def _export_onnx_int8(run: Path, manifest: dict, model, path: Path, *, size: int
         float_path = Path(tmp) / "float32.onnx"
         onnx_export.save(onnx_export.convert(model, size=size, metadata=metadata), float_path)
         quantize(float_path, path, calibration=calibration, method=method, metadata=metadata)
-
-
-def load_run_splits(run: Path, manifest: dict) -> Splits:
-    splits = load_splits(run / manifest["data"]["splits"])
-    if not splits.root.is_dir():
-        raise RunDirError(
-            f"the run's data folder `{splits.root}` is gone; restore it (the splits refer to its files)."
-        )
-    return splits
 
 
 def format_table(report: dict, manifest: dict) -> str:

@@ -23,6 +23,13 @@ WEIGHTS = "model.weights.h5"
 EXPORT_DIR = "export"
 VERIFY = "verify.json"
 INT8_LAYERS = "int8_layers.json"
+MANIFEST_VERSION = 2
+"""Version of the manifest layout; a run written with another layout is refused, not guessed at.
+(2: EfficientNet-Lite, the affine preprocessing layer, bias-corrected int8, verify intervals.)"""
+
+# Top-level manifest entries every command relies on, and their JSON types.
+_REQUIRED = {"labels": list, "backbone": dict, "input": dict, "data": dict, "reference": dict,
+             "config": dict, "artifacts": dict}
 
 
 @contextlib.contextmanager
@@ -78,9 +85,32 @@ def read_manifest(run: str | Path) -> dict:
             "Create one with `featx-edge train --data DIR --out RUN` or `featx-edge run`."
         )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RunDirError(f"`{path}` is not valid JSON ({err}); re-run `featx-edge train`.") from err
+    check_manifest(manifest, path=path)
+    return manifest
+
+
+def check_manifest(manifest: Any, *, path: Path) -> None:
+    """Refuse a manifest of another layout or with missing/mistyped entries, naming what is wrong."""
+    if not isinstance(manifest, dict):
+        raise RunDirError(f"`{path}` holds a JSON {type(manifest).__name__}, not an object; re-run `featx-edge train`.")
+    version = manifest.get("manifest_version")
+    if version != MANIFEST_VERSION:
+        written = f"layout version {version}" if version is not None else "an older layout (no `manifest_version`)"
+        raise RunDirError(
+            f"`{path}` has {written}; this featx-edge reads version {MANIFEST_VERSION}. Re-run "
+            "`featx-edge train` (or `run`) into a new folder with this version."
+        )
+    problems = [f"`{key}` is missing" if key not in manifest else f"`{key}` is not a JSON {kind.__name__}"
+                for key, kind in _REQUIRED.items() if not isinstance(manifest.get(key), kind)]
+    if not problems and not isinstance(manifest["reference"].get("path"), str):
+        problems.append("`reference.path` is missing")
+    if not problems and not isinstance(manifest["input"].get("height"), int):
+        problems.append("`input.height` is missing or not an integer")
+    if problems:
+        raise RunDirError(f"`{path}` is incomplete or damaged: {'; '.join(problems)}. Re-run `featx-edge train`.")
 
 
 def record_artifact(run: str | Path, manifest: dict, fmt: str, path: Path) -> dict:

@@ -80,7 +80,7 @@ def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
     from featx_edge.data import load_images
     from featx_edge.export.tflite import integer_report
     from featx_edge.macs import onnx_quantization_report
-    from featx_edge.pipeline import load_reference, load_run_splits
+    from featx_edge.run import load_reference, load_run_splits
     from featx_edge.runtime import load
     from featx_edge.runtime.metadata import read_tflite
 

@@ -36,7 +36,7 @@ def test_every_input_kind_gives_the_same_answer(trained_run, sample_root, fmt):
 def test_predictions_match_the_reference_on_the_test_split(trained_run):
     """Runtime probabilities match the Keras model on held-out images (float32: tight)."""
     from featx_edge.data import load_images, load_splits
-    from featx_edge.pipeline import load_reference
+    from featx_edge.run import load_reference
     from featx_edge.rundir import read_manifest
     from featx_edge.runtime import load
 
