@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from featx_edge.bench import bench_run, compare_runs
-    from featx_edge.config import DataConfig, ExportConfig, ModelConfig, RunConfig, TrainConfig
+    from featx_edge.config import DataConfig, ExportConfig, ModelConfig, RunConfig, TrainConfig, parse_int_list
     from featx_edge.pipeline import export_run, train_run
     from featx_edge.rundir import write_json
 
@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         train_run(config, run, progress=False)
         export_run(run, progress=False)
-        report = bench_run(run, threads=tuple(int(t) for t in args.threads.split(",")),
-                           batches=tuple(int(b) for b in args.batches.split(",")),
+        report = bench_run(run, threads=parse_int_list("threads", args.threads),
+                           batches=parse_int_list("batches", args.batches),
                            measure_accuracy=False, include_tf=True, progress=False)
         for row in report["rows"]:  # random backbone: accuracy means nothing here
             row.pop("accuracy", None)

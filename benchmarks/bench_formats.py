@@ -16,10 +16,13 @@ import sys
 
 
 def _ints(text: str) -> tuple[int, ...]:
+    from featx_edge.config import parse_int_list
+    from featx_edge.errors import ConfigError
+
     try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 1,4; received `{text}`") from None
+        return parse_int_list("threads/--batches", text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

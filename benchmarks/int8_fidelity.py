@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from featx_edge.bench import machine_info
-    from featx_edge.config import load_config, override
+    from featx_edge.config import load_config, override, parse_int_list
     from featx_edge.errors import VerificationError
     from featx_edge.pipeline import export_run, train_run
     from featx_edge.rundir import VERIFY, write_json
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     base = override(base, "export", formats=PATHS, bias_correction=not args.no_bias_correction)
     results: list[dict] = []
     try:
-        for seed in (int(s) for s in args.seeds.split(",")):
+        for seed in parse_int_list("seeds", args.seeds):
             config = dataclasses.replace(base, seed=seed)
             run = work / f"seed{seed}"
             t0 = time.perf_counter()

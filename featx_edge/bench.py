@@ -58,7 +58,7 @@ import numpy as np
 from featx_edge import __version__
 from featx_edge.errors import ConfigError, FeatxError, RunDirError
 from featx_edge.macs import _prod, count_macs_onnx
-from featx_edge.rundir import VERIFY, WEIGHTS, atomic_path, read_manifest, sha256_file, write_json
+from featx_edge.rundir import VERIFY, WEIGHTS, artifact_problems, atomic_path, read_manifest, write_json
 
 BENCH_JSON = "bench.json"
 BENCH_MD = "bench.md"
@@ -362,13 +362,9 @@ def _check_artifacts(run: Path, manifest: dict, formats) -> list[str]:
                 f"{','.join(missing) or 'all'}` or bench only exported formats."
             )
     for fmt in chosen:
-        entry = artifacts[fmt]
-        path = run / entry["path"]
-        if not path.is_file():
-            raise RunDirError(f"`{path}` ({fmt}) is missing; re-run `featx-edge export {run} --formats {fmt}`.")
-        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            raise RunDirError(f"`{path}` ({fmt}) does not match its size/sha256 in the manifest; "
-                              f"re-run `featx-edge export {run} --formats {fmt}`.")
+        problems = artifact_problems(run, manifest, fmt)
+        if problems:
+            raise RunDirError(f"{fmt}: {problems[0]}; re-run `featx-edge export {run} --formats {fmt}`.")
     return chosen
 
 

@@ -277,19 +277,9 @@ def _cmd_predict(args) -> int:
     return 1 if failures else 0
 
 
-def _int_list(name: str, text: str | None) -> tuple[int, ...] | None:
-    from featx_edge.errors import ConfigError
-
-    if text is None:
-        return None
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"`--{name}` takes comma-separated integers, e.g. 1,4; received `{text}`.") from None
-
-
 def _cmd_bench(args) -> int:
     from featx_edge import bench
+    from featx_edge.config import parse_int_list
     from featx_edge.errors import ConfigError
 
     if args.compare:
@@ -303,9 +293,8 @@ def _cmd_bench(args) -> int:
     kwargs = {"formats": args.formats.split(",") if args.formats else None,
               "include_tf": not args.no_tensorflow, "progress": not args.quiet}
     for name in ("threads", "batches"):
-        values = _int_list(name, getattr(args, name))
-        if values:
-            kwargs[name] = values
+        if getattr(args, name) is not None:
+            kwargs[name] = parse_int_list(name, getattr(args, name))
     if args.min_seconds is not None:
         kwargs["min_seconds"] = args.min_seconds
     report = bench.bench_run(args.run, **kwargs)

@@ -254,6 +254,17 @@ def load_config(path: str | Path) -> RunConfig:
     return config_from_dict(raw, source=str(path))
 
 
+def parse_int_list(name: str, text: str) -> tuple[int, ...]:
+    """Comma-separated integers (``"1,4"``) from a command-line option called ``name``."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise ConfigError(f"`--{name}` takes comma-separated integers, e.g. 1,4; received `{text}`.")
+    return values
+
+
 def override(config: RunConfig, section: str, **values: Any) -> RunConfig:
     """Return ``config`` with the given (non-None) values replaced in one section."""
     values = {k: v for k, v in values.items() if v is not None}

@@ -123,3 +123,24 @@ def record_artifact(run: str | Path, manifest: dict, fmt: str, path: Path) -> di
     manifest.setdefault("artifacts", {})[fmt] = entry
     write_json(Path(run) / MANIFEST, manifest)
     return entry
+
+
+def artifact_problems(run: str | Path, manifest: dict, fmt: str) -> list[str]:
+    """What is wrong with ``fmt``'s exported file against the manifest (empty: it is the file
+    that was exported). Size first (cheap), then the sha256 (catches a same-size swap)."""
+    run = Path(run)
+    entry = (manifest.get("artifacts") or {}).get(fmt)
+    if entry is None:
+        return [f"not exported (run `featx-edge export {run} --formats {fmt}`)"]
+    if not isinstance(entry, dict) or not all(k in entry for k in ("path", "bytes", "sha256")):
+        return [f"the manifest's entry for {fmt} is incomplete (path, bytes, sha256); re-export it"]
+    path = run / entry["path"]
+    if not path.is_file():
+        return [f"`{path}` is missing"]
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        problem = f"`{path}` does not match the manifest: {size} bytes where it records {entry['bytes']}"
+        return [problem + " (truncated or replaced)"]
+    if sha256_file(path) != entry["sha256"]:
+        return [f"`{path}` does not match its sha256 in the manifest: swapped or modified after export"]
+    return []

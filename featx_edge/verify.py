@@ -16,7 +16,7 @@ import numpy as np
 from featx_edge.errors import ModelFileError, VerificationError
 from featx_edge.formats import Thresholds, get_format, merge_overrides, ordered, thresholds_for
 from featx_edge.intervals import paired_difference, wilson
-from featx_edge.rundir import VERIFY, read_manifest, sha256_file, write_json
+from featx_edge.rundir import VERIFY, artifact_problems, read_manifest, write_json
 
 
 def compare(probs: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dict:
@@ -107,7 +107,7 @@ def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
         limits = thresholds_for(fmt, overrides)
         entry: dict = {"thresholds": dataclasses.asdict(limits)}
         report["formats"][fmt] = entry
-        problems = _integrity(run, manifest, fmt)
+        problems = artifact_problems(run, manifest, fmt)
         if not problems:
             t0 = time.perf_counter()
             path = run / artifacts[fmt]["path"]
@@ -165,19 +165,4 @@ def _onnx_int8_problems(report: dict) -> list[str]:
         return ["not quantized: no QuantizeLinear/DequantizeLinear pairs and no integer ops in the graph"]
     if not report["int8_mac_share"]:
         return ["not quantized: none of the convolutions or matrix products has int8 inputs and weights"]
-    return []
-
-
-def _integrity(run: Path, manifest: dict, fmt: str) -> list[str]:
-    entry = manifest.get("artifacts", {}).get(fmt)
-    if entry is None:
-        return [f"not exported (run `featx-edge export {run} --formats {fmt}`)"]
-    path = run / entry["path"]
-    if not path.is_file():
-        return [f"`{path}` is missing"]
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        return [f"`{path}` has {size} bytes, the manifest records {entry['bytes']}: truncated or replaced"]
-    if sha256_file(path) != entry["sha256"]:
-        return [f"`{path}` does not match its sha256 in the manifest: swapped or modified after export"]
     return []

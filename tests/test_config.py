@@ -72,3 +72,12 @@ def test_shipped_example_configs_load():
         load_config(path)
     seed = load_config(Path(__file__).parents[1] / "examples" / "vgg16_seed.toml")
     assert seed.model.backbone == "vgg16" and seed.model.head_units == 1024
+
+
+def test_comma_separated_integers():
+    from featx_edge.config import parse_int_list
+
+    assert parse_int_list("threads", "1, 4,") == (1, 4)
+    for bad in ("", "one,2", " , "):
+        with pytest.raises(ConfigError, match="`--threads` takes comma-separated integers"):
+            parse_int_list("threads", bad)
