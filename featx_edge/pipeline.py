@@ -32,6 +32,7 @@ from featx_edge.rundir import (
 from featx_edge.runtime.image import RESIZE_METHOD
 from featx_edge.runtime.metadata import pack_tflite
 from featx_edge.sample import resolve_data
+from featx_edge.train import predict_pixels_keras
 from featx_edge.weights import resolve_weights
 
 
@@ -268,7 +269,7 @@ class _Exporter:
 
             count = min(self.config.export.reference_images, len(self.splits.test))
             pixels = load_images(self.splits.root, self.splits.test, size=self.size)
-            probs = self.clf.model(pixels.astype(np.float32), training=False).numpy()
+            probs = predict_pixels_keras(self.clf.model, pixels)
             top2 = np.sort(probs, axis=1)[:, -2:]
             chosen = np.argsort(-(top2[:, 1] - top2[:, 0]), kind="stable")[:count]
             names = []
@@ -337,18 +338,17 @@ class _Exporter:
         from featx_edge.formats import thresholds_for
         from featx_edge.intervals import wilson
         from featx_edge.runtime import load
+        from featx_edge.verify import compare
 
         pixels, labels, reference, what = self.judging_set()
         probs = load(self.run / self.manifest["artifacts"][fmt]["path"]).predict_pixels(pixels)
-        n = len(labels)
-        right, reference_right = probs.argmax(1) == labels, reference.argmax(1) == labels
-        agree = int(np.sum(probs.argmax(1) == reference.argmax(1)))
-        lost = int(np.sum(reference_right & ~right))
+        metrics = compare(probs, reference, labels)
+        n, lost = metrics["images"], metrics["images_lost"]
         loss_low, loss_high = wilson(lost, n)
         min_agreement = thresholds_for(fmt, self.config.verify).min_agreement
         attempt = {"format": fmt, "images": n, "judged_on": what,
-                   "top1_agreement": agree / n, "top1_agreement_ci95": list(wilson(agree, n)),
-                   "images_lost": lost, "images_gained": int(np.sum(right & ~reference_right)),
+                   **{key: metrics[key] for key in ("top1_agreement", "top1_agreement_ci95", "images_lost",
+                                                    "images_gained")},
                    "loss_points": 100.0 * lost / n, "loss_ci95_points": [100.0 * loss_low, 100.0 * loss_high],
                    "min_agreement": min_agreement}
         attempt["within_budget"] = bool(attempt["loss_points"] <= budget
@@ -388,13 +388,6 @@ class _Exporter:
 
 JUDGE_TRAIN_IMAGES = 2000
 """At most this many calibration-free training images join validation to judge int8 variants."""
-
-
-def predict_pixels_keras(model, pixels: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
-    """The Keras model's probabilities for uint8 pixels, in batches (bounded memory per call)."""
-    out = [model(pixels[i:i + batch_size].astype(np.float32), training=False).numpy()
-           for i in range(0, len(pixels), batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, model.output_shape[-1]), np.float32)
 
 
 def budget_failure(manifest: dict) -> str | None:

@@ -178,3 +178,10 @@ def predict_probs(model, root: Path, relpaths: Sequence[str], *, size: int, batc
     out = [model(batch.astype(np.float32), training=False).numpy()
            for batch in iter_batches(root, relpaths, size=size, batch_size=batch_size)]
     return np.concatenate(out).astype(np.float32)
+
+
+def predict_pixels_keras(model, pixels: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+    """The Keras model's probabilities for uint8 pixels, in batches (bounded memory per call)."""
+    out = [model(pixels[i:i + batch_size].astype(np.float32), training=False).numpy()
+           for i in range(0, len(pixels), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, model.output_shape[-1]), np.float32)

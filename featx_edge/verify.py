@@ -83,6 +83,7 @@ def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
     from featx_edge.run import load_reference, load_run_splits
     from featx_edge.runtime import load
     from featx_edge.runtime.metadata import read_tflite
+    from featx_edge.train import predict_pixels_keras
 
     run = Path(run)
     manifest = read_manifest(run)
@@ -96,7 +97,7 @@ def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
     size = manifest["input"]["height"]
     pixels = load_images(splits.root, splits.test, size=size)
     labels = splits.labels("test")
-    reference = load_reference(run, manifest).model(pixels.astype(np.float32), training=False).numpy()
+    reference = predict_pixels_keras(load_reference(run, manifest).model, pixels)
     reference_right = int(np.sum(reference.argmax(1) == labels))
     report: dict = {"run": str(run), "images": len(labels),
                     "reference_accuracy": reference_right / max(len(labels), 1),

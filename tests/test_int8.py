@@ -61,8 +61,8 @@ def test_qat_exports_an_integer_model(int8_run):
 def test_qat_ranges_start_at_the_float_models(trained_run):
     from featx_edge.export.calibration import calibration_images
     from featx_edge.int8 import init_qat_ranges, qat_model
-    from featx_edge.pipeline import predict_pixels_keras
     from featx_edge.run import load_reference, load_run_splits
+    from featx_edge.train import predict_pixels_keras
 
     clf = load_reference(trained_run)
     splits = load_run_splits(trained_run, read_manifest(trained_run))
@@ -161,9 +161,9 @@ def test_bias_correction_shrinks_the_int8_feature_error(trained_run):
     from featx_edge.export.calibration import calibration_images
     from featx_edge.export.tflite import TFLiteQuantization, convert
     from featx_edge.int8 import bias_corrected
-    from featx_edge.pipeline import predict_pixels_keras
     from featx_edge.run import load_reference, load_run_splits
     from featx_edge.runtime.backends import LiteRTBackend
+    from featx_edge.train import predict_pixels_keras
 
     _, keras = import_tf()
     clf = load_reference(trained_run)

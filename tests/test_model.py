@@ -122,7 +122,7 @@ def test_imagenet_lite0_features_transfer_far_above_a_random_backbone(sample_roo
     from sklearn.linear_model import LogisticRegression
 
     from featx_edge.data import load_images, scan_folder, split_folder
-    from featx_edge.pipeline import predict_pixels_keras
+    from featx_edge.train import predict_pixels_keras
 
     spec = get_backbone("efficientnet_lite0")
     splits = split_folder(scan_folder(sample_root / "all"), val_fraction=0.1, test_fraction=0.2, seed=0)

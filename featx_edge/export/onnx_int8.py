@@ -17,8 +17,6 @@ from featx_edge.errors import ConfigError, ExportError
 from featx_edge.formats import ONNX_CALIBRATION_METHODS
 from featx_edge.rundir import atomic_path
 
-CALIBRATION_METHODS = ONNX_CALIBRATION_METHODS
-
 
 def _reader(images: np.ndarray, input_name: str):
     from onnxruntime.quantization import CalibrationDataReader
@@ -51,8 +49,8 @@ def quantize(float_model: Path, out: Path, *, calibration: np.ndarray, method: s
 
     from featx_edge.export.onnx import add_metadata
 
-    if method not in CALIBRATION_METHODS:
-        raise ConfigError(f"`--onnx-calibration` must be one of {', '.join(CALIBRATION_METHODS)}; received `{method}`.")
+    if method not in ONNX_CALIBRATION_METHODS:
+        raise ConfigError(f"`--onnx-calibration` must be one of {', '.join(ONNX_CALIBRATION_METHODS)}; received `{method}`.")
     if calibration is None or len(calibration) == 0:
         raise ExportError("onnx-int8 needs calibration images from the training split; none were given.")
     source = onnx.load(str(float_model))
