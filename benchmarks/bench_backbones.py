@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from featx_edge.bench import bench_run, compare_runs
     from featx_edge.config import DataConfig, ExportConfig, ModelConfig, RunConfig, TrainConfig, parse_int_list
-    from featx_edge.pipeline import export_run, train_run
+    from featx_edge.export import export_run
     from featx_edge.rundir import write_json
+    from featx_edge.train import train_run
 
     reports = {}
     runs = []
@@ -45,11 +46,11 @@ def main(argv: list[str] | None = None) -> int:
             train=TrainConfig(epochs=1),
             export=ExportConfig(formats=args.formats),
         )
-        train_run(config, run, progress=False)
-        export_run(run, progress=False)
+        train_run(config, run)
+        export_run(run)
         report = bench_run(run, threads=parse_int_list("threads", args.threads),
                            batches=parse_int_list("batches", args.batches),
-                           measure_accuracy=False, include_tf=True, progress=False)
+                           measure_accuracy=False, include_tf=True)
         for row in report["rows"]:  # random backbone: accuracy means nothing here
             row.pop("accuracy", None)
             row.pop("bench_accuracy", None)

@@ -47,13 +47,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from featx_edge.bench import bench_run, compare_runs
     from featx_edge.errors import FeatxError
+    from featx_edge.progress import configure
     from featx_edge.rundir import write_json
 
+    configure(quiet=args.quiet)  # bench_run logs its progress and the table at INFO
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip()) if args.formats else None
     try:
         report = bench_run(args.run, threads=args.threads, batches=args.batches, formats=formats,
                            repeats=args.repeats, warmup=args.warmup, min_seconds=args.min_seconds,
-                           max_seconds=args.max_seconds, include_tf=not args.no_tf, progress=not args.quiet)
+                           max_seconds=args.max_seconds, include_tf=not args.no_tf)
         write_json(args.out, report)
         if args.compare:
             print(compare_runs(args.run, args.compare))

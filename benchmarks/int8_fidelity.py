@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     from featx_edge.bench import machine_info
     from featx_edge.config import load_config, override, parse_int_list
     from featx_edge.errors import VerificationError
-    from featx_edge.pipeline import export_run, train_run
+    from featx_edge.export import export_run
     from featx_edge.rundir import VERIFY, write_json
     from featx_edge.sample import resolve_data
+    from featx_edge.train import train_run
     from featx_edge.verify import verify_run
 
     work = Path(tempfile.mkdtemp(prefix="featx-int8-fidelity-"))
@@ -76,15 +77,15 @@ def main(argv: list[str] | None = None) -> int:
             config = dataclasses.replace(base, seed=seed)
             run = work / f"seed{seed}"
             t0 = time.perf_counter()
-            train_run(config, run, progress=False)
+            train_run(config, run)
             train_s = time.perf_counter() - t0
             seconds = {}
             for fmt in PATHS:
                 t0 = time.perf_counter()
-                export_run(run, formats=(fmt,), progress=False)
+                export_run(run, formats=(fmt,))
                 seconds[fmt] = round(time.perf_counter() - t0, 2)
             try:
-                verify_run(run, progress=False)
+                verify_run(run)
             except VerificationError:
                 pass  # recorded per format in verify.json
             report = json.loads((run / VERIFY).read_text())

@@ -77,13 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         graph = build_classifier(num_classes=len(folder.classes), config=model_cfg, weights_file=None, seed=0)
         images = load_images(folder.root, paths, size=args.image_size)
-        train_head_through_graph(graph.model, images, labels, config=train_cfg, seed=0, progress=False)
+        train_head_through_graph(graph.model, images, labels, config=train_cfg, seed=0)
         cached = build_classifier(num_classes=len(folder.classes), config=model_cfg, weights_file=None, seed=0)
         t0 = time.perf_counter()
         features = embed(cached.feature_model, folder.root, paths, size=args.image_size,
-                         batch_size=args.batch_size, progress=False)
+                         batch_size=args.batch_size)
         embedding_s = time.perf_counter() - t0
-        train_head_on_features(cached.head_model, features, labels, config=train_cfg, seed=0, progress=False)
+        train_head_on_features(cached.head_model, features, labels, config=train_cfg, seed=0)
     finally:
         keras.Model.fit = original_fit
     graph_epoch_s = statistics.median(timers[0].times[1:])

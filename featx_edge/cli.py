@@ -178,31 +178,32 @@ def _cmd_pretrain(args) -> int:
 
     config = _config_from_args(args)
     pretrain(data=config.data.path, out=args.out, model=config.model, train=config.train, seed=config.seed,
-             val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction,
-             progress=not args.quiet)
+             val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction)
     return 0
 
 
 def _cmd_train(args) -> int:
-    from featx_edge.pipeline import train_run
+    from featx_edge.train import train_run
 
-    train_run(_config_from_args(args), args.out, progress=not args.quiet)
+    train_run(_config_from_args(args), args.out)
     return 0
 
 
 def _cmd_export(args) -> int:
     from featx_edge.config import override
     from featx_edge.errors import VerificationError
-    from featx_edge.pipeline import budget_failure, export_run
-    from featx_edge.run import update_run_config
+    from featx_edge.export import budget_failure, export_run
+    from featx_edge.run import Run
+    from featx_edge.rundir import locked
 
     def change(config):  # recorded in the run, so the manifest says how each export was made
         config = override(config, "train", qat_epochs=args.qat_epochs)
         return override(config, "export", int8_budget=args.int8_budget, onnx_calibration=args.onnx_calibration)
 
-    if args.qat_epochs is not None or args.int8_budget is not None or args.onnx_calibration:
-        update_run_config(args.run, change)
-    manifest = export_run(args.run, formats=args.formats, progress=not args.quiet)
+    with locked(args.run, command="export"):
+        if args.qat_epochs is not None or args.int8_budget is not None or args.onnx_calibration:
+            Run.open(args.run).update_config(change)
+        manifest = export_run(args.run, formats=args.formats)
     missed = budget_failure(manifest)
     if missed:
         raise VerificationError(missed)
@@ -214,29 +215,31 @@ def _cmd_verify(args) -> int:
     from featx_edge.verify import verify_run
 
     formats = parse_formats(args.formats) if args.formats else None
-    verify_run(args.run, formats=formats, overrides=_thresholds(args), progress=not args.quiet)
+    verify_run(args.run, formats=formats, overrides=_thresholds(args))
     return 0
 
 
 def _cmd_run(args) -> int:
     from featx_edge.errors import VerificationError
+    from featx_edge.export import budget_failure, export_run
     from featx_edge.formats import merge_overrides
-    from featx_edge.pipeline import budget_failure, export_run, format_table, train_run
-    from featx_edge.rundir import VERIFY, read_manifest
-    from featx_edge.verify import verify_run
+    from featx_edge.rundir import VERIFY, locked, read_manifest
+    from featx_edge.train import train_run
+    from featx_edge.verify import format_table, verify_run
 
     config = _config_from_args(args)
     # Parsed before training (a typo must not cost a training run) and recorded with the run,
     # so a later `featx-edge verify RUN` applies the same thresholds.
     overrides = _thresholds(args)
     config = dataclasses.replace(config, verify=merge_overrides(config.verify, overrides))
-    train_run(config, args.out, progress=not args.quiet)
-    manifest = export_run(args.out, formats=config.export.formats, progress=not args.quiet)
-    try:
-        report = verify_run(args.out, progress=not args.quiet)
-    except VerificationError:
-        print(format_table(json.loads((Path(args.out) / VERIFY).read_text()), read_manifest(args.out)))
-        raise
+    with locked(args.out, command="run", create=True):
+        train_run(config, args.out)
+        manifest = export_run(args.out, formats=config.export.formats)
+        try:
+            report = verify_run(args.out)
+        except VerificationError:
+            print(format_table(json.loads((Path(args.out) / VERIFY).read_text()), read_manifest(args.out)))
+            raise
     print(format_table(report, read_manifest(args.out)))
     missed = budget_failure(manifest)
     if missed:
@@ -291,7 +294,7 @@ def _cmd_bench(args) -> int:
     if not args.run:
         raise ConfigError("`featx-edge bench` needs a run directory: `featx-edge bench RUN`.")
     kwargs = {"formats": args.formats.split(",") if args.formats else None,
-              "include_tf": not args.no_tensorflow, "progress": not args.quiet}
+              "include_tf": not args.no_tensorflow}
     for name in ("threads", "batches"):
         if getattr(args, name) is not None:
             kwargs[name] = parse_int_list(name, getattr(args, name))
@@ -335,7 +338,10 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from featx_edge.progress import configure
+
     args = build_parser().parse_args(argv)
+    configure(quiet=getattr(args, "quiet", False))
     try:
         return COMMANDS[args.command](args)
     except FeatxError as err:

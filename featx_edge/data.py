@@ -8,13 +8,15 @@ with Pillow before training; files that fail are skipped and listed, never a cra
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from featx_edge.errors import DataError, ImageError
+from featx_edge.progress import bar
+from featx_edge.rundir import inside
 from featx_edge.runtime.image import load_pixels, open_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -72,7 +74,7 @@ def label_of(relpath: str) -> str:
     return relpath.split("/", 1)[0]
 
 
-def scan_folder(root: str | Path, *, min_per_class: int = MIN_IMAGES_PER_CLASS, progress: bool = False) -> ImageFolder:
+def scan_folder(root: str | Path, *, min_per_class: int = MIN_IMAGES_PER_CLASS) -> ImageFolder:
     """Find and decode every image under ``root/<class>/``; skip and list the bad ones.
 
     Raises:
@@ -103,12 +105,7 @@ def scan_folder(root: str | Path, *, min_per_class: int = MIN_IMAGES_PER_CLASS, 
     ]
     files: dict[str, list[str]] = {c.name: [] for c in class_dirs}
     skipped: list[SkippedFile] = []
-    iterator = candidates
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(candidates, desc="checking images", unit="img", leave=False)
-    for class_name, path in iterator:
+    for class_name, path in bar(candidates, desc="checking images", unit="img"):
         rel = path.relative_to(root).as_posix()
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             skipped.append(SkippedFile(rel, f"not an image file (extension `{path.suffix or '(none)'}`)"))
@@ -168,23 +165,38 @@ def split_folder(folder: ImageFolder, *, val_fraction: float, test_fraction: flo
     )
 
 
-def load_splits(path: str | Path, *, data_root: str | Path | None = None) -> Splits:
-    """Read ``splits.json``; ``data_root`` overrides the recorded folder (data moved)."""
+def load_splits(path: str | Path) -> Splits:
+    """Read ``splits.json``, refusing entries of the wrong type or paths that leave the data folder."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"`{path}` is missing; is this a featx-edge run directory?") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"`{path}` is not valid JSON ({err}); re-run `featx-edge train`.") from err
-    root = Path(data_root or raw["data_root"])
+    problems = []
+    if not isinstance(raw, dict):
+        raise DataError(f"`{path}` holds a JSON {type(raw).__name__}, not an object; re-run `featx-edge train`.")
+    if not isinstance(raw.get("data_root"), str):
+        problems.append("`data_root` is missing or not a string")
+    if not isinstance(raw.get("seed"), int):
+        problems.append("`seed` is missing or not an integer")
+    for key in ("classes", "train", "val", "test"):
+        value = raw.get(key)
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            problems.append(f"`{key}` is missing or not a list of strings")
+        elif key != "classes" and not all(inside(item) for item in value):
+            bad = next(item for item in value if not inside(item))
+            problems.append(f"`{key}` names {bad!r}, which is not a relative path inside the data folder")
+    if problems:
+        raise DataError(f"`{path}` is damaged: {'; '.join(problems)}. Re-run `featx-edge train`.")
     return Splits(
-        root=root,
+        root=Path(raw["data_root"]),
         classes=tuple(raw["classes"]),
         train=tuple(raw["train"]),
         val=tuple(raw["val"]),
         test=tuple(raw["test"]),
-        seed=int(raw["seed"]),
+        seed=raw["seed"],
     )
 
 
@@ -195,6 +207,19 @@ def iter_batches(
     for start in range(0, len(relpaths), batch_size):
         chunk = relpaths[start : start + batch_size]
         yield np.stack([_pixels(root, rel, size) for rel in chunk])
+
+
+def map_batches(fn: Callable[[np.ndarray], np.ndarray], root: Path, relpaths: Sequence[str], *, size: int,
+                batch_size: int = 64, desc: str | None = None) -> np.ndarray:
+    """``fn`` applied to the images in batches, outputs concatenated: memory holds one batch of pixels.
+
+    ``desc`` names a progress bar (shown when progress is on).
+    """
+    batches = iter_batches(root, relpaths, size=size, batch_size=batch_size)
+    if desc:
+        batches = bar(batches, total=-(-len(relpaths) // batch_size), desc=desc, unit="batch")
+    out = [np.asarray(fn(batch)) for batch in batches]
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 def load_images(root: Path, relpaths: Sequence[str], *, size: int) -> np.ndarray:

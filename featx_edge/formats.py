@@ -47,6 +47,10 @@ class FormatSpec:
         thresholds: verify's default limits.
         selftest_tolerance: largest |probability difference| a device may show against the
             export machine (integer kernels differ between CPUs by a few steps of 1/256).
+        converter: how export makes it: ``tflite`` (TFLiteConverter with ``quantization``),
+            ``tflite-selective``, ``tflite-qat``, ``onnx`` (tf2onnx), ``onnx-int8`` (onnxruntime).
+        quantization: the TFLite converter recipe (``float32``, ``float16``, ``dynamic``,
+            ``int8``; see ``export.tflite.TFLiteQuantization.named``), None for the others.
     """
 
     name: str
@@ -57,6 +61,13 @@ class FormatSpec:
     standard: bool
     thresholds: Thresholds
     selftest_tolerance: float
+    converter: str
+    quantization: str | None = None
+
+    @property
+    def input_dtype(self) -> str:
+        """What the artifact's input takes: uint8 pixels (full-integer) or float32 pixels 0..255."""
+        return "uint8" if self.integer_only else "float32"
 
 
 _FLOAT32 = Thresholds(min_agreement=1.0, max_accuracy_drop=0.0, max_abs_diff=1e-4)
@@ -67,23 +78,23 @@ FORMAT_SPECS: dict[str, FormatSpec] = {
     spec.name: spec
     for spec in (
         FormatSpec("tflite-float32", ".tflite", "litert", int8=False, integer_only=False, standard=True,
-                   thresholds=_FLOAT32, selftest_tolerance=1e-4),
+                   thresholds=_FLOAT32, selftest_tolerance=1e-4, converter="tflite", quantization="float32"),
         FormatSpec("tflite-float16", ".tflite", "litert", int8=False, integer_only=False, standard=True,
                    thresholds=Thresholds(min_agreement=0.98, max_accuracy_drop=1.0, max_abs_diff=0.05),
-                   selftest_tolerance=2e-3),
+                   selftest_tolerance=2e-3, converter="tflite", quantization="float16"),
         FormatSpec("tflite-dynamic", ".tflite", "litert", int8=False, integer_only=False, standard=True,
                    thresholds=Thresholds(min_agreement=0.97, max_accuracy_drop=1.0, min_sqnr_db=20.0),
-                   selftest_tolerance=_QUANTIZED_TOLERANCE),
+                   selftest_tolerance=_QUANTIZED_TOLERANCE, converter="tflite", quantization="dynamic"),
         FormatSpec("tflite-int8", ".tflite", "litert", int8=True, integer_only=True, standard=True,
-                   thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE),
+                   thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE, converter="tflite", quantization="int8"),
         FormatSpec("onnx-float32", ".onnx", "onnxruntime", int8=False, integer_only=False, standard=True,
-                   thresholds=_FLOAT32, selftest_tolerance=1e-4),
+                   thresholds=_FLOAT32, selftest_tolerance=1e-4, converter="onnx"),
         FormatSpec("onnx-int8", ".onnx", "onnxruntime", int8=True, integer_only=False, standard=True,
-                   thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE),
+                   thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE, converter="onnx-int8"),
         FormatSpec("tflite-int8-selective", ".tflite", "litert", int8=True, integer_only=False, standard=False,
-                   thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE),
+                   thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE, converter="tflite-selective"),
         FormatSpec("tflite-int8-qat", ".tflite", "litert", int8=True, integer_only=True, standard=False,
-                   thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE),
+                   thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE, converter="tflite-qat"),
     )
 }
 

@@ -1,7 +1,14 @@
-"""Multiply-accumulates of an ONNX graph, per node, and how much of that work runs in int8.
+"""Multiply-accumulates of an ONNX or TFLite graph, per node, and how much of that work runs in int8.
 
-Used by ``bench`` (achieved GMAC/s) and by ``verify`` (an ``onnx-int8`` artifact must really be
-quantized: QDQ pairs around its convolutions, the share of MACs whose inputs are int8).
+Used by ``bench`` (``count_macs``: a model's MACs per image, for the achieved GMAC/s) and by
+``verify`` (an ``onnx-int8`` artifact must really be quantized: QDQ pairs around its convolutions,
+the share of MACs whose inputs are int8).
+
+ONNX: ``Conv`` counts output elements x input channels per group x kernel area; ``Gemm``/``MatMul``
+output elements x the reduced dimension; shapes from ONNX shape inference, the leading batch
+dimension excluded. TFLite: ``CONV_2D``, ``DEPTHWISE_CONV_2D``, ``FULLY_CONNECTED`` and
+``BATCH_MATMUL`` from the interpreter's tensor shapes. Other ops (adds, pooling, activations) are
+not counted.
 """
 
 from __future__ import annotations
@@ -74,6 +81,80 @@ def count_macs_onnx(path: str | Path) -> dict:
             continue
         ops[node.op_type] = ops.get(node.op_type, 0) + macs
     return {"macs_per_image": int(sum(ops.values())), "ops": ops, "uncounted": uncounted}
+
+
+def count_macs_tflite(path: str | Path) -> dict:
+    """Multiply-accumulates per image of a TFLite graph (convolutions and fully connected layers).
+
+    Returns:
+        ``macs_per_image``, ``ops`` (MACs per op name) and ``uncounted``.
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from featx_edge.runtime.metadata import read_tflite
+
+    flatbuffer, _ = read_tflite(Path(path))
+    interpreter = Interpreter(model_content=flatbuffer,
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    tensors = {d["index"]: list(d["shape"]) for d in interpreter.get_tensor_details()}
+    ops: dict[str, int] = {}
+    uncounted = 0
+    for op in interpreter._get_ops_details():
+        name = op["op_name"]
+        if name not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL"):
+            continue
+        inputs = [int(i) for i in op["inputs"]]
+        x, w = tensors.get(inputs[0]), tensors.get(inputs[1])
+        y = tensors.get(int(op["outputs"][0]))
+        if not x or not w or not y:
+            uncounted += 1
+            continue
+        if name == "CONV_2D":  # weights [O, kH, kW, I]
+            macs = _prod(y[1:]) * _prod(w[1:])
+        elif name == "DEPTHWISE_CONV_2D":  # weights [1, kH, kW, C*multiplier]
+            macs = _prod(y[1:]) * _prod(w[1:3])
+        elif name == "FULLY_CONNECTED":  # weights [O, I]
+            macs = _prod(y[1:]) * int(w[-1])
+        else:
+            macs = _prod(y[1:]) * int(x[-1])
+        ops[name] = ops.get(name, 0) + macs
+    return {"macs_per_image": int(sum(ops.values())), "ops": ops, "uncounted": uncounted}
+
+
+def count_macs(run: Path, artifacts: dict) -> dict:
+    """The model's MACs per image, counted once: ONNX float32 graph first, else a TFLite graph.
+
+    Args:
+        run: the run directory.
+        artifacts: the manifest's ``artifacts`` (format -> entry with the ``path`` under ``run``).
+
+    Returns:
+        ``count_macs_onnx``/``count_macs_tflite``'s result plus ``source`` (the format counted),
+        ``method``, ``note`` and ``gmacs_per_image``; ``macs_per_image`` None (with the reasons in
+        ``note``) when no artifact could be counted.
+    """
+    attempts = []
+    candidates = [("onnx-float32", count_macs_onnx)]
+    candidates += [(fmt, count_macs_tflite) for fmt in ("tflite-float32", "tflite-float16", "tflite-dynamic",
+                                                        "tflite-int8")]
+    for fmt, counter in candidates:
+        if fmt not in artifacts:
+            continue
+        try:
+            result = counter(run / artifacts[fmt]["path"])
+        except Exception as err:  # noqa: BLE001 - a missing `onnx` package or an odd graph: try the next
+            attempts.append(f"{fmt}: {type(err).__name__}: {err}")
+            continue
+        method = ("ONNX graph with shape inference: Conv, Gemm, MatMul" if fmt.startswith("onnx")
+                  else "TFLite graph: CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, BATCH_MATMUL")
+        note = "element-wise ops, pooling and activations are not counted"
+        if result["uncounted"]:
+            note += f"; {result['uncounted']} node(s) had unknown shapes and were left out"
+        return dict(result, source=fmt, method=method, note=note,
+                    gmacs_per_image=result["macs_per_image"] / 1e9)
+    return {"macs_per_image": None, "ops": {}, "source": None, "method": None,
+            "note": "no artifact could be counted (" + ("; ".join(attempts) or "no onnx-float32 or tflite artifact")
+                    + "); GMAC/s columns are empty"}
 
 
 def onnx_quantization_report(path: str | Path) -> dict:

@@ -74,6 +74,20 @@ def build_backbone(spec: BackboneSpec, *, alpha: float | None, input_tensor: Any
     return backbone
 
 
+def copy_weights(source: list, target: list, *, what: str) -> None:
+    """Copy weights layer by layer between two lists of layers of the same architecture.
+
+    Layers without weights are skipped on both sides (``target`` may have extra preprocessing
+    layers in front); a different number of weighted layers is refused.
+    """
+    src, dst = _weighted(source), _weighted(target)
+    if len(src) != len(dst):
+        raise WeightsError(f"{what} has {len(src)} weighted layers where the model has {len(dst)}; "
+                           "it was saved for another backbone or width (`--alpha`).")
+    for s, d in zip(src, dst):
+        d.set_weights(s.get_weights())
+
+
 def _weighted(layers: list) -> list:
     return [layer for layer in layers if layer.weights]
 
@@ -117,11 +131,7 @@ def build_classifier(
         # Load into a standalone copy (Keras's own topological h5 loading), then copy the
         # weights layer by layer: our graph has extra preprocessing layers in front.
         source = build_backbone(spec, alpha=config.alpha, size=size, weights_file=str(weights_file))
-        src, dst = _weighted(source.layers), _weighted(_own_layers(backbone, inputs))
-        if len(src) != len(dst):  # pragma: no cover - same constructor, same architecture
-            raise WeightsError(f"internal: {len(src)} weighted layers in `{weights_file}`, {len(dst)} in model")
-        for s, d in zip(src, dst):
-            d.set_weights(s.get_weights())
+        copy_weights(source.layers, _own_layers(backbone, inputs), what=f"`{weights_file}`")
         del source
     backbone_layers = _own_layers(backbone, inputs)
     for layer in backbone_layers:

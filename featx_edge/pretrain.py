@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from featx_edge.config import ModelConfig, TrainConfig
 from featx_edge.data import load_images, scan_folder, split_folder
 from featx_edge.rundir import atomic_path, write_json
 from featx_edge.sample import resolve_data
+
+log = logging.getLogger(__name__)
 
 # Pretraining augmentation. Small datasets with flat regions (scans, digits on a plain
 # background) otherwise give BatchNorm channels of near-zero variance, and features so
@@ -31,7 +34,7 @@ PRETRAIN_BN_MOMENTUM = 0.9
 
 
 def pretrain(*, data: str, out: str | Path, model: ModelConfig, train: TrainConfig, seed: int = 0,
-             val_fraction: float = 0.15, test_fraction: float = 0.15, progress: bool = True) -> dict:
+             val_fraction: float = 0.15, test_fraction: float = 0.15) -> dict:
     """Train ``model.backbone`` from scratch on ``data`` and save its no-top weights to ``out``.
 
     ``data="sample"`` uses the sample data's source classes (digits 0-4), disjoint from the
@@ -45,7 +48,7 @@ def pretrain(*, data: str, out: str | Path, model: ModelConfig, train: TrainConf
         ...          model=ModelConfig(backbone="mobilenet_v2", alpha=0.35, image_size=96, weights="none"), train=TrainConfig(epochs=8))
     """
     from featx_edge._tf import import_tf
-    from featx_edge.model import build_backbone, build_classifier
+    from featx_edge.model import build_backbone, build_classifier, copy_weights
     from featx_edge.train import array_dataset, fit, setup_devices
 
     _, keras = import_tf()
@@ -57,7 +60,7 @@ def pretrain(*, data: str, out: str | Path, model: ModelConfig, train: TrainConf
     spec = get_backbone(model.backbone)
     size = model.input_size
     root = resolve_data(data, part="source")
-    folder = scan_folder(root, progress=progress)
+    folder = scan_folder(root)
     splits = split_folder(folder, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     setup_devices(mixed_precision=train.mixed_precision)
     model = dataclasses.replace(model, weights="none", head_units=0)
@@ -77,14 +80,11 @@ def pretrain(*, data: str, out: str | Path, model: ModelConfig, train: TrainConf
     data, steps = array_dataset(x_train, y_train, batch_size=train.batch_size, seed=seed, epochs=train.epochs,
                                 augment=augment)
     result = fit(clf.model, data, epochs=train.epochs, learning_rate=train.learning_rate,
-                 val_data=(x_val.astype(np.float32), y_val), progress=progress, steps_per_epoch=steps)
+                 val_data=(x_val.astype(np.float32), y_val), steps_per_epoch=steps)
     test_acc = float(np.mean(clf.model.predict(x_test.astype(np.float32), verbose=0).argmax(1) == y_test))
 
     standalone = build_backbone(spec, alpha=model.alpha, size=size)
-    src = [layer for layer in clf.backbone_layers if layer.weights]
-    dst = [layer for layer in standalone.layers if layer.weights]
-    for s, d in zip(src, dst, strict=True):
-        d.set_weights(s.get_weights())
+    copy_weights(clf.backbone_layers, standalone.layers, what="the pretrained backbone")
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         standalone.save_weights(str(tmp))
@@ -96,6 +96,5 @@ def pretrain(*, data: str, out: str | Path, model: ModelConfig, train: TrainConf
                + f" --image-size {size} --weights {out}",
     }
     write_json(Path(str(out) + ".json"), info)
-    if progress:
-        print(json.dumps({k: v for k, v in info.items() if k != "test_files"}, indent=2))
+    log.info(json.dumps({k: v for k, v in info.items() if k != "test_files"}, indent=2))
     return info

@@ -1,7 +1,14 @@
-"""Reading a trained run directory: its settings, its splits and its Keras reference.
+"""A run directory, opened once and checked: its settings, splits, Keras reference and artifacts.
 
-``verify``, ``bench`` and ``export`` reach a run through here (not through the training flow);
-every manifest is checked on read (``rundir.read_manifest``: layout version, required entries).
+``export``, ``verify`` and ``bench`` reach a run only through ``Run`` (never through the
+training flow). ``Run.open`` refuses a folder that is not a run, a manifest of another layout,
+one with missing or mistyped entries, and paths that leave the run or the data folder, each
+with one clear error. Commands that write into a run hold its lock (``rundir.locked``).
+
+Example:
+    >>> from featx_edge.run import Run
+    >>> run = Run.open("runs/demo")  # doctest: +SKIP
+    >>> run.labels, run.size, run.exported()  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -12,49 +19,100 @@ from pathlib import Path
 from featx_edge.config import RunConfig, config_from_dict
 from featx_edge.data import Splits, load_splits
 from featx_edge.errors import RunDirError
-from featx_edge.rundir import MANIFEST, read_manifest, sha256_file, write_json
+from featx_edge.formats import ordered
+from featx_edge.rundir import MANIFEST, artifact_problems, read_manifest, sha256_file, write_json
 
 
-def run_config(manifest: dict) -> RunConfig:
-    """The settings the run was made with (validated like a config file)."""
-    return config_from_dict(manifest["config"], source=MANIFEST)
+class Run:
+    """A trained run directory. Build with ``Run.open(path)``; the manifest is checked on open."""
 
+    def __init__(self, path: Path, manifest: dict) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+        self._config: RunConfig | None = None
+        self._splits: Splits | None = None
+        self._reference = None
 
-def update_run_config(run: str | Path, change) -> RunConfig:
-    """Apply ``change(config) -> config`` to the settings recorded in the run's manifest."""
-    manifest = read_manifest(run)
-    config = change(run_config(manifest))
-    manifest["config"] = config.to_dict()
-    write_json(Path(run) / MANIFEST, manifest)
-    return config
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        """Open ``path`` as a run; RunDirError naming the problem and the fix otherwise."""
+        return cls(Path(path), read_manifest(path))
 
+    # -- what the run was made with ---------------------------------------------------------
+    @property
+    def labels(self) -> list[str]:
+        return list(self.manifest["labels"])
 
-def load_reference(run: str | Path, manifest: dict | None = None):
-    """Rebuild the run's Keras classifier (float32) and load its trained weights."""
-    from featx_edge.model import build_classifier
-    from featx_edge.train import setup_devices
+    @property
+    def size(self) -> int:
+        """Input height and width in pixels."""
+        return int(self.manifest["input"]["height"])
 
-    run = Path(run)
-    manifest = manifest or read_manifest(run)
-    weights = run / manifest["reference"]["path"]
-    if not weights.is_file():
-        raise RunDirError(f"`{weights}` is missing; re-run `featx-edge train`.")
-    if sha256_file(weights) != manifest["reference"]["sha256"]:
-        raise RunDirError(f"`{weights}` does not match the checksum in {MANIFEST}; re-run `featx-edge train`.")
-    config = run_config(manifest)
-    setup_devices(mixed_precision=False)
-    model_config = dataclasses.replace(config.model, weights="none")
-    clf = build_classifier(num_classes=len(manifest["labels"]), config=model_config, weights_file=None,
-                           seed=config.seed)
-    clf.model.load_weights(str(weights))
-    return clf
+    @property
+    def config(self) -> RunConfig:
+        """The settings the run was made with (validated like a config file)."""
+        if self._config is None:
+            self._config = config_from_dict(self.manifest["config"], source=str(self.path / MANIFEST))
+        return self._config
 
+    def update_config(self, change) -> RunConfig:
+        """Apply ``change(config) -> config`` to the recorded settings and save the manifest."""
+        self._config = change(self.config)
+        self.manifest["config"] = self._config.to_dict()
+        self.save()
+        return self._config
 
-def load_run_splits(run: Path, manifest: dict) -> Splits:
-    """The run's train/val/test split; its data folder must still exist."""
-    splits = load_splits(Path(run) / manifest["data"].get("splits", "splits.json"))
-    if not splits.root.is_dir():
-        raise RunDirError(
-            f"the run's data folder `{splits.root}` is gone; restore it (the splits refer to its files)."
-        )
-    return splits
+    def splits(self) -> Splits:
+        """The run's train/val/test split; its data folder must still exist."""
+        if self._splits is None:
+            splits = load_splits(self.path / self.manifest["data"].get("splits", "splits.json"))
+            if not splits.root.is_dir():
+                raise RunDirError(f"the run's data folder `{splits.root}` is gone; restore it "
+                                  "(the splits refer to its files).")
+            self._splits = splits
+        return self._splits
+
+    def reference(self):
+        """The run's Keras classifier (float32), rebuilt from its config with its trained weights."""
+        if self._reference is None:
+            from featx_edge.model import build_classifier
+            from featx_edge.train import setup_devices
+
+            entry = self.manifest["reference"]
+            weights = self.path / entry["path"]
+            if not weights.is_file():
+                raise RunDirError(f"`{weights}` is missing; re-run `featx-edge train`.")
+            if sha256_file(weights) != entry.get("sha256"):
+                raise RunDirError(f"`{weights}` does not match the checksum in {MANIFEST}; "
+                                  "re-run `featx-edge train`.")
+            setup_devices(mixed_precision=False)
+            model_config = dataclasses.replace(self.config.model, weights="none")
+            clf = build_classifier(num_classes=len(self.labels), config=model_config, weights_file=None,
+                                   seed=self.config.seed)
+            clf.model.load_weights(str(weights))
+            self._reference = clf
+        return self._reference
+
+    # -- exported artifacts -----------------------------------------------------------------
+    def exported(self) -> tuple[str, ...]:
+        """The formats this run has artifacts for, in the registry's order."""
+        return tuple(ordered(self.manifest.get("artifacts", {})))
+
+    def artifact_path(self, fmt: str) -> Path:
+        return self.path / self.manifest["artifacts"][fmt]["path"]
+
+    def artifact_problems(self, fmt: str) -> list[str]:
+        """What is wrong with ``fmt``'s file (empty: it is the file that was exported)."""
+        return artifact_problems(self.path, self.manifest, fmt)
+
+    def record_artifact(self, fmt: str, path: Path) -> dict:
+        """Add ``fmt``'s file (path relative to the run, sha256, bytes) and save the manifest."""
+        entry = {"path": Path(path).relative_to(self.path).as_posix(), "sha256": sha256_file(path),
+                 "bytes": Path(path).stat().st_size}
+        self.manifest.setdefault("artifacts", {})[fmt] = entry
+        self.save()
+        return entry
+
+    def save(self) -> None:
+        write_json(self.path / MANIFEST, self.manifest)
+

@@ -12,10 +12,15 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from featx_edge.errors import RunDirError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 MANIFEST = "manifest.json"
 SPLITS = "splits.json"
@@ -23,6 +28,7 @@ WEIGHTS = "model.weights.h5"
 EXPORT_DIR = "export"
 VERIFY = "verify.json"
 INT8_LAYERS = "int8_layers.json"
+LOCK = ".featx-edge.lock"
 MANIFEST_VERSION = 2
 """Version of the manifest layout; a run written with another layout is refused, not guessed at.
 (2: EfficientNet-Lite, the affine preprocessing layer, bias-corrected int8, verify intervals.)"""
@@ -48,6 +54,53 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+_held: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def locked(run: str | Path, *, command: str, create: bool = False) -> Iterator[None]:
+    """Hold ``run``'s lock while one command writes into it; RunDirError if another command does.
+
+    An advisory ``flock`` on ``RUN/.featx-edge.lock`` (released by the OS when the process
+    dies, so a killed command never leaves a stale lock). Re-entrant within one process
+    (``run`` takes it, then train/export/verify inside take it again). Where ``fcntl`` does not
+    exist (Windows) commands are not locked.
+    """
+    run = Path(run)
+    if create:
+        run.mkdir(parents=True, exist_ok=True)
+    elif not run.is_dir():
+        raise RunDirError(f"`{run}` is not a featx-edge run directory (no such folder). "
+                          "Create one with `featx-edge train --data DIR --out RUN` or `featx-edge run`.")
+    key = str(run.resolve())
+    if key in _held or fcntl is None:
+        _held[key] = _held.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+            if not _held[key]:
+                del _held[key]
+        return
+    fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise RunDirError(f"`{run}` is in use by another featx-edge command ({holder}); wait for it to "
+                          "finish, or work in another run folder.") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"`featx-edge {command}`, pid {os.getpid()}".encode(), 0)
+    _held[key] = 1
+    try:
+        yield
+    finally:
+        del _held[key]
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -109,20 +162,35 @@ def check_manifest(manifest: Any, *, path: Path) -> None:
         problems.append("`reference.path` is missing")
     if not problems and not isinstance(manifest["input"].get("height"), int):
         problems.append("`input.height` is missing or not an integer")
+    if not problems:
+        problems += _path_problems(manifest)
     if problems:
         raise RunDirError(f"`{path}` is incomplete or damaged: {'; '.join(problems)}. Re-run `featx-edge train`.")
 
 
-def record_artifact(run: str | Path, manifest: dict, fmt: str, path: Path) -> dict:
-    """Add ``fmt``'s file (path relative to the run, sha256, bytes) to the manifest and save it."""
-    entry = {
-        "path": path.relative_to(run).as_posix(),
-        "sha256": sha256_file(path),
-        "bytes": path.stat().st_size,
-    }
-    manifest.setdefault("artifacts", {})[fmt] = entry
-    write_json(Path(run) / MANIFEST, manifest)
-    return entry
+def _path_problems(manifest: dict) -> list[str]:
+    """Every path the manifest names must be a relative path that stays inside the run."""
+    named = [("reference.path", manifest["reference"].get("path")),
+             ("data.splits", manifest["data"].get("splits", SPLITS))]
+    for fmt, entry in manifest["artifacts"].items():
+        if not isinstance(entry, dict):
+            return [f"`artifacts.{fmt}` is not a JSON object"]
+        named.append((f"artifacts.{fmt}.path", entry.get("path")))
+    problems = []
+    for key, value in named:
+        if value is None and key.startswith("artifacts."):
+            continue  # an incomplete entry: artifact_problems names it for that format
+        if not inside(value):
+            problems.append(f"`{key}` ({value!r}) is not a relative path inside the run")
+    return problems
+
+
+def inside(relpath: Any) -> bool:
+    """Whether ``relpath`` is a relative path that cannot leave the folder it is joined to."""
+    if not isinstance(relpath, str) or not relpath or "\\" in relpath or "\0" in relpath:
+        return False
+    pure = PurePosixPath(relpath)
+    return not pure.is_absolute() and ".." not in pure.parts
 
 
 def artifact_problems(run: str | Path, manifest: dict, fmt: str) -> list[str]:

@@ -1,163 +1,153 @@
 """Verify every exported model against the Keras reference on the held-out test split.
 
 Artifacts run through the device runtime (``featx_edge.runtime``), so what is verified is what
-a device runs. Every failure is collected, written to ``RUN/verify.json``, then raised as one
-VerificationError listing each failing format with the measured value and the threshold.
+a device runs. The test images are decoded once, a batch at a time, and every model sees each
+batch (memory holds one batch of pixels, whatever the test split's size). Every failure is
+collected, written to ``RUN/verify.json``, then raised as one VerificationError listing each
+failing format with the measured value and the threshold.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
+from featx_edge.data import iter_batches
 from featx_edge.errors import ModelFileError, VerificationError
-from featx_edge.formats import Thresholds, get_format, merge_overrides, ordered, thresholds_for
-from featx_edge.intervals import paired_difference, wilson
-from featx_edge.rundir import VERIFY, artifact_problems, read_manifest, write_json
+from featx_edge.fidelity import check, compare
+from featx_edge.formats import Thresholds, get_format, merge_overrides, thresholds_for
+from featx_edge.intervals import wilson
+from featx_edge.progress import bar
+from featx_edge.run import Run
+from featx_edge.rundir import VERIFY, locked, write_json
 
+log = logging.getLogger(__name__)
 
-def compare(probs: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dict:
-    """Fidelity metrics of ``probs`` against ``reference`` (both (N, C) probabilities)."""
-    if probs.shape != reference.shape:
-        raise VerificationError(f"output shape {probs.shape} differs from the reference's {reference.shape}")
-    delta = np.abs(probs.astype(np.float64) - reference.astype(np.float64))
-    noise = float(np.sum(delta ** 2))
-    signal = float(np.sum(reference.astype(np.float64) ** 2))
-    norms = np.linalg.norm(probs, axis=1) * np.linalg.norm(reference, axis=1)
-    cosine = np.sum(probs.astype(np.float64) * reference, axis=1) / np.maximum(norms, 1e-12)
-    n = len(labels)
-    right = probs.argmax(1) == labels
-    reference_right = reference.argmax(1) == labels
-    agree = int(np.sum(probs.argmax(1) == reference.argmax(1)))
-    gained, lost = int(np.sum(right & ~reference_right)), int(np.sum(~right & reference_right))
-    accuracy = float(np.mean(right)) if n else 0.0
-    reference_accuracy = float(np.mean(reference_right)) if n else 0.0
-    change_low, change_high = paired_difference(gained, lost, n)
-    return {
-        "images": n,
-        "accuracy": accuracy,
-        "accuracy_ci95": list(wilson(int(np.sum(right)), n)),
-        "reference_accuracy": reference_accuracy,
-        "accuracy_change_points": 100.0 * (accuracy - reference_accuracy),
-        "accuracy_change_ci95_points": [100.0 * change_low, 100.0 * change_high],
-        "images_gained": gained,
-        "images_lost": lost,
-        "top1_agreement": agree / n if n else 1.0,
-        "top1_agreement_ci95": list(wilson(agree, n)),
-        "disagreements": n - agree,
-        "max_abs_diff": float(delta.max()) if delta.size else 0.0,
-        "mean_abs_diff": float(delta.mean()) if delta.size else 0.0,
-        "cosine_similarity": float(cosine.mean()) if cosine.size else 1.0,
-        "sqnr_db": float("inf") if noise == 0 else 10.0 * np.log10(signal / noise),
-    }
-
-
-def check(metrics: dict, limits: Thresholds) -> list[str]:
-    """Human-readable failures of ``metrics`` against ``limits`` (empty: pass)."""
-    failures = []
-    if limits.min_agreement is not None and metrics["top1_agreement"] < limits.min_agreement:
-        failures.append(f"top-1 agreement {metrics['top1_agreement']:.4f} < {limits.min_agreement}")
-    if limits.max_accuracy_drop is not None and -metrics["accuracy_change_points"] > limits.max_accuracy_drop + 1e-9:
-        failures.append(f"accuracy drop {-metrics['accuracy_change_points']:.2f} points > {limits.max_accuracy_drop}")
-    if limits.max_abs_diff is not None and metrics["max_abs_diff"] > limits.max_abs_diff:
-        failures.append(f"max |dprob| {metrics['max_abs_diff']:.3g} > {limits.max_abs_diff}")
-    if limits.min_sqnr_db is not None and metrics["sqnr_db"] < limits.min_sqnr_db:
-        failures.append(f"SQNR {metrics['sqnr_db']:.1f} dB < {limits.min_sqnr_db}")
-    return failures
+BATCH = 64
+"""Images per batch: decoded once, run through the reference and every model."""
 
 
 def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
-               overrides: dict[str, dict[str, float]] | None = None, progress: bool = True) -> dict:
+               overrides: dict[str, dict[str, float]] | None = None) -> dict:
     """Verify the run's artifacts; writes ``RUN/verify.json`` and raises on any failure.
 
     Example:
         >>> report = verify_run("runs/demo")  # doctest: +SKIP
         >>> report["formats"]["tflite-int8"]["top1_agreement"]  # doctest: +SKIP
     """
-    from featx_edge.data import load_images
-    from featx_edge.export.tflite import integer_report
-    from featx_edge.macs import onnx_quantization_report
-    from featx_edge.run import load_reference, load_run_splits
-    from featx_edge.runtime import load
-    from featx_edge.runtime.metadata import read_tflite
-    from featx_edge.train import predict_pixels_keras
+    with locked(run, command="verify"):
+        return _verify(Run.open(run), formats=formats, overrides=overrides)
 
-    run = Path(run)
-    manifest = read_manifest(run)
+
+def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None) -> dict:
+    from featx_edge.runtime import load
+
+    manifest = run.manifest
     # The run's own [verify] settings, then this call's.
     overrides = merge_overrides(manifest.get("config", {}).get("verify", {}), overrides)
-    artifacts = manifest.get("artifacts", {})
-    formats = tuple(formats) if formats else tuple(ordered(artifacts))
+    formats = tuple(formats) if formats else run.exported()
     if not formats:
-        raise VerificationError(f"`{run}` has no exported models; run `featx-edge export {run}` first.")
-    splits = load_run_splits(run, manifest)
-    size = manifest["input"]["height"]
-    pixels = load_images(splits.root, splits.test, size=size)
+        raise VerificationError(f"`{run.path}` has no exported models; run `featx-edge export {run.path}` first.")
+    splits = run.splits()
     labels = splits.labels("test")
-    reference = predict_pixels_keras(load_reference(run, manifest).model, pixels)
+    entries: dict[str, dict] = {}
+    problems: dict[str, list[str]] = {}
+    predictors, outputs, seconds = {}, {}, {}
+    for fmt in formats:
+        entries[fmt] = {"thresholds": dataclasses.asdict(thresholds_for(fmt, overrides))}
+        problems[fmt] = run.artifact_problems(fmt)
+        if problems[fmt]:
+            continue
+        # What was measured, so a later reader (bench, report) can tell a stale entry.
+        entries[fmt]["sha256"] = manifest["artifacts"][fmt]["sha256"]
+        entries[fmt]["compared_with"] = f"the run's float Keras reference ({manifest['reference']['path']})"
+        try:
+            predictor = load(run.artifact_path(fmt))
+        except ModelFileError as err:
+            problems[fmt].append(str(err))
+            continue
+        if predictor.labels != run.labels:
+            problems[fmt].append(f"labels in the model {predictor.labels} differ from the run's")
+            continue
+        predictors[fmt], outputs[fmt], seconds[fmt] = predictor, [], 0.0
+
+    model = run.reference().model
+    reference = []
+    batches = bar(iter_batches(splits.root, splits.test, size=run.size, batch_size=BATCH),
+                  total=-(-len(labels) // BATCH), desc="verifying", unit="batch")
+    for batch in batches:
+        reference.append(model(batch.astype(np.float32), training=False).numpy())
+        for fmt in list(predictors):
+            t0 = time.perf_counter()
+            try:
+                outputs[fmt].append(predictors[fmt].predict_pixels(batch))
+            except (ModelFileError, VerificationError) as err:
+                problems[fmt].append(str(err))
+                del predictors[fmt]
+            else:
+                seconds[fmt] += time.perf_counter() - t0
+    reference = np.concatenate(reference) if reference else np.zeros((0, len(run.labels)), np.float32)
     reference_right = int(np.sum(reference.argmax(1) == labels))
-    report: dict = {"run": str(run), "images": len(labels),
+    report: dict = {"run": str(run.path), "images": len(labels),
                     "reference_accuracy": reference_right / max(len(labels), 1),
                     "reference_accuracy_ci95": list(wilson(reference_right, len(labels))),
-                    "reference_sha256": manifest["reference"]["sha256"], "formats": {}}
+                    "reference_sha256": manifest["reference"]["sha256"], "formats": entries}
     failures: list[str] = []
     for fmt in formats:
-        limits = thresholds_for(fmt, overrides)
-        entry: dict = {"thresholds": dataclasses.asdict(limits)}
-        report["formats"][fmt] = entry
-        problems = artifact_problems(run, manifest, fmt)
-        if not problems:
-            t0 = time.perf_counter()
-            path = run / artifacts[fmt]["path"]
-            # What was measured, so a later reader (bench, report) can tell a stale entry.
-            entry["sha256"] = artifacts[fmt]["sha256"]
-            entry["compared_with"] = f"the run's float Keras reference ({manifest['reference']['path']})"
+        entry = entries[fmt]
+        if fmt in predictors:
             try:
-                predictor = load(path)
-                if predictor.labels != manifest["labels"]:
-                    problems.append(f"labels in the model {predictor.labels} differ from the run's")
-                else:
-                    probs = predictor.predict_pixels(pixels)
-                    entry.update(compare(probs, reference, labels))
-                    problems += check(entry, limits)
-                spec = get_format(fmt)
-                if spec.int8 and spec.engine == "litert" and not problems:
-                    entry["integer"] = integer_report(read_tflite(path)[0])
-                    if spec.integer_only and (entry["integer"]["float_tensors"]
-                                              or entry["integer"]["input_dtype"] not in ("uint8", "int8")):
-                        problems.append("not integer-only: " + str(entry["integer"]["float_tensors"][:3]))
-                if spec.int8 and spec.engine == "onnxruntime":
-                    entry["integer"] = onnx_quantization_report(path)
-                    problems += _onnx_int8_problems(entry["integer"])
+                problems[fmt] += _check_format(run, fmt, entry, np.concatenate(outputs[fmt]), reference, labels)
             except (ModelFileError, VerificationError) as err:
-                problems.append(str(err))
-            entry["seconds"] = round(time.perf_counter() - t0, 3)
-        entry["passed"] = not problems
-        entry["failures"] = problems
-        failures += [f"{fmt}: {p}" for p in problems]
-        if progress:
-            status = "PASS" if not problems else "FAIL: " + "; ".join(problems)
-            agree = entry.get("top1_agreement")
-            shown = "" if agree is None else (f"agreement {agree:.4f} [{entry['top1_agreement_ci95'][0]:.3f}, "
-                                              f"{entry['top1_agreement_ci95'][1]:.3f}] ")
-            print(f"{fmt:<22} {shown}{status}", flush=True)
+                problems[fmt].append(str(err))
+            entry["seconds"] = round(seconds[fmt], 3)
+        entry["passed"] = not problems[fmt]
+        entry["failures"] = problems[fmt]
+        failures += [f"{fmt}: {p}" for p in problems[fmt]]
+        agree = entry.get("top1_agreement")
+        shown = "" if agree is None else (f"agreement {agree:.4f} [{entry['top1_agreement_ci95'][0]:.3f}, "
+                                          f"{entry['top1_agreement_ci95'][1]:.3f}] ")
+        log.info("%-22s %s%s", fmt, shown, "PASS" if not problems[fmt] else "FAIL: " + "; ".join(problems[fmt]))
     report["passed"] = not failures
-    write_json(run / VERIFY, report)
+    write_json(run.path / VERIFY, report)
     if failures:
         remedy = ""
         if any(get_format(f.split(":")[0]).int8 for f in failures):
-            remedy = (f"\nFor int8: try `featx-edge export {run} --int8-budget 1.0 --qat-epochs 2` (tries the "
+            remedy = (f"\nFor int8: try `featx-edge export {run.path} --int8-budget 1.0 --qat-epochs 2` (tries the "
                       "selective and QAT variants, keeps the first within budget), ship tflite-float16 or "
                       "tflite-dynamic instead, or accept a looser limit knowingly with "
                       "`--threshold FORMAT.METRIC=VALUE`. README \"int8\" lists what moves int8 fidelity.")
         raise VerificationError(
-            f"{len(failures)} check(s) failed on {len(labels)} test images (details in {run / VERIFY}):\n  "
+            f"{len(failures)} check(s) failed on {len(labels)} test images (details in {run.path / VERIFY}):\n  "
             + "\n  ".join(failures) + remedy
         )
     return report
+
+
+def _check_format(run: Run, fmt: str, entry: dict, probs: np.ndarray, reference: np.ndarray,
+                  labels: np.ndarray) -> list[str]:
+    """Fill ``entry`` with ``fmt``'s metrics; its problems against its thresholds and its int8 claim."""
+    from featx_edge.export.tflite import integer_report
+    from featx_edge.macs import onnx_quantization_report
+    from featx_edge.runtime.metadata import read_tflite
+
+    spec = get_format(fmt)
+    entry.update(compare(probs, reference, labels))
+    problems = check(entry, Thresholds(**entry["thresholds"]))
+    path = run.artifact_path(fmt)
+    if spec.int8 and spec.engine == "litert" and not problems:
+        entry["integer"] = integer_report(read_tflite(path)[0])
+        if spec.integer_only and (entry["integer"]["float_tensors"]
+                                  or entry["integer"]["input_dtype"] not in ("uint8", "int8")):
+            problems.append("not integer-only: " + str(entry["integer"]["float_tensors"][:3]))
+    if spec.int8 and spec.engine == "onnxruntime":
+        entry["integer"] = onnx_quantization_report(path)
+        problems += _onnx_int8_problems(entry["integer"])
+    return problems
 
 
 def _onnx_int8_problems(report: dict) -> list[str]:
@@ -167,3 +157,30 @@ def _onnx_int8_problems(report: dict) -> list[str]:
     if not report["int8_mac_share"]:
         return ["not quantized: none of the convolutions or matrix products has int8 inputs and weights"]
     return []
+
+
+def format_table(report: dict, manifest: dict) -> str:
+    """The run's table from a verify report: size, test accuracy, change and agreement with 95% intervals."""
+    header = (f"{'format':<22} {'size (MB)':>9} {'test acc':>8} {'change (points) [95% CI]':>26} "
+              f"{'agreement [95% CI]':>25}  verify")
+    lines = [header]
+    low, high = report.get("reference_accuracy_ci95") or (None, None)
+    ci = f"[{low:.3f}, {high:.3f}]" if low is not None else ""
+    lines.append(f"{'keras (reference)':<22} {'':>9} {report['reference_accuracy']:>8.4f} {ci:>26}")
+    for fmt, row in report["formats"].items():
+        size = manifest.get("artifacts", {}).get(fmt, {}).get("bytes")
+        acc, agree = row.get("accuracy"), row.get("top1_agreement")
+        change = ""
+        if row.get("accuracy_change_points") is not None:
+            c_low, c_high = row["accuracy_change_ci95_points"]
+            change = f"{row['accuracy_change_points']:+.2f} [{c_low:+.2f}, {c_high:+.2f}]"
+        agreement = ""
+        if agree is not None:
+            a_low, a_high = row["top1_agreement_ci95"]
+            agreement = f"{agree:.4f} [{a_low:.3f}, {a_high:.3f}]"
+        lines.append(f"{fmt:<22} {'' if size is None else f'{size / 1e6:.2f}':>9} "
+                     f"{'' if acc is None else f'{acc:.4f}':>8} {change:>26} {agreement:>25}  "
+                     f"{'pass' if row['passed'] else 'FAIL'}")
+    lines.append(f"({report['images']} test images; change and agreement are against the Keras reference "
+                 "on the same images)")
+    return "\n".join(lines)

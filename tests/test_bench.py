@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,19 +17,20 @@ from featx_edge.bench import (
     BENCH_JSON,
     BENCH_MD,
     BENCH_PNG,
-    TABLE_HEADER,
     bench_run,
     compare_runs,
     format_table,
     latency_stats,
+    measure_ceiling,
     pareto_front,
     time_calls,
 )
+from featx_edge.bench.report import TABLE_HEADER
 from featx_edge.errors import ConfigError, RunDirError
 
 FORMATS = ("tflite-float32", "tflite-int8", "onnx-float32")
 TINY = {"threads": (1,), "batches": (1, 2), "repeats": 3, "warmup": 1, "min_seconds": 0.0, "max_seconds": 1.0,
-        "ceiling_seconds": 0.05, "progress": False}
+        "ceiling_seconds": 0.05}
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +154,8 @@ def test_bad_requests_say_what_to_do(benched, tmp_path):
         bench_run(tmp_path / "nothing", **TINY)
 
 
-def test_missing_data_falls_back_to_random_pixels(benched, tmp_path):
+def test_missing_data_falls_back_to_random_pixels(benched, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="featx_edge")
     run, _ = benched
     copy = tmp_path / "nodata"
     shutil.copytree(run, copy)
@@ -166,6 +171,7 @@ def test_missing_data_falls_back_to_random_pixels(benched, tmp_path):
     tf = _rows(report, runtime="tensorflow")
     assert len(tf) == 1 and tf[0]["status"] == "skipped" and "include_tf" in tf[0]["reason"]
     assert (copy / BENCH_PNG).is_file()
+    assert TABLE_HEADER in caplog.text  # progress and the table go to the featx_edge logger
 
 
 # ---- pure helpers, on hand-made numbers --------------------------------------------------------
@@ -194,6 +200,15 @@ def test_pareto_front():
     assert pareto_front([]) == []
 
 
+def test_package_import_is_light_and_the_worker_runs_as_a_module():
+    code = ("import sys, featx_edge.bench; "
+            "print(sorted(m for m in sys.modules if m.startswith('featx_edge.')), 'numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["['featx_edge.bench']", "False"]  # the names load their module on first use
+    ceiling = measure_ceiling([1], size=32, min_seconds=0.0)  # `python -m featx_edge.bench.worker --ceiling`
+    assert ceiling["1"]["status"] == "ok" and ceiling["1"]["gmacs"] > 0
+
+
 def test_time_calls_stops_on_count_and_time():
     calls = []
     samples, _ = time_calls(calls.append, [np.zeros(1)], warmup=2, repeats=7, min_seconds=0.0, max_seconds=5.0)
@@ -204,7 +219,7 @@ def test_time_calls_stops_on_count_and_time():
 
 
 def test_rows_record_the_artifact_and_stale_verify_entries_are_not_reused(benched, tmp_path):
-    from featx_edge.bench import _accuracy_lookup
+    from featx_edge.bench.plan import accuracy_lookup
     from featx_edge.rundir import read_manifest
 
     run, report = benched
@@ -212,12 +227,12 @@ def test_rows_record_the_artifact_and_stale_verify_entries_are_not_reused(benche
     for row in _rows(report, status="ok"):
         if row["format"] in manifest["artifacts"]:
             assert row["sha256"] == manifest["artifacts"][row["format"]]["sha256"]
-    per_format, _, _, note = _accuracy_lookup(run, manifest)
+    per_format, _, _, note = accuracy_lookup(run, manifest)
     assert per_format["tflite-int8"] is not None and note is None
     # The int8 model is re-exported (another checksum) after verify ran: its verify entry is stale.
     changed = dict(manifest, artifacts=dict(manifest["artifacts"],
                                             **{"tflite-int8": dict(manifest["artifacts"]["tflite-int8"],
                                                                    sha256="0" * 64)}))
-    per_format, _, _, note = _accuracy_lookup(run, changed)
+    per_format, _, _, note = accuracy_lookup(run, changed)
     assert "tflite-int8" not in per_format and "stale for tflite-int8" in note
     assert per_format["tflite-float32"] is not None

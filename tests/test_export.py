@@ -1,6 +1,7 @@
 """The trained run: transfer really happens, every format is written, checked and described."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,7 @@ def test_interrupted_export_leaves_no_partial_file(trained_run, monkeypatch, tmp
     import shutil
 
     from featx_edge import rundir
-    from featx_edge.pipeline import export_run
+    from featx_edge.export import export_run
 
     run = tmp_path / "copy"
     shutil.copytree(trained_run, run)
@@ -115,7 +116,7 @@ def test_interrupted_export_leaves_no_partial_file(trained_run, monkeypatch, tmp
 
     monkeypatch.setattr(rundir.os, "replace", interrupted_rename)
     with pytest.raises(KeyboardInterrupt):
-        export_run(run, formats="tflite-float16", progress=False)
+        export_run(run, formats="tflite-float16")
     assert not target.exists()
     assert not list(run.rglob(".tmp-*"))
     assert (run / "manifest.json").read_text() == before
@@ -196,3 +197,44 @@ def test_verify_records_what_it_measured(trained_run):
         assert low <= row["top1_agreement"] <= high
         c_low, c_high = row["accuracy_change_ci95_points"]
         assert c_low <= row["accuracy_change_points"] <= c_high
+
+
+@pytest.fixture(scope="module")
+def three_digits(tmp_path_factory, sample_root) -> Path:
+    """A small folder: twelve images each of three digits."""
+    root = tmp_path_factory.mktemp("three") / "digits"
+    for digit in ("digit_0", "digit_1", "digit_2"):
+        (root / digit).mkdir(parents=True)
+        for image in sorted((sample_root / "all" / digit).iterdir())[:12]:
+            shutil.copy(image, root / digit / image.name)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone, style", [
+    (["--backbone", "mobilenet_v2", "--alpha", "0.35"], "tf"),
+    (["--backbone", "mobilenet_v3_small", "--alpha", "0.75"], "builtin"),
+    (["--backbone", "vgg16"], "caffe"),
+])
+def test_every_preprocessing_style_exports_and_verifies(three_digits, tmp_path, backbone, style):
+    """Each in-graph preprocessing (tf: [-1, 1]; builtin: inside the Keras model; caffe: BGR minus
+    the ImageNet mean) survives TFLite and ONNX conversion: float exports match the reference at
+    the default thresholds, and full-integer int8 converts to an integer-only model that runs."""
+    from featx_edge.backbones import get_backbone
+    from featx_edge.cli import main
+    from featx_edge.runtime import load
+
+    assert get_backbone(backbone[1]).preprocessing == style
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(three_digits), "--out", str(run), *backbone, "--weights", "none",
+                 "--image-size", "32", "--epochs", "2", "--quiet"]) == 0
+    assert main(["export", str(run), "--formats", "tflite-float32,onnx-float32,tflite-int8", "--quiet"]) == 0
+    assert main(["verify", str(run), "--formats", "tflite-float32,onnx-float32", "--quiet"]) == 0
+    report = json.loads((run / "verify.json").read_text())
+    for fmt in ("tflite-float32", "onnx-float32"):
+        assert report["formats"][fmt]["top1_agreement"] == 1.0
+        assert report["formats"][fmt]["max_abs_diff"] <= 1e-4
+    int8 = load(run / read_manifest(run)["artifacts"]["tflite-int8"]["path"])
+    assert int8.backend.input_dtype == "uint8" and int8.metadata["input"]["dtype"] == "uint8"
+    probs = int8.predict_pixels(np.zeros((2, 32, 32, 3), np.uint8))
+    assert probs.shape == (2, 3) and np.allclose(probs.sum(1), 1.0, atol=0.02)

@@ -1,7 +1,5 @@
 """The format registry: one place that knows each format; everything else reads it."""
 
-import subprocess
-import sys
 
 import pytest
 
@@ -47,10 +45,3 @@ def test_overrides_layer_and_order_is_the_registrys():
     assert thresholds_for("tflite-int8", merged).min_agreement == 0.95
     assert ordered(["onnx-int8", "zzz", "tflite-float32", "tflite-int8-qat"]) == [
         "tflite-float32", "onnx-int8", "tflite-int8-qat", "zzz"]
-
-
-def test_config_no_longer_imports_verify():
-    """The old cycle config -> verify -> pipeline -> config is gone: config needs only the leaves."""
-    code = "import sys, featx_edge.config; print(sorted(m for m in sys.modules if m.startswith('featx_edge')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "featx_edge.verify" not in out and "featx_edge.pipeline" not in out, out

@@ -31,8 +31,9 @@ def test_selective_keeps_the_worst_layers_in_float(int8_run):
     assert kept == [row["tensor"] for row in layers[:5]]
     report = integer_report(flatbuffer)
     assert report["float_tensors"], "a selective model keeps some float tensors"
-    main(["verify", str(int8_run), "--formats", "tflite-int8-selective", "--quiet"])
+    rc = main(["verify", str(int8_run), "--formats", "tflite-int8-selective", "--quiet"])
     row = json.loads((int8_run / "verify.json").read_text())["formats"]["tflite-int8-selective"]
+    assert rc == (0 if row["passed"] else 2)
     assert "float Keras reference" in row["compared_with"]
     assert row["top1_agreement"] >= 0.9, row  # a mixed model stays close to its float twin
 
@@ -49,8 +50,9 @@ def test_qat_exports_an_integer_model(int8_run):
     assert report["input_dtype"] == "uint8" and report["float_tensors"] == []
     assert meta["quantization"]["method"] == "tfmot quantization-aware training"
     assert meta["quantization"]["trained_layers"] == ["head_dense", "probabilities"]
-    main(["verify", str(int8_run), "--formats", "tflite-int8-qat", "--quiet"])
+    rc = main(["verify", str(int8_run), "--formats", "tflite-int8-qat", "--quiet"])
     row = json.loads((int8_run / "verify.json").read_text())["formats"]["tflite-int8-qat"]
+    assert rc == (0 if row["passed"] else 2)
     # The backbone stayed frozen, so QAT's int8 model is still the run's model: it is compared
     # with the run's reference, and stays close to it. (Before its activation ranges were
     # initialised from calibration, a short QAT on EfficientNet-Lite agreed on 8% of images.)
@@ -60,12 +62,12 @@ def test_qat_exports_an_integer_model(int8_run):
 
 def test_qat_ranges_start_at_the_float_models(trained_run):
     from featx_edge.export.calibration import calibration_images
-    from featx_edge.int8 import init_qat_ranges, qat_model
-    from featx_edge.run import load_reference, load_run_splits
+    from featx_edge.export.qat import init_qat_ranges, qat_model
+    from featx_edge.run import Run
     from featx_edge.train import predict_pixels_keras
 
-    clf = load_reference(trained_run)
-    splits = load_run_splits(trained_run, read_manifest(trained_run))
+    run = Run.open(trained_run)
+    clf, splits = run.reference(), run.splits()
     calibration = calibration_images(splits.root, splits.train, size=96, count=64, seed=0)
     qat = qat_model(clf.model, trainable=("head_dense", "probabilities"))
     assert init_qat_ranges(qat, clf.model, calibration=calibration) > 50
@@ -79,7 +81,7 @@ def test_qat_ranges_start_at_the_float_models(trained_run):
 
 def test_qat_keeps_the_backbone_frozen():
     from featx_edge.config import ModelConfig
-    from featx_edge.int8 import fit_variables, qat_model, trainable_variables
+    from featx_edge.export.qat import fit_variables, qat_model, trainable_variables
     from featx_edge.model import build_classifier
     from featx_edge.train import make_sequence
 
@@ -107,7 +109,7 @@ def test_qat_keeps_the_backbone_frozen():
 def test_qat_is_refused_for_mobilenet_v3():
     from featx_edge.config import ModelConfig
     from featx_edge.errors import ExportError
-    from featx_edge.int8 import qat_model
+    from featx_edge.export.qat import qat_model
     from featx_edge.model import build_classifier
 
     clf = build_classifier(num_classes=2, weights_file=None,
@@ -144,6 +146,54 @@ def test_budget_picks_plain_int8_when_it_is_good_enough(int8_run):
     assert decision["chosen"] == "tflite-int8" and len(decision["attempts"]) == 1
 
 
+class _FakeRun:
+    """What the budget policy reads of a run: its settings and manifest."""
+
+    def __init__(self, *, qat_epochs: int = 0) -> None:
+        from featx_edge.config import RunConfig, override
+
+        self.config = override(RunConfig(), "train", qat_epochs=qat_epochs)
+        self.manifest = {"artifacts": {"tflite-int8": {}}}
+        self.saved = 0
+
+    def save(self) -> None:
+        self.saved += 1
+
+
+@pytest.mark.parametrize("lost, qat, chosen, exported", [
+    ({"tflite-int8": 0}, 0, "tflite-int8", []),
+    ({"tflite-int8": 3, "tflite-int8-selective": 1}, 0, "tflite-int8-selective", ["tflite-int8-selective"]),
+    ({"tflite-int8": 3, "tflite-int8-selective": 2}, 0, None, ["tflite-int8-selective"]),
+    ({"tflite-int8": 3, "tflite-int8-selective": 2, "tflite-int8-qat": 1}, 2, "tflite-int8-qat",
+     ["tflite-int8-selective", "tflite-int8-qat"]),
+])
+def test_budget_policy_tries_variants_in_order(monkeypatch, lost, qat, chosen, exported):
+    """The policy alone, on judged losses given here: plain int8, then selective, then QAT (only
+    when enabled); the first within budget wins; a miss is recorded and explained."""
+    from featx_edge.export import budget
+
+    monkeypatch.setattr(budget, "judging_set", lambda run: budget.JudgingSet((), np.zeros(0), np.zeros(0), "200 images"))
+
+    def judge(run, judging, fmt, *, budget):
+        n = 200
+        return {"format": fmt, "images": n, "judged_on": judging.what, "images_lost": lost[fmt], "images_gained": 0,
+                "top1_agreement": 1 - lost[fmt] / n, "top1_agreement_ci95": [0.9, 1.0],
+                "loss_points": 100 * lost[fmt] / n, "loss_ci95_points": [0.0, 2.0],
+                "within_budget": 100 * lost[fmt] / n <= budget}
+
+    monkeypatch.setattr(budget, "judge", judge)
+    run, made = _FakeRun(qat_epochs=qat), []
+    decision = budget.choose_int8(run, budget=0.5, export=lambda fmt: made.append(fmt) or {})
+    assert decision["chosen"] == chosen and made == exported and run.saved == 1
+    assert [a["format"] for a in decision["attempts"]] == list(lost)
+    message = budget.budget_failure(run.manifest)
+    if chosen:
+        assert message is None
+    else:
+        assert "no int8 variant met `--int8-budget 0.5`" in message and "lost 3 of 200 images" in message
+        assert "--qat-epochs" in decision["note"]
+
+
 def test_budget_validation():
     from featx_edge.config import ExportConfig
     from featx_edge.errors import ConfigError
@@ -158,16 +208,16 @@ def test_bias_correction_shrinks_the_int8_feature_error(trained_run):
     converted from the bias-corrected copy (measured on Zen 4: 15.5% -> 10.4% relative error)."""
     from featx_edge._tf import import_tf
     from featx_edge.data import load_images
+    from featx_edge.export.bias_correction import bias_corrected
     from featx_edge.export.calibration import calibration_images
     from featx_edge.export.tflite import TFLiteQuantization, convert
-    from featx_edge.int8 import bias_corrected
-    from featx_edge.run import load_reference, load_run_splits
+    from featx_edge.run import Run
     from featx_edge.runtime.backends import LiteRTBackend
     from featx_edge.train import predict_pixels_keras
 
     _, keras = import_tf()
-    clf = load_reference(trained_run)
-    splits = load_run_splits(trained_run, read_manifest(trained_run))
+    run = Run.open(trained_run)
+    clf, splits = run.reference(), run.splits()
     calibration = calibration_images(splits.root, splits.train, size=96, count=200, seed=0)
     test = load_images(splits.root, splits.test, size=96)
     corrected, info = bias_corrected(clf.model, calibration=calibration)

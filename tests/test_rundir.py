@@ -7,7 +7,7 @@ import pytest
 
 from featx_edge.cli import main
 from featx_edge.errors import RunDirError
-from featx_edge.rundir import MANIFEST_VERSION, read_manifest
+from featx_edge.rundir import MANIFEST_VERSION, locked, read_manifest
 
 GOOD = {"manifest_version": MANIFEST_VERSION, "labels": ["a", "b"], "backbone": {"name": "efficientnet_lite0"},
         "input": {"height": 96, "width": 96}, "data": {"splits": "splits.json"},
@@ -29,6 +29,10 @@ def test_a_complete_manifest_reads(tmp_path):
     (lambda m: m.pop("reference"), "`reference` is missing"),
     (lambda m: m.update(labels="a,b"), "`labels` is not a JSON list"),
     (lambda m: m["input"].pop("height"), "`input.height` is missing"),
+    (lambda m: m["reference"].update(path="/etc/passwd"), "`reference.path` ('/etc/passwd') is not a relative path"),
+    (lambda m: m["data"].update(splits="../other/splits.json"), "`data.splits`"),
+    (lambda m: m["artifacts"].update({"tflite-int8": {"path": "export/../../x.tflite", "sha256": "0", "bytes": 1}}),
+     "`artifacts.tflite-int8.path`"),
 ])
 def test_damaged_or_foreign_manifests_are_named(tmp_path, change, message):
     manifest = json.loads(json.dumps(GOOD))
@@ -44,3 +48,64 @@ def test_commands_on_a_damaged_run_give_one_line(tmp_path, capsys):
         assert main([*command, "--quiet"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "holds a JSON list" in err and "Traceback" not in err
+
+
+def _splits(tmp_path, **change) -> dict:
+    splits = {"data_root": str(tmp_path), "classes": ["a", "b"], "train": ["a/1.png"], "val": ["b/2.png"],
+              "test": ["a/3.png"], "seed": 0} | change
+    (tmp_path / "splits.json").write_text(json.dumps(splits))
+    return splits
+
+
+def test_run_opens_and_gives_config_and_splits(tmp_path):
+    from featx_edge.run import Run
+
+    _write(tmp_path, GOOD)
+    _splits(tmp_path)
+    run = Run.open(tmp_path)
+    assert run.labels == ["a", "b"] and run.size == 96 and run.exported() == ()
+    assert run.splits().test == ("a/3.png",)
+    assert run.config.model.backbone == "efficientnet_lite0"  # an empty [config] means the defaults
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"test": ["../../etc/passwd"]}, "`test` names '../../etc/passwd'"),
+    ({"train": ["/abs/a.png"]}, "`train` names '/abs/a.png'"),
+    ({"val": "b/2.png"}, "`val` is missing or not a list of strings"),
+    ({"seed": "0"}, "`seed` is missing or not an integer"),
+])
+def test_splits_that_leave_the_data_folder_are_refused(tmp_path, change, message):
+    from featx_edge.errors import DataError
+    from featx_edge.run import Run
+
+    _write(tmp_path, GOOD)
+    _splits(tmp_path, **change)
+    with pytest.raises(DataError, match="Re-run `featx-edge train`") as err:
+        Run.open(tmp_path).splits()
+    assert message in str(err.value)
+
+
+def test_one_command_at_a_time_per_run(tmp_path):
+    """A second process cannot take a run another command holds; the same process may re-enter."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from featx_edge.rundir import locked\n"
+            "with locked(sys.argv[1], command='export'):\n"
+            "    print('held', flush=True); time.sleep(30)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = r"in use by another featx-edge command \(`featx-edge export`, pid"
+        with pytest.raises(RunDirError, match=busy), locked(tmp_path, command="verify"):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with locked(tmp_path, command="run"), locked(tmp_path, command="train"):
+        pass  # released when the holder died; re-entrant here
+
+
+def test_a_missing_run_folder_is_not_created(tmp_path):
+    assert main(["verify", str(tmp_path / "nope"), "--quiet"]) == 2
+    assert not (tmp_path / "nope").exists()

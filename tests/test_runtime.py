@@ -36,13 +36,13 @@ def test_every_input_kind_gives_the_same_answer(trained_run, sample_root, fmt):
 def test_predictions_match_the_reference_on_the_test_split(trained_run):
     """Runtime probabilities match the Keras model on held-out images (float32: tight)."""
     from featx_edge.data import load_images, load_splits
-    from featx_edge.run import load_reference
+    from featx_edge.run import Run
     from featx_edge.rundir import read_manifest
     from featx_edge.runtime import load
 
     splits = load_splits(trained_run / "splits.json")
     pixels = load_images(splits.root, splits.test, size=read_manifest(trained_run)["input"]["height"])
-    reference = load_reference(trained_run).model(pixels.astype(np.float32)).numpy()
+    reference = Run.open(trained_run).reference().model(pixels.astype(np.float32)).numpy()
     # (format, max |dprob| bound, mean |dprob| bound, top-1 agreement bound). Measured on x86-64
     # (Zen 4): mean |dprob| 1.7e-4 float16, 1.9e-3 dynamic, 4.4e-3 int8; the bounds leave room
     # for other CPUs' int8 kernels, and the agreement bounds are verify's default gates.

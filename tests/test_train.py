@@ -24,11 +24,11 @@ def test_cached_feature_head_equals_graph_trained_head(sample_root, pretrained):
     for a, b in zip(start, graph.head_model.get_weights()):
         np.testing.assert_array_equal(a, b)  # same seed, same starting head
 
-    features = embed(cached.feature_model, splits.root, train, size=size, batch_size=8, progress=False)
+    features = embed(cached.feature_model, splits.root, train, size=size, batch_size=8)
     assert features.std(axis=0).mean() > 1e-3, "features should vary between images"
-    train_head_on_features(cached.head_model, features, y, config=train_cfg, seed=5, progress=False)
+    train_head_on_features(cached.head_model, features, y, config=train_cfg, seed=5)
     images = load_images(splits.root, train, size=size)
-    train_head_through_graph(graph.model, images, y, config=train_cfg, seed=5, progress=False)
+    train_head_through_graph(graph.model, images, y, config=train_cfg, seed=5)
 
     moved = max(np.abs(a - b).max() for a, b in zip(cached.head_model.get_weights(), start))
     assert moved > 1e-2, "the head should have trained"

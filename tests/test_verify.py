@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from featx_edge.errors import ConfigError, VerificationError
+from featx_edge.fidelity import check, compare
 from featx_edge.formats import Thresholds, parse_threshold, thresholds_for
-from featx_edge.verify import check, compare, verify_run
+from featx_edge.verify import verify_run
 
 
 def test_metrics_on_hand_made_outputs():
@@ -83,7 +84,7 @@ def _path(run, fmt):
 
 def test_verify_catches_swapped_truncated_and_perturbed_models(run_copy, capsys):
     from featx_edge.cli import main
-    from featx_edge.rundir import read_manifest, record_artifact
+    from featx_edge.run import Run
 
     # swapped: the float16 file replaced by the float32 one
     shutil.copy(_path(run_copy, "tflite-float32"), _path(run_copy, "tflite-float16"))
@@ -104,11 +105,10 @@ def test_verify_catches_swapped_truncated_and_perturbed_models(run_copy, capsys)
             init.CopyFrom(numpy_helper.from_array(noisy, init.name))
             break
     onnx.save(perturbed, str(path))
-    manifest = read_manifest(run_copy)
-    record_artifact(run_copy, manifest, "onnx-int8", path)
+    Run.open(run_copy).record_artifact("onnx-int8", path)
 
     with pytest.raises(VerificationError) as err:
-        verify_run(run_copy, progress=False)
+        verify_run(run_copy)
     msg = str(err.value)
     assert "tflite-float16: " in msg and "truncated or replaced" in msg  # size differs: caught first
     assert "onnx-float32: " in msg and "truncated" in msg
@@ -130,7 +130,7 @@ def test_verify_catches_a_same_size_swap(run_copy):
     data[100] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(VerificationError, match="tflite-int8: .*does not match its sha256"):
-        verify_run(run_copy, formats=("tflite-int8",), progress=False)
+        verify_run(run_copy, formats=("tflite-int8",))
 
 
 def test_verify_threshold_override_from_cli(run_copy, capsys):

@@ -1,1 +1,15 @@
-"""Export a trained run to TFLite and ONNX formats (see ``featx_edge.export.pipeline``)."""
+"""Export a trained run to TFLite and ONNX formats.
+
+``export_run`` (``exporter.py``) dispatches each format to the converter its ``FormatSpec``
+names: ``tflite.py`` (TFLiteConverter: float32, float16, dynamic-range, full-integer int8),
+``tflite_int8.py`` (per-layer diagnosis, selective int8), ``qat.py`` (quantization-aware
+training), ``onnx.py`` (tf2onnx), ``onnx_int8.py`` (onnxruntime static QDQ). ``calibration.py``
+is the one calibration source, ``bias_correction.py`` prepares the int8 source model,
+``golden.py`` writes the self-test files and ``budget.py`` picks an int8 variant within
+``--int8-budget``.
+"""
+
+from featx_edge.export.budget import budget_failure
+from featx_edge.export.exporter import export_run
+
+__all__ = ["budget_failure", "export_run"]

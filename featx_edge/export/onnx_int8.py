@@ -6,8 +6,8 @@ onnxruntime CalibrationDataReader.
 
 from __future__ import annotations
 
+import logging
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -16,6 +16,8 @@ import numpy as np
 from featx_edge.errors import ConfigError, ExportError
 from featx_edge.formats import ONNX_CALIBRATION_METHODS
 from featx_edge.rundir import atomic_path
+
+log = logging.getLogger(__name__)
 
 
 def _reader(images: np.ndarray, input_name: str):
@@ -62,7 +64,7 @@ def quantize(float_model: Path, out: Path, *, calibration: np.ndarray, method: s
         if method == "minmax" or "bins" not in str(err):
             raise ExportError(f"onnx-int8 quantization ({method}) failed: {type(err).__name__}: {err}") from err
         used = f"minmax (fallback: {method} failed: {err})"
-        print(f"warning: onnx-int8 {method} calibration failed ({err}); using minmax", file=sys.stderr)
+        log.warning("onnx-int8: %s calibration failed (%s); using minmax", method, err)
         model = _quantize(float_model, source.graph.input[0].name, calibration, "minmax", per_channel)
     if metadata is not None:
         metadata = dict(metadata, quantization=dict(metadata.get("quantization", {}), calibration=used))

@@ -34,46 +34,61 @@ class TFLiteQuantization:
         return cls(optimize=True, full_integer=True)
 
     @classmethod
-    def for_format(cls, fmt: str) -> TFLiteQuantization:
-        return {
-            "tflite-float32": cls.for_float32,
-            "tflite-float16": cls.for_float16,
-            "tflite-dynamic": cls.for_dynamic,
-            "tflite-int8": cls.for_int8,
-        }[fmt]()
+    def named(cls, name: str) -> TFLiteQuantization:
+        """The recipe a FormatSpec names (``FormatSpec.quantization``): float32, float16, dynamic, int8."""
+        return {"float32": cls.for_float32, "float16": cls.for_float16, "dynamic": cls.for_dynamic,
+                "int8": cls.for_int8}[name]()
+
+
+def converter(model, *, size: int, quantization: TFLiteQuantization, calibration: np.ndarray | None = None,
+              batch: int | None = None):
+    """A TFLiteConverter for a Keras model taking images 0..255 float32 NHWC (``batch`` None: dynamic).
+
+    With a calibration set the converter gets it as its representative dataset (one image per
+    step); ``quantization.full_integer`` also restricts the ops to int8 builtins with uint8
+    input and output (pixels 0..255 map exactly onto the input scale).
+    """
+    from featx_edge._tf import import_tf
+
+    tf, _ = import_tf()
+    fn = tf.function(lambda image: model(image, training=False))
+    concrete = fn.get_concrete_function(tf.TensorSpec([batch, size, size, 3], tf.float32, name="image"))
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
+    if quantization.optimize:
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantization.float16:
+        conv.target_spec.supported_types = [tf.float16]
+    if calibration is not None:
+        conv.representative_dataset = representative(calibration)
+    if quantization.full_integer:
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv.inference_input_type = tf.uint8
+        conv.inference_output_type = tf.uint8
+    return conv
+
+
+def representative(calibration: np.ndarray):
+    """The calibration images as TFLite's representative dataset (a generator function)."""
+    def images():
+        for image in calibration:
+            yield [image[None].astype(np.float32)]
+
+    return images
 
 
 def convert(model, *, size: int, quantization: TFLiteQuantization,
             calibration: np.ndarray | None = None) -> bytes:
     """Convert a Keras model (image 0..255 float32 NHWC) to a TFLite flatbuffer, dynamic batch.
 
-    For full-integer int8 the input and output are uint8 (pixels 0..255 map exactly onto the
-    input scale), every op is restricted to int8 builtins, and the result is checked: a model
-    that kept float tensors raises ExportError instead of being written.
+    For full-integer int8 the result is checked: a model that kept float tensors raises
+    ExportError instead of being written.
     """
-    from featx_edge._tf import import_tf
-
-    tf, _ = import_tf()
     if quantization.full_integer and (calibration is None or len(calibration) == 0):
         raise ExportError("tflite-int8 needs calibration images from the training split; none were given.")
-    fn = tf.function(lambda image: model(image, training=False))
-    concrete = fn.get_concrete_function(tf.TensorSpec([None, size, size, 3], tf.float32, name="image"))
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
-    if quantization.optimize:
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if quantization.float16:
-        converter.target_spec.supported_types = [tf.float16]
-    if quantization.full_integer:
-        def representative():
-            for image in calibration:
-                yield [image[None].astype(np.float32)]
-
-        converter.representative_dataset = representative
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.uint8
-        converter.inference_output_type = tf.uint8
+    conv = converter(model, size=size, quantization=quantization,
+                     calibration=calibration if quantization.full_integer else None)
     try:
-        flatbuffer = converter.convert()
+        flatbuffer = conv.convert()
     except Exception as err:  # the converter raises ConverterError / RuntimeError with its log
         raise ExportError(f"TFLite conversion failed: {type(err).__name__}: {err}") from err
     if quantization.full_integer:

@@ -6,7 +6,6 @@ class probabilities; quantized inputs and outputs are handled here.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +126,3 @@ class OnnxRuntimeBackend:
         x = pixels.astype(np.float32) if self.input_dtype == "float32" else pixels.astype(self.input_dtype)
         (y,) = self.session.run(None, {self._input.name: x})[:1]
         return np.asarray(y, dtype=np.float32)
-
-
-def default_threads() -> int:
-    return os.cpu_count() or 1

@@ -1,77 +1,23 @@
-"""Better int8: per-layer diagnosis, selective quantization and quantization-aware training.
+"""Quantization-aware training (tensorflow-model-optimization) of the head, for ``tflite-int8-qat``.
 
-- ``diagnose``: TFLite's QuantizationDebugger runs the calibration images through a
-  debug-quantized model and reports, per quantized tensor, the error against float
-  (RMSE, and RMSE divided by the tensor's quantization scale: about 0.29 is ideal rounding
-  noise; much larger means the layer loses more than its step size).
-- ``convert_selective``: keeps the worst K layers in float and quantizes the rest
-  (``tflite-int8-selective``; a mixed model, float input and output).
-- ``qat_model``: fine-tunes the classifier with fake-quant (tensorflow-model-optimization)
-  so the weights adapt to int8, then converts to full-integer ``tflite-int8-qat``.
-- ``bias_corrected``: a copy of the model whose BatchNorm offsets cancel the mean error that
-  int8 weight rounding adds to each channel (empirical bias correction); the int8 exports are
-  converted from it, and verified against the original model.
+``qat_model`` wraps the flat classifier with fake-quant; ``init_qat_ranges`` starts its activation
+ranges at the float model's; ``fit_variables`` trains only the head's variables, distilling from
+the float reference; ``export_qat`` does all three and converts to full-integer TFLite.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import logging
 
 import numpy as np
 
 from featx_edge.errors import ExportError
 
+log = logging.getLogger(__name__)
 
-def _debugger(model, *, size: int, calibration: np.ndarray, denylisted_nodes: list[str] | None = None):
-    from featx_edge._tf import import_tf
-
-    tf, _ = import_tf()
-    fn = tf.function(lambda image: model(image, training=False))
-    concrete = fn.get_concrete_function(tf.TensorSpec([1, size, size, 3], tf.float32, name="image"))
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-
-    def representative():
-        for image in calibration:
-            yield [image[None].astype(np.float32)]
-
-    converter.representative_dataset = representative
-    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=denylisted_nodes or None)
-    try:
-        return tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=representative,
-                                                         debug_options=options)
-    except Exception as err:
-        raise ExportError(f"TFLite quantization debugger failed: {type(err).__name__}: {err}") from err
-
-
-def diagnose(model, *, size: int, calibration: np.ndarray) -> list[dict]:
-    """Per-layer int8 error of ``model`` on the calibration images, worst first."""
-    debugger = _debugger(model, size=size, calibration=calibration)
-    debugger.run()
-    buf = io.StringIO()
-    debugger.layer_statistics_dump(buf)
-    rows = []
-    for row in csv.DictReader(io.StringIO(buf.getvalue())):
-        scale = float(row["scale"]) if row.get("scale") else 0.0
-        mse = float(row["mean_squared_error"])
-        rows.append({
-            "tensor": row["tensor_name"], "op": row["op_name"],
-            "rmse": mse ** 0.5, "scale": scale,
-            "rmse_over_scale": (mse ** 0.5) / scale if scale else None,
-            "max_abs_error": float(row["max_abs_error"]),
-        })
-    rows.sort(key=lambda r: -(r["rmse_over_scale"] or 0.0))
-    return rows
-
-
-def convert_selective(model, *, size: int, calibration: np.ndarray, keep_float: list[str]) -> bytes:
-    """An int8 model with the named tensors' ops kept in float (QuantizationDebugger denylist)."""
-    debugger = _debugger(model, size=size, calibration=calibration, denylisted_nodes=keep_float)
-    try:
-        return debugger.get_nondebug_quantized_model()
-    except Exception as err:
-        raise ExportError(f"selective int8 conversion failed: {type(err).__name__}: {err}") from err
+QAT_TRAINABLE = ("head_dense", "probabilities")
+"""Layers quantization-aware training may change: the head. The backbone stays as trained, so
+``tflite-int8-qat`` is the run's model (with an int8-adapted head), compared with its reference."""
 
 
 def qat_model(model, *, trainable: tuple[str, ...] | None = None):
@@ -227,77 +173,33 @@ def init_qat_ranges(qat, model, *, calibration: np.ndarray, batch_size: int = 32
     return count
 
 
-def _conv_bn_pairs(model) -> list[tuple]:
-    """(convolution, the BatchNormalization right after it) for every such pair, input to output."""
-    from featx_edge._tf import import_tf
+def export_qat(run, *, calibration: np.ndarray) -> tuple[bytes, dict]:
+    """``tflite-int8-qat``: QAT of the run's head (distilled from its reference), then full-integer TFLite.
 
-    _, keras = import_tf()
-    pairs = []
-    for layer in model.layers:
-        if not isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)) or layer.use_bias:
-            continue
-        nodes = layer.outbound_nodes
-        if len(nodes) == 1 and isinstance(nodes[0].outbound_layer, keras.layers.BatchNormalization):
-            pairs.append((layer, nodes[0].outbound_layer))
-    return pairs
-
-
-def _int8_rounded(kernel: np.ndarray, *, gain: np.ndarray, depthwise: bool) -> np.ndarray:
-    """``kernel`` after the converter's per-channel symmetric int8 rounding of the folded kernel.
-
-    TFLite and onnxruntime fold BatchNorm into the convolution (kernel x gain per output
-    channel) and round each output channel to 255 levels of max|w| / 127.
+    Returns the flatbuffer and the metadata entry describing the recipe.
     """
-    shape = (1, 1, -1, 1) if depthwise else (1, 1, 1, -1)
-    folded = kernel * gain.reshape(shape)
-    axes = (0, 1, 3) if depthwise else (0, 1, 2)
-    scale = np.abs(folded).max(axis=axes, keepdims=True) / 127.0
-    scale[scale == 0] = 1.0
-    rounded = np.clip(np.round(folded / scale), -127, 127) * scale
-    safe = np.where(np.abs(gain) < 1e-12, 1e-12, gain).reshape(shape)
-    return (rounded / safe).astype(kernel.dtype)
+    import time
 
+    from featx_edge.errors import ConfigError
+    from featx_edge.export.tflite import TFLiteQuantization, convert
+    from featx_edge.train import image_sequence
 
-def bias_corrected(model, *, calibration: np.ndarray, images: int = 64) -> tuple[object, dict]:
-    """A copy of ``model`` whose BatchNorm offsets cancel the mean error of int8 weight rounding.
-
-    Rounding a kernel to int8 shifts each output channel by ``E[conv(x, W_int8 - W)]``, and on
-    flat or gray images that shift is systematic: high-gain filters sum large weights to small
-    outputs and their rounding errors no longer cancel. For each convolution followed by
-    BatchNorm, input to output, the shift is measured on calibration images (with the earlier
-    layers already rounded and corrected, as the int8 model will see them) and subtracted from
-    the BatchNorm offset (Nagel et al., 2019, "Data-Free Quantization", empirical variant). The
-    float weights are left as they are: the converter rounds them itself.
-
-    Returns:
-        (the corrected copy, {"layers", "calibration_images", "max_shift"}).
-    """
-    from featx_edge._tf import import_tf
-
-    _, keras = import_tf()
-
-    def copy():
-        twin = keras.models.clone_model(model)
-        twin.set_weights(model.get_weights())
-        return twin
-
-    corrected, simulated = copy(), copy()  # simulated: earlier kernels rounded as int8 will
-    x = calibration[:images].astype(np.float32)
-    sim_pairs = {conv.name: (conv, bn) for conv, bn in _conv_bn_pairs(simulated)}
-    largest = 0.0
-    pairs = _conv_bn_pairs(corrected)
-    for conv, bn in pairs:
-        sim_conv, sim_bn = sim_pairs[conv.name]
-        gamma, beta, mean, variance = bn.get_weights()
-        gain = gamma / np.sqrt(variance + bn.epsilon)
-        inputs = keras.Model(simulated.input, sim_conv.input)(x, training=False).numpy()
-        before = sim_conv(inputs).numpy()
-        (kernel,) = sim_conv.get_weights()
-        sim_conv.set_weights([_int8_rounded(kernel, gain=gain,
-                                            depthwise=isinstance(conv, keras.layers.DepthwiseConv2D))])
-        shift = (sim_conv(inputs).numpy() - before).mean(axis=(0, 1, 2))
-        new_beta = beta - shift * gain
-        bn.set_weights([gamma, new_beta, mean, variance])
-        sim_bn.set_weights([gamma, new_beta, mean, variance])
-        largest = max(largest, float(np.abs(shift * gain).max()))
-    return corrected, {"layers": len(pairs), "calibration_images": len(x), "max_shift": round(largest, 6)}
+    config, splits, reference = run.config, run.splits(), run.reference().model
+    epochs = config.train.qat_epochs
+    if epochs < 1:
+        raise ConfigError("tflite-int8-qat needs `--qat-epochs N` (N >= 1) of quantization-aware training.")
+    qat = qat_model(reference, trainable=QAT_TRAINABLE)
+    init_qat_ranges(qat, reference, calibration=calibration)
+    log.info("  quantization-aware training of the head (%s; the backbone stays frozen): %d epoch(s), lr %s",
+             ", ".join(QAT_TRAINABLE), epochs, config.train.qat_learning_rate)
+    seq = image_sequence(splits.root, splits.train, splits.labels("train"), size=run.size,
+                         batch_size=config.train.batch_size, seed=config.seed + 2)
+    t0 = time.perf_counter()
+    history = fit_variables(qat, seq, variables=trainable_variables(qat, QAT_TRAINABLE), epochs=epochs,
+                            learning_rate=config.train.qat_learning_rate, teacher=reference)
+    seconds = time.perf_counter() - t0
+    flatbuffer = convert(qat, size=run.size, quantization=TFLiteQuantization.for_int8(), calibration=calibration)
+    return flatbuffer, {"quantization": {"method": "tfmot quantization-aware training", "epochs": epochs,
+                                         "trained_layers": list(QAT_TRAINABLE),
+                                         "objective": "distillation from the float reference",
+                                         "loss": history["loss"], "seconds": round(seconds, 2)}}

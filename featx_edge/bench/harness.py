@@ -1,0 +1,201 @@
+"""The sweep: ``bench_run`` times every artifact of a run on every runtime here and writes the reports."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from featx_edge.bench.machine import CEILING_SIZE, machine_info, measure_ceiling
+from featx_edge.bench.plan import (
+    POOL_IMAGES,
+    accuracy_lookup,
+    check_artifacts,
+    load_inputs,
+    plan_rows,
+    positive_ints,
+)
+from featx_edge.bench.plot import write_plot
+from featx_edge.bench.report import BENCH_JSON, BENCH_MD, BENCH_PNG, SCHEMA, format_table, result_row
+from featx_edge.bench.worker import run_worker, worker_env
+from featx_edge.errors import ConfigError
+from featx_edge.macs import count_macs
+from featx_edge.progress import bar
+from featx_edge.run import Run
+from featx_edge.rundir import VERIFY, atomic_path, locked, write_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THREADS: tuple[int, ...] = (1, os.cpu_count() or 1)
+DEFAULT_BATCHES: tuple[int, ...] = (1, 8)
+
+
+def bench_run(run: str | Path, *, threads: Sequence[int] = DEFAULT_THREADS,
+              batches: Sequence[int] = DEFAULT_BATCHES, formats: Sequence[str] | None = None,
+              repeats: int = 30, warmup: int = 5, min_seconds: float = 1.0, max_seconds: float = 10.0,
+              include_tf: bool = True, measure_accuracy: bool = True, row_timeout: float = 300.0,
+              ceiling_seconds: float = 0.5) -> dict:
+    """Benchmark every exported artifact of a run on every runtime here; write bench.json/.md/.png.
+
+    Args:
+        run: the run directory (``manifest.json`` with exported ``artifacts``).
+        threads: inference thread counts to sweep (default: 1 and every core).
+        batches: batch sizes to sweep (default: 1 and 8).
+        formats: formats to bench (default: every exported artifact).
+        repeats: minimum timed calls per row.
+        warmup: untimed calls per row before timing.
+        min_seconds: minimum seconds of timing per row (with ``repeats``, whichever is later).
+        max_seconds: stop timing a row after this many seconds even below ``repeats``.
+        include_tf: also bench the Keras reference on TensorFlow (reported as skipped if False).
+        measure_accuracy: run the test split once per format x runtime through the row's runtime
+            (``bench_accuracy``); ``accuracy`` itself comes from ``RUN/verify.json``.
+        row_timeout: seconds before a row's subprocess is stopped and reported as an error.
+        ceiling_seconds: seconds of the matmul ceiling measurement per thread count.
+
+    Progress goes to the ``featx_edge.bench.harness`` logger at INFO (the table at the end, too)
+    and to a bar over the rows (``featx_edge.progress``); both are silent unless enabled.
+
+    Returns:
+        The report written to ``RUN/bench.json``: ``machine``, ``macs``, ``ceiling``, ``runtimes``,
+        ``inputs``, ``rows`` (one per format x runtime x threads x batch, plus one
+        ``unavailable``/``skipped`` entry per combination that cannot run here) and ``notes``.
+
+    Raises:
+        RunDirError: ``run`` is not a run directory, lacks a requested artifact, or an artifact
+            does not match the manifest.
+        ConfigError: a sweep setting is out of range.
+
+    Example:
+        >>> report = bench_run("runs/demo", threads=(1,), batches=(1,), repeats=10)  # doctest: +SKIP
+        >>> [r["p50_ms"] for r in report["rows"] if r["status"] == "ok"]  # doctest: +SKIP
+    """
+    with locked(run, command="bench"):
+        return _bench(Run.open(run), threads=threads, batches=batches, formats=formats, repeats=repeats,
+                      warmup=warmup, min_seconds=min_seconds, max_seconds=max_seconds, include_tf=include_tf,
+                      measure_accuracy=measure_accuracy, row_timeout=row_timeout, ceiling_seconds=ceiling_seconds)
+
+
+def _bench(opened: Run, *, threads: Sequence[int], batches: Sequence[int], formats: Sequence[str] | None,
+           repeats: int, warmup: int, min_seconds: float, max_seconds: float, include_tf: bool,
+           measure_accuracy: bool, row_timeout: float, ceiling_seconds: float) -> dict:
+    started = time.perf_counter()
+    run, manifest = opened.path, opened.manifest
+    threads = positive_ints("threads", threads)
+    batches = positive_ints("batches", batches)
+    if repeats < 1 or warmup < 0 or min_seconds < 0 or max_seconds <= 0:
+        raise ConfigError(f"repeats must be >= 1, warmup >= 0, min_seconds >= 0 and max_seconds > 0; received "
+                          f"repeats={repeats}, warmup={warmup}, min_seconds={min_seconds}, max_seconds={max_seconds}.")
+    chosen = check_artifacts(run, manifest, formats)
+    notes: list[str] = []
+    cpus = os.cpu_count() or 1
+    if max(threads) > cpus:
+        notes.append(f"threads {max(threads)} is more than the {cpus} CPUs here: those rows are oversubscribed")
+
+    machine = machine_info()
+    if machine["load_average"] and machine["load_average"][0] >= 0.5:
+        notes.append(f"the machine was not idle when the bench started (1-minute load average "
+                     f"{machine['load_average'][0]} on {cpus} CPUs): other processes compete for the cores, "
+                     "rows with more threads suffer most; compare medians from the same report only")
+    specs, unavailable, runtimes = plan_rows(run, manifest, chosen, threads=threads, batches=batches,
+                                             include_tf=include_tf)
+    macs = count_macs(run, manifest["artifacts"])
+    per_format_acc, reference_acc, reference_source, acc_note = accuracy_lookup(run, manifest)
+    if acc_note:
+        notes.append(acc_note)
+    pool, eval_job, inputs = load_inputs(opened, count=max(POOL_IMAGES, max(batches)))
+    if inputs["note"]:
+        notes.append(inputs["note"])
+
+    log.info("bench %s: %d rows to time (%s; threads %s, batches %s), %d combinations not measurable here",
+             run, len(specs), ", ".join(chosen), list(threads), list(batches), len(unavailable))
+    log.info("measuring the float32 matmul ceiling ...")
+    ceiling = measure_ceiling(sorted(set(threads) | {1, cpus}), min_seconds=ceiling_seconds)
+    single, most = (ceiling.get("1") or {}).get("gmacs"), (ceiling.get(str(max(ceiling, key=int))) or {}).get("gmacs")
+    if single and most and most < single:
+        notes.append(f"the {max(ceiling, key=int)}-thread matmul ceiling ({most:.1f} GMAC/s) is below the 1-thread one "
+                     f"({single:.1f}): the cores were contended while benchmarking, so multi-thread rows understate "
+                     "what this machine does when idle")
+
+    rows: list[dict] = []
+    accuracy_done: dict[tuple[str, str], float | None] = {}
+    failed_combos: dict[tuple[str, str], dict] = {}
+    with tempfile.TemporaryDirectory(prefix="featx-bench-") as tmp:
+        pool_path = Path(tmp) / "pool.npy"
+        np.save(pool_path, pool)
+        eval_path = None
+        if eval_job is not None and measure_accuracy:
+            eval_path = Path(tmp) / "eval.json"
+            eval_path.write_text(json.dumps(eval_job), encoding="utf-8")
+        rows_bar = bar(specs, total=len(specs), desc="bench", unit="row")
+        for spec in rows_bar:
+            combo = (spec["format"], spec["runtime"])
+            label = f"{spec['format']} {spec['runtime']} t{spec['threads']} b{spec['batch']}"
+            log.debug("timing %s", label)
+            if hasattr(rows_bar, "set_postfix_str"):  # a tqdm bar: name the row being timed
+                rows_bar.set_postfix_str(label)
+            if combo in failed_combos:  # the runtime could not start for this combination: no retry
+                result = dict(failed_combos[combo])
+            else:
+                want_accuracy = eval_path is not None and combo not in accuracy_done
+                job = {k: spec[k] for k in ("engine", "path", "run", "provider", "threads", "batch")}
+                job.update(warmup=warmup, repeats=repeats, min_seconds=min_seconds, max_seconds=max_seconds,
+                           pool=str(pool_path), eval=str(eval_path) if want_accuracy else None)
+                result = run_worker(["--row", json.dumps(job)], env=worker_env(threads=spec["threads"]),
+                                    timeout=row_timeout)
+                if result.get("status") == "unavailable":
+                    failed_combos[combo] = result
+                if want_accuracy and result.get("status") == "ok":
+                    accuracy_done[combo] = result.get("bench_accuracy")
+            rows.append(result_row(spec, result, macs=macs, ceiling=ceiling, per_format_acc=per_format_acc,
+                                   reference_acc=reference_acc, reference_source=reference_source))
+    for row in rows:  # accuracy is measured once per format x runtime; share it across the sweep
+        if row["status"] == "ok" and row.get("bench_accuracy") is None:
+            row["bench_accuracy"] = accuracy_done.get((row["format"], row["runtime"]))
+    rows += unavailable
+
+    report = {
+        "schema": SCHEMA,
+        "run": str(run),
+        "name": run.name,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "backbone": manifest.get("backbone"),
+        "input": manifest.get("input"),
+        "classes": len(manifest.get("labels", [])),
+        "settings": {"threads": list(threads), "batches": list(batches), "formats": chosen, "repeats": repeats,
+                     "warmup": warmup, "min_seconds": min_seconds, "max_seconds": max_seconds,
+                     "include_tf": include_tf, "measure_accuracy": measure_accuracy},
+        "machine": machine,
+        "macs": macs,
+        "ceiling": {"method": f"float32 numpy matmul {CEILING_SIZE}x{CEILING_SIZE}, median of repeated "
+                              "calls, BLAS limited to the thread count", "by_threads": ceiling},
+        "runtimes": runtimes,
+        "inputs": inputs,
+        "accuracy": {"reference": reference_acc, "reference_source": reference_source,
+                     "source": VERIFY if per_format_acc else None},
+        "rows": rows,
+        "notes": notes,
+    }
+    try:
+        machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    report["wall_seconds"] = round(time.perf_counter() - started, 1)
+    write_json(run / BENCH_JSON, report)
+    try:
+        write_plot(report, run / BENCH_PNG)
+    except ImportError as err:
+        report["notes"].append(f"bench.png not written: matplotlib is not installed ({err}); "
+                               "`pip install matplotlib`")
+        write_json(run / BENCH_JSON, report)
+    table = format_table(report)
+    with atomic_path(run / BENCH_MD) as tmp_md:
+        tmp_md.write_text(table + f"\n![accuracy vs latency]({BENCH_PNG})\n", encoding="utf-8")
+    log.info(table)
+    return report

@@ -1,0 +1,172 @@
+"""``export_run``: every requested format of a run, made by the converter its FormatSpec names.
+
+What several formats share (the reference, the calibration images, the bias-corrected int8
+source, the self-test images) is computed once, on first use. Each artifact is written
+atomically, recorded in the manifest (path, sha256, bytes) and given its golden self-test file.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from featx_edge import __version__
+from featx_edge.export.calibration import calibration_images
+from featx_edge.export.golden import GoldenImages
+from featx_edge.formats import FormatSpec, artifact_filename, get_format, parse_formats
+from featx_edge.progress import bar
+from featx_edge.run import Run
+from featx_edge.rundir import EXPORT_DIR, INT8_LAYERS, locked, write_bytes, write_json
+
+log = logging.getLogger(__name__)
+
+
+def export_run(run: str | Path, *, formats: tuple[str, ...] | str | None = None) -> dict:
+    """Export the run's reference model to each format under ``RUN/export/``; returns the manifest.
+
+    With ``export.int8_budget`` set, int8 variants are then tried in order until one loses at
+    most that many accuracy points on images that are never the test split (recorded in the
+    manifest as ``int8_selection``).
+
+    Example:
+        >>> manifest = export_run("runs/demo", formats="tflite-int8,onnx-float32")  # doctest: +SKIP
+        >>> sorted(manifest["artifacts"])  # doctest: +SKIP
+        ['onnx-float32', 'tflite-int8']
+    """
+    with locked(run, command="export"):
+        exporter = Exporter(Run.open(run))
+        config = exporter.run.config
+        chosen = parse_formats(formats) if formats else config.export.formats
+        for fmt in bar(chosen, total=len(chosen), desc="exporting", unit="format"):
+            exporter.export(fmt)
+        if config.export.int8_budget is not None:
+            from featx_edge.export.budget import choose_int8
+
+            choose_int8(exporter.run, budget=config.export.int8_budget, export=exporter.export)
+        return exporter.run.manifest
+
+
+class Exporter:
+    """Makes one run's artifacts; shared inputs are computed once, when a format first needs them."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.golden = GoldenImages(run, count=run.config.export.reference_images)
+        self._calibration: np.ndarray | None = None
+        self._int8_source: tuple | None = None
+        self._converters = {"tflite": self._tflite, "tflite-selective": self._tflite_selective,
+                            "tflite-qat": self._tflite_qat, "onnx": self._onnx, "onnx-int8": self._onnx_int8}
+
+    @property
+    def calibration(self) -> np.ndarray:
+        """The int8 calibration images (a seeded choice of training images, bounded in number)."""
+        if self._calibration is None:
+            config, splits = self.run.config, self.run.splits()
+            self._calibration = calibration_images(splits.root, splits.train, size=self.run.size,
+                                                   count=config.export.calibration_images, seed=config.seed)
+        return self._calibration
+
+    def int8_source(self) -> tuple:
+        """(model, recipe): what post-training int8 is converted from, and how it was prepared.
+
+        With ``[export] bias_correction`` (default) a bias-corrected copy of the reference;
+        verify still compares every export with the reference itself.
+        """
+        if self._int8_source is None:
+            reference = self.run.reference().model
+            if self.run.config.export.bias_correction:
+                from featx_edge.export.bias_correction import bias_corrected
+
+                model, info = bias_corrected(reference, calibration=self.calibration)
+                self._int8_source = (model, {"bias_correction": info})
+            else:
+                self._int8_source = (reference, {"bias_correction": None})
+        return self._int8_source
+
+    def metadata(self, spec: FormatSpec) -> dict:
+        """What the artifact says about itself (read by ``featx_edge.runtime``)."""
+        manifest = self.run.manifest
+        return {
+            "featx_edge_version": __version__,
+            "format": spec.name,
+            "labels": manifest["labels"],
+            "input": dict(manifest["input"], dtype=spec.input_dtype),
+            "output": {"kind": "probabilities", "classes": len(manifest["labels"])},
+            "backbone": manifest["backbone"],
+        }
+
+    def export(self, fmt: str) -> dict:
+        """Make ``fmt``'s artifact, record it in the manifest, write its golden file; returns the entry."""
+        spec = get_format(fmt)
+        t0 = time.perf_counter()
+        path = self.run.path / EXPORT_DIR / artifact_filename(fmt)
+        log.info("exporting %s ...", fmt)
+        self._converters[spec.converter](spec, path)
+        entry = self.run.record_artifact(fmt, path)
+        self.golden.write(fmt, path)
+        log.info("  wrote %s (%.2f MB, %.1f s)", entry["path"], entry["bytes"] / 1e6, time.perf_counter() - t0)
+        return entry
+
+    # -- one method per FormatSpec.converter ----------------------------------------------------
+    def _write_tflite(self, spec: FormatSpec, path: Path, flatbuffer: bytes, extra: dict) -> None:
+        from featx_edge.runtime.metadata import pack_tflite
+
+        write_bytes(path, pack_tflite(flatbuffer, self.metadata(spec) | extra))
+
+    def _tflite(self, spec: FormatSpec, path: Path) -> None:
+        from featx_edge.export.tflite import TFLiteQuantization, convert
+
+        quant = TFLiteQuantization.named(spec.quantization)
+        extra: dict = {}
+        if quant.full_integer:
+            source, recipe = self.int8_source()
+            flatbuffer = convert(source, size=self.run.size, quantization=quant, calibration=self.calibration)
+            extra = {"quantization": {"method": "tflite full-integer post-training", **recipe}}
+        else:
+            flatbuffer = convert(self.run.reference().model, size=self.run.size, quantization=quant)
+        self._write_tflite(spec, path, flatbuffer, extra)
+
+    def _tflite_selective(self, spec: FormatSpec, path: Path) -> None:
+        from featx_edge.export.tflite_int8 import convert_selective, diagnose
+
+        source, recipe = self.int8_source()
+        layers = diagnose(source, size=self.run.size, calibration=self.calibration)
+        write_json(self.run.path / INT8_LAYERS, {"metric": "rmse / quantization scale (about 0.29 is ideal)",
+                                                 "calibration_images": len(self.calibration), "layers": layers})
+        keep = [row["tensor"] for row in layers[: self.run.config.export.selective_float_layers]]
+        log.info("  keeping %d layers in float (worst rmse/scale first; see %s)", len(keep), INT8_LAYERS)
+        flatbuffer = convert_selective(source, size=self.run.size, calibration=self.calibration, keep_float=keep)
+        self._write_tflite(spec, path, flatbuffer,
+                           {"quantization": {"method": "tflite int8, selective", "float_layers": keep, **recipe}})
+
+    def _tflite_qat(self, spec: FormatSpec, path: Path) -> None:
+        from featx_edge.export.qat import export_qat
+
+        flatbuffer, extra = export_qat(self.run, calibration=self.calibration)
+        self._write_tflite(spec, path, flatbuffer, extra)
+
+    def _onnx(self, spec: FormatSpec, path: Path) -> None:
+        from featx_edge.export import onnx as onnx_export
+
+        proto = onnx_export.convert(self.run.reference().model, size=self.run.size, metadata=self.metadata(spec))
+        onnx_export.save(proto, path)
+
+    def _onnx_int8(self, spec: FormatSpec, path: Path) -> None:
+        """QDQ int8 with onnxruntime, from a float32 ONNX of the int8 source made in a temporary folder."""
+        from featx_edge.export import onnx as onnx_export
+        from featx_edge.export.onnx_int8 import quantize
+
+        source, recipe = self.int8_source()
+        method = self.run.config.export.onnx_calibration
+        metadata = self.metadata(spec)
+        metadata["quantization"] = {"method": "onnxruntime static QDQ", "weights": "int8 per-channel",
+                                    "activations": "int8", "calibration": method,
+                                    "calibration_images": len(self.calibration), **recipe}
+        with tempfile.TemporaryDirectory(prefix="featx-onnx-") as tmp:
+            float_path = Path(tmp) / "float32.onnx"
+            onnx_export.save(onnx_export.convert(source, size=self.run.size, metadata=metadata), float_path)
+            quantize(float_path, path, calibration=self.calibration, method=method, metadata=metadata)

@@ -1,0 +1,62 @@
+"""Fidelity metrics of an exported model's probabilities against the reference's, and the pass check.
+
+Pure NumPy: verify, the int8 budget and the benchmarks all measure agreement this one way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from featx_edge.errors import VerificationError
+from featx_edge.formats import Thresholds
+from featx_edge.intervals import paired_difference, wilson
+
+
+def compare(probs: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dict:
+    """Fidelity metrics of ``probs`` against ``reference`` (both (N, C) probabilities)."""
+    if probs.shape != reference.shape:
+        raise VerificationError(f"output shape {probs.shape} differs from the reference's {reference.shape}")
+    delta = np.abs(probs.astype(np.float64) - reference.astype(np.float64))
+    noise = float(np.sum(delta ** 2))
+    signal = float(np.sum(reference.astype(np.float64) ** 2))
+    norms = np.linalg.norm(probs, axis=1) * np.linalg.norm(reference, axis=1)
+    cosine = np.sum(probs.astype(np.float64) * reference, axis=1) / np.maximum(norms, 1e-12)
+    n = len(labels)
+    right = probs.argmax(1) == labels
+    reference_right = reference.argmax(1) == labels
+    agree = int(np.sum(probs.argmax(1) == reference.argmax(1)))
+    gained, lost = int(np.sum(right & ~reference_right)), int(np.sum(~right & reference_right))
+    accuracy = float(np.mean(right)) if n else 0.0
+    reference_accuracy = float(np.mean(reference_right)) if n else 0.0
+    change_low, change_high = paired_difference(gained, lost, n)
+    return {
+        "images": n,
+        "accuracy": accuracy,
+        "accuracy_ci95": list(wilson(int(np.sum(right)), n)),
+        "reference_accuracy": reference_accuracy,
+        "accuracy_change_points": 100.0 * (accuracy - reference_accuracy),
+        "accuracy_change_ci95_points": [100.0 * change_low, 100.0 * change_high],
+        "images_gained": gained,
+        "images_lost": lost,
+        "top1_agreement": agree / n if n else 1.0,
+        "top1_agreement_ci95": list(wilson(agree, n)),
+        "disagreements": n - agree,
+        "max_abs_diff": float(delta.max()) if delta.size else 0.0,
+        "mean_abs_diff": float(delta.mean()) if delta.size else 0.0,
+        "cosine_similarity": float(cosine.mean()) if cosine.size else 1.0,
+        "sqnr_db": float("inf") if noise == 0 else 10.0 * np.log10(signal / noise),
+    }
+
+
+def check(metrics: dict, limits: Thresholds) -> list[str]:
+    """Human-readable failures of ``metrics`` against ``limits`` (empty: pass)."""
+    failures = []
+    if limits.min_agreement is not None and metrics["top1_agreement"] < limits.min_agreement:
+        failures.append(f"top-1 agreement {metrics['top1_agreement']:.4f} < {limits.min_agreement}")
+    if limits.max_accuracy_drop is not None and -metrics["accuracy_change_points"] > limits.max_accuracy_drop + 1e-9:
+        failures.append(f"accuracy drop {-metrics['accuracy_change_points']:.2f} points > {limits.max_accuracy_drop}")
+    if limits.max_abs_diff is not None and metrics["max_abs_diff"] > limits.max_abs_diff:
+        failures.append(f"max |dprob| {metrics['max_abs_diff']:.3g} > {limits.max_abs_diff}")
+    if limits.min_sqnr_db is not None and metrics["sqnr_db"] < limits.min_sqnr_db:
+        failures.append(f"SQNR {metrics['sqnr_db']:.1f} dB < {limits.min_sqnr_db}")
+    return failures
