@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                            ("train", "train a classifier into a run directory")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--data", help="image folder (one sub-folder per class), or `sample`")
-        p.add_argument("--out", required=True, help="run directory to create")
+        p.add_argument("--out", required=True, help="run directory to create (a new or empty folder)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an existing run in --out as a whole (its exports and reports go with it)")
         _add_model_args(p)
         _add_train_args(p)
         if name == "run":
@@ -110,13 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify images with an exported model (no TensorFlow needed)")
     p.add_argument("model", help=".tflite or .onnx file exported by featx-edge")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=int, help="labels per image, best first (default: 1; 3 with --json)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="inference threads, >= 1 (default: the engine's)")
 
     p = sub.add_parser("selftest", help="check that this device's runtime reproduces the exported outputs")
     p.add_argument("models", nargs="+", help="model files (their selftest/ folder must sit beside them)")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="inference threads, >= 1 (default: the engine's)")
     return parser
 
 
@@ -185,7 +187,7 @@ def _cmd_pretrain(args) -> int:
 def _cmd_train(args) -> int:
     from featx_edge.train import train_run
 
-    train_run(_config_from_args(args), args.out)
+    train_run(_config_from_args(args), args.out, overwrite=args.overwrite)
     return 0
 
 
@@ -193,17 +195,13 @@ def _cmd_export(args) -> int:
     from featx_edge.config import override
     from featx_edge.errors import VerificationError
     from featx_edge.export import budget_failure, export_run
-    from featx_edge.run import Run
-    from featx_edge.rundir import locked
 
-    def change(config):  # recorded in the run, so the manifest says how each export was made
+    def change(config):  # recorded in the run when the export succeeds: the manifest says how it was made
         config = override(config, "train", qat_epochs=args.qat_epochs)
         return override(config, "export", int8_budget=args.int8_budget, onnx_calibration=args.onnx_calibration)
 
-    with locked(args.run, command="export"):
-        if args.qat_epochs is not None or args.int8_budget is not None or args.onnx_calibration:
-            Run.open(args.run).update_config(change)
-        manifest = export_run(args.run, formats=args.formats)
+    changed = args.qat_epochs is not None or args.int8_budget is not None or args.onnx_calibration
+    manifest = export_run(args.run, formats=args.formats, settings=change if changed else None)
     missed = budget_failure(manifest)
     if missed:
         raise VerificationError(missed)
@@ -233,7 +231,7 @@ def _cmd_run(args) -> int:
     overrides = _thresholds(args)
     config = dataclasses.replace(config, verify=merge_overrides(config.verify, overrides))
     with locked(args.out, command="run", create=True):
-        train_run(config, args.out)
+        train_run(config, args.out, overwrite=args.overwrite)
         manifest = export_run(args.out, formats=config.export.formats)
         try:
             report = verify_run(args.out)
@@ -247,34 +245,48 @@ def _cmd_run(args) -> int:
     return 0
 
 
-def _iter_images(items: list[str]):
-    from featx_edge.data import IMAGE_EXTENSIONS
+def _iter_images(items: list[str]) -> list[Path]:
+    """Files as given; folders walked as training walks them (hidden names ignored, symlinks that
+    leave the folder or loop reported on stderr and not followed). DataError for a folder without images."""
+    from featx_edge.data import find_images, printable
 
+    paths: list[Path] = []
     for item in items:
         path = Path(item)
-        if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        else:
-            yield path
+        if not path.is_dir():
+            paths.append(path)
+            continue
+        images, skipped = find_images(path)
+        for entry in skipped:
+            print(f"warning: skipped {printable(str(path / entry.path))}: {printable(entry.reason)}", file=sys.stderr)
+        paths.extend(images)
+    return paths
 
 
 def _cmd_predict(args) -> int:
+    from featx_edge.config import check_flag
+    from featx_edge.data import printable
     from featx_edge.errors import ImageError
     from featx_edge.runtime import load
 
+    check_flag("--threads", args.threads)
+    check_flag("--top-k", args.top_k)
+    top_k = args.top_k or (3 if args.json else 1)
+    paths = _iter_images(args.images)
     predictor = load(args.model, threads=args.threads)
     failures = 0
-    for path in _iter_images(args.images):
+    for path in paths:
         try:
-            (pred,) = predictor.predict([path], top_k=args.top_k)
+            (pred,) = predictor.predict([path], top_k=top_k)
         except ImageError as err:
             failures += 1
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {printable(str(err))}", file=sys.stderr)
             continue
-        if args.json:
+        if args.json:  # json.dumps escapes control characters (\u001b) itself
             print(json.dumps({"path": str(path), **pred.to_dict()}))
-        else:
-            print(f"{path}\t{pred.label}\t{pred.score:.4f}")
+        else:  # labels come from the model file: escape what a terminal would act on
+            pairs = "\t".join(f"{printable(label)}\t{score:.4f}" for label, score in pred.top_k)
+            print(f"{printable(str(path))}\t{pairs}")
     if failures:
         print(f"error: {failures} image(s) could not be classified", file=sys.stderr)
     return 1 if failures else 0
@@ -307,18 +319,22 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_selftest(args) -> int:
-    from featx_edge.errors import ModelFileError, VerificationError
+    from featx_edge.config import check_flag
+    from featx_edge.data import printable
+    from featx_edge.errors import FeatxError
     from featx_edge.runtime.selftest import run_selftest
 
+    check_flag("--threads", args.threads)
     failed = 0
     for model in args.models:
         try:
             result = run_selftest(model, threads=args.threads)
-        except (ModelFileError, VerificationError) as err:
+        except FeatxError as err:  # one line per model, then the next model
             failed += 1
-            print(f"FAIL {err}")
+            reason = str(err).removeprefix(f"{model}: ").removeprefix(f"{Path(model)}: ")
+            print(f"FAIL {printable(model)}: {printable(reason)}")
             continue
-        print(f"PASS {model}: {result.images} images, top-1 {result.top1_matches}/{result.images}, "
+        print(f"PASS {printable(model)}: {result.images} images, top-1 {result.top1_matches}/{result.images}, "
               f"max |dprob| {result.max_abs_diff:.2g} (tolerance {result.tolerance})")
     return 1 if failed else 0
 

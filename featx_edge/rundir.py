@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -28,7 +29,8 @@ WEIGHTS = "model.weights.h5"
 EXPORT_DIR = "export"
 VERIFY = "verify.json"
 INT8_LAYERS = "int8_layers.json"
-LOCK = ".featx-edge.lock"
+LOCK_SUFFIX = ".featx-edge.lock"
+EXPORT_JOURNAL = ".export-journal.json"
 MANIFEST_VERSION = 2
 """Version of the manifest layout; a run written with another layout is refused, not guessed at.
 (2: EfficientNet-Lite, the affine preprocessing layer, bias-corrected int8, verify intervals.)"""
@@ -59,18 +61,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 _held: dict[str, int] = {}
 
 
+def lock_path(run: str | Path) -> Path:
+    """The lock file of ``run``: beside the run folder, so replacing the folder keeps the lock."""
+    run = Path(run).resolve()
+    return run.parent / f".{run.name}{LOCK_SUFFIX}"
+
+
 @contextlib.contextmanager
 def locked(run: str | Path, *, command: str, create: bool = False) -> Iterator[None]:
-    """Hold ``run``'s lock while one command writes into it; RunDirError if another command does.
+    """Hold ``run``'s lock while one command works on it; RunDirError if another command does.
 
-    An advisory ``flock`` on ``RUN/.featx-edge.lock`` (released by the OS when the process
-    dies, so a killed command never leaves a stale lock). Re-entrant within one process
-    (``run`` takes it, then train/export/verify inside take it again). Where ``fcntl`` does not
-    exist (Windows) commands are not locked.
+    An advisory ``flock`` on ``.RUNNAME.featx-edge.lock`` beside the run folder (released by the
+    OS when the process dies, so a killed command never leaves a stale lock; beside, not
+    inside, so ``train --overwrite`` can replace the folder as a whole under it). Re-entrant
+    within one process (``run`` takes it, then train/export/verify inside take it again).
+    ``create``: the folder may not exist yet (``train``); otherwise a missing folder is an
+    error. Where ``fcntl`` does not exist (Windows) commands are not locked.
     """
     run = Path(run)
     if create:
-        run.mkdir(parents=True, exist_ok=True)
+        run.resolve().parent.mkdir(parents=True, exist_ok=True)
     elif not run.is_dir():
         raise RunDirError(f"`{run}` is not a featx-edge run directory (no such folder). "
                           "Create one with `featx-edge train --data DIR --out RUN` or `featx-edge run`.")
@@ -84,7 +94,11 @@ def locked(run: str | Path, *, command: str, create: bool = False) -> Iterator[N
             if not _held[key]:
                 del _held[key]
         return
-    fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(lock_path(run), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise RunDirError(f"cannot create the lock file `{lock_path(run)}` ({err.strerror}); "
+                          "the folder must be writable.") from err
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -99,8 +113,76 @@ def locked(run: str | Path, *, command: str, create: bool = False) -> Iterator[N
         yield
     finally:
         del _held[key]
+        os.ftruncate(fd, 0)  # no stale "held by" text once released
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def prepare_out(out: Path, *, overwrite: bool, data_root: Path) -> Path:
+    """Check that ``out`` can take a new run, before any work; returns an empty staging folder.
+
+    Refused: a file; a folder inside the data (or holding it); an existing non-empty folder
+    unless ``overwrite`` and it is a featx-edge run (a folder of other files is never replaced);
+    a parent folder that cannot be written (read-only, no permission).
+    """
+    out, data = out.resolve(), Path(data_root).resolve()
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"`--out {out}` is a file; give a folder for the run.")
+    if out == data or data in out.parents or out in data.parents:
+        raise RunDirError(f"`--out {out}` and the data folder `{data}` overlap; put the run outside the "
+                          "images (e.g. `runs/NAME`).")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MANIFEST).is_file():
+            raise RunDirError(f"`--out {out}` holds files and is not a featx-edge run; choose a new folder "
+                              "(`--overwrite` replaces only featx-edge runs).")
+        if not overwrite:
+            raise RunDirError(f"`--out {out}` already holds a run; pass `--overwrite` to replace it as a whole "
+                              "(its exports and reports go with it), or choose a new folder.")
+    _remove_dead_staging(out)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        staging.mkdir()
+    except FileExistsError:
+        shutil.rmtree(staging)
+        staging.mkdir()
+    except OSError as err:
+        raise RunDirError(f"cannot write in `{out.parent}` ({err.strerror}); choose a writable place for "
+                          "`--out`.") from err
+    return staging
+
+
+def _remove_dead_staging(out: Path) -> None:
+    """Staging folders of trainings that were killed (their process is gone)."""
+    for leftover in out.parent.glob(f".{out.name}.partial-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def replace_run(staging: Path, out: Path) -> None:
+    """Move a complete run from ``staging`` onto ``out``, replacing an old run as a whole."""
+    out = out.resolve()
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.rename(out, old)
+    try:
+        os.rename(staging, out)
+    except OSError:
+        os.rename(old, out)  # put the old run back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _umask() -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +33,8 @@ from featx_edge.rundir import (
     WEIGHTS,
     atomic_path,
     locked,
+    prepare_out,
+    replace_run,
     sha256_file,
     write_json,
 )
@@ -209,11 +212,16 @@ def predict_pixels_keras(model, pixels: np.ndarray, *, batch_size: int = 64) -> 
     return np.concatenate(out) if out else np.zeros((0, model.output_shape[-1]), np.float32)
 
 
-def train_run(config: RunConfig, out: str | Path) -> dict:
+def train_run(config: RunConfig, out: str | Path, *, overwrite: bool = False) -> dict:
     """Scan, split, train (stage 1 on cached features, optional stage 2) and save a run.
 
     Returns the manifest. The Keras reference lives in ``RUN/model.weights.h5`` (weights only,
     rebuilt from the recorded config: nothing executable is deserialised).
+
+    The run is built in a staging folder beside ``out`` and moved into place only when complete:
+    an interrupted training leaves ``out`` as it was. An existing non-empty ``out`` is refused
+    unless ``overwrite`` and it is a featx-edge run; then it is replaced as a whole (its exports,
+    verify and bench results go with it, never mixed with the new weights and split).
 
     Example:
         >>> from featx_edge.config import RunConfig, DataConfig, ModelConfig
@@ -222,16 +230,23 @@ def train_run(config: RunConfig, out: str | Path) -> dict:
         >>> manifest = train_run(cfg, "runs/demo")  # doctest: +SKIP
     """
     out = Path(out)
+    data_root = resolve_data(config.data.path, part="all")
     with locked(out, command="train", create=True):
-        return _train_run(config, out)
+        staging = prepare_out(out, overwrite=overwrite, data_root=data_root)
+        try:
+            manifest = _train_run(config, staging, data_root=data_root)
+            replace_run(staging, out)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return manifest
 
 
-def _train_run(config: RunConfig, out: Path) -> dict:
+def _train_run(config: RunConfig, out: Path, *, data_root: Path) -> dict:
     from featx_edge.model import build_classifier, unfreeze_top
 
     spec = get_backbone(config.model.backbone)
     size = config.model.input_size
-    data_root = resolve_data(config.data.path, part="all")
     # Cheap checks first: weights (may download) before decoding every image.
     weights_file = resolve_weights(spec, weights=config.model.weights, alpha=config.model.alpha, size=size)
     folder = scan_folder(data_root)

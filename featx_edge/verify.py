@@ -40,7 +40,7 @@ def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
         >>> report["formats"]["tflite-int8"]["top1_agreement"]  # doctest: +SKIP
     """
     with locked(run, command="verify"):
-        return _verify(Run.open(run), formats=formats, overrides=overrides)
+        return _verify(Run.open(run, recover=True), formats=formats, overrides=overrides)
 
 
 def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None) -> dict:

@@ -238,3 +238,27 @@ def test_every_preprocessing_style_exports_and_verifies(three_digits, tmp_path, 
     assert int8.backend.input_dtype == "uint8" and int8.metadata["input"]["dtype"] == "uint8"
     probs = int8.predict_pixels(np.zeros((2, 32, 32, 3), np.uint8))
     assert probs.shape == (2, 3) and np.allclose(probs.sum(1), 1.0, atol=0.02)
+
+
+@pytest.mark.slow
+def test_a_failed_export_keeps_the_recorded_settings_and_artifacts(trained_run, tmp_path, monkeypatch, capsys):
+    from featx_edge.cli import main
+    from featx_edge.errors import ExportError
+    from featx_edge.export.exporter import Exporter
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    before = read_manifest(run)
+
+    def fails(self, spec, path):
+        path.write_bytes(b"half a model")
+        raise ExportError("onnxruntime quantization failed (simulated)")
+
+    monkeypatch.setattr(Exporter, "_onnx_int8", fails)
+    rc = main(["export", str(run), "--formats", "onnx-int8", "--onnx-calibration", "minmax", "--quiet"])
+    assert rc == 2 and "quantization failed (simulated)" in capsys.readouterr().err
+    after = read_manifest(run)
+    assert after["config"] == before["config"]  # --onnx-calibration minmax was not recorded
+    entry = after["artifacts"]["onnx-int8"]
+    assert entry == before["artifacts"]["onnx-int8"] and sha256_file(run / entry["path"]) == entry["sha256"]
+    assert not list((run / "export").glob(".tmp-*"))

@@ -109,3 +109,101 @@ def test_one_command_at_a_time_per_run(tmp_path):
 def test_a_missing_run_folder_is_not_created(tmp_path):
     assert main(["verify", str(tmp_path / "nope"), "--quiet"]) == 2
     assert not (tmp_path / "nope").exists()
+
+
+def test_out_checks_before_any_work(tmp_path):
+    from featx_edge.rundir import prepare_out
+
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    (tmp_path / "file").write_text("x")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    run = tmp_path / "run"
+    run.mkdir()
+    _write(run, GOOD)
+    for out, overwrite, message in ((tmp_path / "file", False, "is a file"),
+                                    (data / "runs" / "x", False, "overlap"),
+                                    (tmp_path, False, "overlap"),
+                                    (other, True, "is not a featx-edge run"),
+                                    (run, False, "pass `--overwrite`")):
+        with pytest.raises(RunDirError, match=message):
+            prepare_out(out, overwrite=overwrite, data_root=data)
+    assert (other / "notes.txt").read_text() == "mine"
+    staging = prepare_out(run, overwrite=True, data_root=data)
+    assert staging.is_dir() and not any(staging.iterdir()) and staging.parent == run.parent
+
+
+def test_an_interrupted_training_leaves_the_old_run_as_it_was(tmp_path, monkeypatch):
+    from featx_edge import train
+    from featx_edge.config import DataConfig, RunConfig
+
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    _write(run, GOOD)
+    (run / "splits.json").write_text("old split")
+    before = sorted(p.name for p in run.iterdir())
+
+    def dies(config, out, *, data_root):
+        (out / "splits.json").write_text("new split")
+        (out / "manifest.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_train_run", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_run(RunConfig(data=DataConfig(path=str(data))), run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert (run / "splits.json").read_text() == "old split"
+    assert read_manifest(run)["labels"] == ["a", "b"]
+    assert not list(tmp_path.glob(".run.partial-*"))  # the staging folder is cleaned up
+
+    def completes(config, out, *, data_root):
+        (out / "splits.json").write_text("new split")
+        (out / "manifest.json").write_text(json.dumps(GOOD | {"labels": ["new"]}))
+        return {}
+
+    monkeypatch.setattr(train, "_train_run", completes)
+    train.train_run(RunConfig(data=DataConfig(path=str(data))), run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["manifest.json", "splits.json"]  # nothing old mixed in
+    assert read_manifest(run)["labels"] == ["new"]
+    assert not list(tmp_path.glob(".run.old-*"))
+
+
+@pytest.mark.parametrize("moved", [True, False])
+def test_an_export_killed_around_its_rename_is_recorded_or_forgotten(tmp_path, moved):
+    """Killed after the new file was moved into place: the next command records it (the manifest
+    matches the file). Killed before: the journal is dropped and the old file stays recorded."""
+    import hashlib
+
+    from featx_edge.run import Run
+    from featx_edge.rundir import EXPORT_JOURNAL
+
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    old, new = b"old model", b"new model"
+    (run / "export" / "m.tflite").write_bytes(new if moved else old)
+    entry = {"path": "export/m.tflite", "sha256": hashlib.sha256(old).hexdigest(), "bytes": len(old)}
+    _write(run, GOOD | {"artifacts": {"tflite-int8": entry}})
+    (run / EXPORT_JOURNAL).write_text(json.dumps({"format": "tflite-int8", "path": "export/m.tflite",
+                                                  "sha256": hashlib.sha256(new).hexdigest()}))
+    opened = Run.open(run, recover=True)
+    assert not (run / EXPORT_JOURNAL).exists()
+    assert opened.artifact_problems("tflite-int8") == []
+    recorded = read_manifest(run)["artifacts"]["tflite-int8"]["sha256"]
+    assert recorded == hashlib.sha256(new if moved else old).hexdigest()
+
+
+def test_train_into_an_existing_run_needs_overwrite(tmp_path, capsys):
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    _write(run, GOOD)
+    before = (run / "manifest.json").read_text()
+    assert main(["train", "--data", str(data), "--out", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "pass `--overwrite`" in err
+    assert (run / "manifest.json").read_text() == before

@@ -77,7 +77,7 @@ def bench_run(run: str | Path, *, threads: Sequence[int] = DEFAULT_THREADS,
         >>> [r["p50_ms"] for r in report["rows"] if r["status"] == "ok"]  # doctest: +SKIP
     """
     with locked(run, command="bench"):
-        return _bench(Run.open(run), threads=threads, batches=batches, formats=formats, repeats=repeats,
+        return _bench(Run.open(run, recover=True), threads=threads, batches=batches, formats=formats, repeats=repeats,
                       warmup=warmup, min_seconds=min_seconds, max_seconds=max_seconds, include_tf=include_tf,
                       measure_accuracy=measure_accuracy, row_timeout=row_timeout, ceiling_seconds=ceiling_seconds)
 

@@ -10,22 +10,34 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from featx_edge import __version__
+from featx_edge.config import RunConfig
 from featx_edge.export.calibration import calibration_images
 from featx_edge.export.golden import GoldenImages
 from featx_edge.formats import FormatSpec, artifact_filename, get_format, parse_formats
 from featx_edge.progress import bar
 from featx_edge.run import Run
-from featx_edge.rundir import EXPORT_DIR, INT8_LAYERS, locked, write_bytes, write_json
+from featx_edge.rundir import (
+    EXPORT_DIR,
+    EXPORT_JOURNAL,
+    INT8_LAYERS,
+    atomic_path,
+    locked,
+    sha256_file,
+    write_bytes,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
 
-def export_run(run: str | Path, *, formats: tuple[str, ...] | str | None = None) -> dict:
+def export_run(run: str | Path, *, formats: tuple[str, ...] | str | None = None,
+               settings: Callable[[RunConfig], RunConfig] | None = None) -> dict:
     """Export the run's reference model to each format under ``RUN/export/``; returns the manifest.
 
     With ``export.int8_budget`` set, int8 variants are then tried in order until one loses at
@@ -38,16 +50,27 @@ def export_run(run: str | Path, *, formats: tuple[str, ...] | str | None = None)
         ['onnx-float32', 'tflite-int8']
     """
     with locked(run, command="export"):
-        exporter = Exporter(Run.open(run))
-        config = exporter.run.config
+        opened = Run.open(run, recover=True)
+        recorded = opened.config
+        if settings is not None:
+            opened.config = settings(recorded)  # used now, recorded only if every export succeeds
+        exporter = Exporter(opened)
+        config = opened.config
         chosen = parse_formats(formats) if formats else config.export.formats
-        for fmt in bar(chosen, total=len(chosen), desc="exporting", unit="format"):
-            exporter.export(fmt)
-        if config.export.int8_budget is not None:
-            from featx_edge.export.budget import choose_int8
+        done = False
+        try:
+            for fmt in bar(chosen, total=len(chosen), desc="exporting", unit="format"):
+                exporter.export(fmt)
+            if config.export.int8_budget is not None:
+                from featx_edge.export.budget import choose_int8
 
-            choose_int8(exporter.run, budget=config.export.int8_budget, export=exporter.export)
-        return exporter.run.manifest
+                choose_int8(opened, budget=config.export.int8_budget, export=exporter.export)
+            done = True
+        finally:
+            # Artifacts made so far stay recorded; new settings only when every export was made.
+            opened.manifest["config"] = (config if done else recorded).to_dict()
+            opened.save()
+        return opened.manifest
 
 
 class Exporter:
@@ -105,8 +128,11 @@ class Exporter:
         t0 = time.perf_counter()
         path = self.run.path / EXPORT_DIR / artifact_filename(fmt)
         log.info("exporting %s ...", fmt)
-        self._converters[spec.converter](spec, path)
+        with atomic_path(path) as tmp:  # same folder and ending; renamed onto `path` on success
+            self._converters[spec.converter](spec, tmp)
+            self.run.journal(fmt, path, sha256=sha256_file(tmp))
         entry = self.run.record_artifact(fmt, path)
+        (self.run.path / EXPORT_JOURNAL).unlink(missing_ok=True)
         self.golden.write(fmt, path)
         log.info("  wrote %s (%.2f MB, %.1f s)", entry["path"], entry["bytes"] / 1e6, time.perf_counter() - t0)
         return entry

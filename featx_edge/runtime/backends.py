@@ -21,6 +21,46 @@ def _quantize(x: np.ndarray, dtype: np.dtype, scale: float, zero_point: int) -> 
     return np.clip(q, info.min, info.max).astype(dtype)
 
 
+MAX_TENSOR_BYTES = 1 << 30
+"""Default limit on the tensors a model may ask for at batch 1 (weights and activations together).
+An edge classifier needs tens of MB; a file with patched tensor shapes can ask for many GB."""
+
+_ITEMSIZE = {"FLOAT32": 4, "FLOAT16": 2, "BFLOAT16": 2, "FLOAT64": 8, "INT32": 4, "UINT32": 4, "INT64": 8,
+             "UINT64": 8, "INT16": 2, "UINT16": 2, "INT8": 1, "UINT8": 1, "BOOL": 1, "INT4": 1, "UINT4": 1,
+             "INT2": 1, "COMPLEX64": 8, "COMPLEX128": 16}
+
+
+def tflite_tensor_bytes(flatbuffer: bytes, *, path: Path | None = None) -> int:
+    """Bytes of every tensor a TFLite model declares, at batch 1, read from the flatbuffer itself.
+
+    Done before the interpreter sees the file, so absurd shapes are refused instead of allocated.
+    """
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+
+        names = {value: name for name, value in vars(schema.TensorType).items() if not name.startswith("_")}
+        model = schema.Model.GetRootAs(flatbuffer, 0)
+        total = 0
+        for g in range(model.SubgraphsLength()):
+            subgraph = model.Subgraphs(g)
+            for t in range(subgraph.TensorsLength()):
+                tensor = subgraph.Tensors(t)
+                elements = 1
+                for d in range(tensor.ShapeLength()):
+                    dim = tensor.Shape(d)
+                    if dim < -1 or dim > 1 << 24:
+                        raise ModelFileError(f"{path}: tensor {t} has an impossible dimension {dim}; "
+                                             "the file is damaged")
+                    elements *= max(dim, 1)
+                total += elements * _ITEMSIZE.get(names.get(tensor.Type(), ""), 8)
+        return total
+    except ModelFileError:
+        raise
+    except Exception as err:  # the flatbuffer reader raises struct/index errors on damaged files
+        raise ModelFileError(f"{path}: the TFLite model structure is unreadable ({type(err).__name__}: {err}); "
+                             "the file is damaged") from err
+
+
 def _dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     if scale == 0:
         return q.astype(np.float32)
@@ -33,18 +73,26 @@ class LiteRTBackend:
     engine = "litert"
 
     def __init__(self, flatbuffer: bytes, *, threads: int | None = None, xnnpack: bool = True,
-                 path: Path | None = None) -> None:
+                 path: Path | None = None, max_tensor_bytes: int = MAX_TENSOR_BYTES) -> None:
         try:
             from ai_edge_litert.interpreter import Interpreter, OpResolverType
         except ImportError as err:  # pragma: no cover - depends on the install
             raise ModelFileError(
                 "running .tflite models needs the LiteRT interpreter: `pip install ai-edge-litert`"
             ) from err
+        asked = tflite_tensor_bytes(flatbuffer, path=path)
+        if asked > max_tensor_bytes:
+            raise ModelFileError(
+                f"{path}: the model declares {asked / 2**20:.0f} MiB of tensors at batch 1 (limit "
+                f"{max_tensor_bytes / 2**20:.0f} MiB); the file is damaged or not an edge classifier. "
+                "Re-export it, or raise the limit with `load(..., max_tensor_bytes=N)` if it is genuine."
+            )
+        self.path = path
         resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
             self.interpreter = Interpreter(model_content=flatbuffer, num_threads=threads,
                                            experimental_op_resolver_type=resolver)
-        except (ValueError, RuntimeError) as err:
+        except Exception as err:  # LiteRT raises ValueError/RuntimeError with its log
             raise ModelFileError(f"{path}: LiteRT cannot load this model: {err}") from err
         self.xnnpack = xnnpack
         self.threads = threads
@@ -70,9 +118,23 @@ class LiteRTBackend:
         self._output = self.interpreter.get_output_details()[0]
         self._batch = n
 
+    @property
+    def output_classes(self) -> int:
+        return int(self._output["shape"][-1])
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(int(d) for d in self._input.get("shape_signature", self._input["shape"]))
+
     def run(self, pixels: np.ndarray) -> np.ndarray:
+        try:
+            return self._run(pixels)
+        except (RuntimeError, ValueError) as err:
+            raise ModelFileError(f"{self.path}: LiteRT failed to run this model: {err}") from err
+
+    def _run(self, pixels: np.ndarray) -> np.ndarray:
         if not self.dynamic_batch and len(pixels) != 1:
-            return np.concatenate([self.run(pixels[i : i + 1]) for i in range(len(pixels))])
+            return np.concatenate([self._run(pixels[i : i + 1]) for i in range(len(pixels))])
         self._ensure_batch(len(pixels))
         dtype = np.dtype(self._input["dtype"])
         if dtype == np.float32:
@@ -114,6 +176,7 @@ class OnnxRuntimeBackend:
             raise ModelFileError(f"{path}: onnxruntime cannot load this model: {err}") from err
         self.provider = provider
         self.threads = threads
+        self.path = path
         self._input = self.session.get_inputs()[0]
         self.dynamic_batch = not isinstance(self._input.shape[0], int)
         self.input_dtype = {"tensor(float)": "float32", "tensor(uint8)": "uint8",
@@ -122,7 +185,19 @@ class OnnxRuntimeBackend:
     def metadata(self) -> dict[str, str]:
         return dict(self.session.get_modelmeta().custom_metadata_map)
 
+    @property
+    def output_classes(self) -> int | None:
+        dim = self.session.get_outputs()[0].shape[-1]
+        return dim if isinstance(dim, int) else None
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(d if isinstance(d, int) else -1 for d in self._input.shape)
+
     def run(self, pixels: np.ndarray) -> np.ndarray:
         x = pixels.astype(np.float32) if self.input_dtype == "float32" else pixels.astype(self.input_dtype)
-        (y,) = self.session.run(None, {self._input.name: x})[:1]
+        try:
+            (y,) = self.session.run(None, {self._input.name: x})[:1]
+        except Exception as err:  # onnxruntime raises its own Fail/InvalidArgument/RuntimeException classes
+            raise ModelFileError(f"{self.path}: onnxruntime failed to run this model: {err}") from err
         return np.asarray(y, dtype=np.float32)

@@ -21,6 +21,11 @@ METADATA_NAME = "featx_edge.json"
 LABELS_NAME = "labels.txt"
 TFLITE_IDENTIFIER = b"TFL3"
 MAX_MODEL_BYTES = 2 << 30  # larger than any edge classifier; refuses absurd files early
+MAX_ZIP_ENTRIES = 8
+MAX_ENTRY_BYTES = 4 << 20  # a JSON of labels and settings; 100,000 labels fit
+MAX_LABELS = 100_000
+MAX_LABEL_CHARS = 200
+MAX_INPUT_SIDE = 4096
 
 
 def pack_tflite(flatbuffer: bytes, metadata: dict) -> bytes:
@@ -52,19 +57,61 @@ def read_tflite(path: Path) -> tuple[bytes, dict]:
     data = path.read_bytes()
     if data[4:8] != TFLITE_IDENTIFIER:
         raise ModelFileError(f"{path}: not a TFLite model (no `TFL3` identifier); the file is corrupt or of another kind")
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            meta = json.loads(zf.read(METADATA_NAME))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as err:
-        raise ModelFileError(
-            f"{path}: no readable featx-edge metadata ({err}). The file is truncated, or was not "
-            "exported by `featx-edge export`; re-export it."
-        ) from err
-    fb = meta.get("flatbuffer", {})
-    flatbuffer = data[: fb.get("bytes", -1)]
-    if len(flatbuffer) != fb.get("bytes") or hashlib.sha256(flatbuffer).hexdigest() != fb.get("sha256"):
+    meta = _parse_json(path, _read_zip_entry(path, data, METADATA_NAME))
+    fb = meta.get("flatbuffer")
+    if not isinstance(fb, dict) or not _is_int(fb.get("bytes")) or not isinstance(fb.get("sha256"), str):
+        raise ModelFileError(f"{path}: the metadata does not record the model's length and checksum; re-export it")
+    flatbuffer = data[: fb["bytes"]]
+    if len(flatbuffer) != fb["bytes"] or hashlib.sha256(flatbuffer).hexdigest() != fb["sha256"]:
         raise ModelFileError(f"{path}: the model bytes do not match their recorded checksum; the file is corrupt")
     return flatbuffer, _check_metadata(path, meta)
+
+
+def _read_zip_entry(path: Path, data: bytes, name: str) -> bytes:
+    """One entry of the metadata zip appended to a .tflite, read within fixed limits.
+
+    The zip comes from elsewhere: at most ``MAX_ZIP_ENTRIES`` entries, only stored or deflated,
+    not encrypted, and at most ``MAX_ENTRY_BYTES`` once inflated (the limit is enforced while
+    inflating, so an entry that claims a small size cannot inflate to gigabytes).
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            infos = zf.infolist()
+            if len(infos) > MAX_ZIP_ENTRIES:
+                raise ModelFileError(f"{path}: the metadata zip has {len(infos)} entries (at most "
+                                     f"{MAX_ZIP_ENTRIES} expected); the file is not a featx-edge export")
+            info = next((i for i in infos if i.filename == name), None)
+            if info is None:
+                raise ModelFileError(f"{path}: no `{name}` in the model's metadata; it was not exported by "
+                                     "`featx-edge export`; re-export it.")
+            if info.flag_bits & 0x1 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise ModelFileError(f"{path}: `{name}` is encrypted or compressed in an unsupported way; "
+                                     "re-export the model")
+            if info.file_size > MAX_ENTRY_BYTES:
+                raise ModelFileError(f"{path}: `{name}` claims {info.file_size} bytes (limit {MAX_ENTRY_BYTES})")
+            with zf.open(info) as fh:
+                raw = fh.read(MAX_ENTRY_BYTES + 1)
+            if len(raw) > MAX_ENTRY_BYTES:
+                raise ModelFileError(f"{path}: `{name}` inflates past {MAX_ENTRY_BYTES} bytes; refused")
+            return raw
+    except ModelFileError:
+        raise
+    except Exception as err:  # zipfile raises many kinds on hostile input; all mean "damaged"
+        raise ModelFileError(
+            f"{path}: no readable featx-edge metadata ({type(err).__name__}: {err}). The file is truncated, "
+            "damaged, or was not exported by `featx-edge export`; re-export it."
+        ) from err
+
+
+def _parse_json(path: Path, raw: bytes | str) -> dict:
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ModelFileError(f"{path}: the featx-edge metadata is not valid JSON ({err}); re-export the model") from err
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{path}: the featx-edge metadata is a JSON {type(meta).__name__}, not an object; "
+                             "re-export the model")
+    return meta
 
 
 def parse_onnx_metadata(path: Path, props: dict[str, str]) -> dict:
@@ -72,17 +119,41 @@ def parse_onnx_metadata(path: Path, props: dict[str, str]) -> dict:
         raise ModelFileError(
             f"{path}: ONNX model has no `featx_edge` metadata_props entry; export it with `featx-edge export`."
         )
-    try:
-        meta = json.loads(props["featx_edge"])
-    except json.JSONDecodeError as err:
-        raise ModelFileError(f"{path}: `featx_edge` metadata is not valid JSON ({err})") from err
-    return _check_metadata(path, meta)
+    if len(props["featx_edge"]) > MAX_ENTRY_BYTES:
+        raise ModelFileError(f"{path}: the `featx_edge` metadata is larger than {MAX_ENTRY_BYTES} bytes; refused")
+    return _check_metadata(path, _parse_json(path, props["featx_edge"]))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
 
 
 def _check_metadata(path: Path, meta: dict) -> dict:
-    inp = meta.get("input") or {}
-    if not meta.get("labels") or not all(k in inp for k in ("height", "width", "channels")):
-        raise ModelFileError(f"{path}: featx-edge metadata lacks labels or the input size; re-export the model")
+    """Every field the runtime uses, typed and in range; ModelFileError naming the first that is not."""
+    problem = None
+    labels, inp = meta.get("labels"), meta.get("input")
+    if not isinstance(labels, list) or not labels:
+        problem = "`labels` is missing or not a non-empty list"
+    elif len(labels) > MAX_LABELS:
+        problem = f"{len(labels)} labels (at most {MAX_LABELS})"
+    elif not all(isinstance(x, str) and 0 < len(x) <= MAX_LABEL_CHARS for x in labels):
+        problem = f"every label must be a string of 1 to {MAX_LABEL_CHARS} characters"
+    elif any(_has_control(x) for x in labels):
+        problem = "a label contains control characters (e.g. terminal escape sequences)"
+    elif not isinstance(inp, dict):
+        problem = "`input` is missing or not an object"
+    elif not all(_is_int(inp.get(k)) and 1 <= inp[k] <= MAX_INPUT_SIDE for k in ("height", "width")):
+        problem = f"`input.height` and `input.width` must be integers from 1 to {MAX_INPUT_SIDE}"
+    elif inp.get("channels") != 3:
+        problem = "`input.channels` must be 3 (RGB)"
+    elif "format" in meta and not isinstance(meta["format"], str):
+        problem = "`format` is not a string"
+    if problem:
+        raise ModelFileError(f"{path}: damaged featx-edge metadata: {problem}; re-export the model")
     return meta
 
 

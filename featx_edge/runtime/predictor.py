@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featx_edge.errors import ModelFileError
-from featx_edge.runtime.backends import LiteRTBackend, OnnxRuntimeBackend
+from featx_edge.errors import ConfigError, ModelFileError
+from featx_edge.runtime.backends import MAX_TENSOR_BYTES, LiteRTBackend, OnnxRuntimeBackend
 from featx_edge.runtime.image import ImageInput, load_pixels
 from featx_edge.runtime.metadata import check_onnx_header, parse_onnx_metadata, read_tflite
 
@@ -80,7 +80,7 @@ class Predictor:
 
 
 def load(path: str | Path, *, threads: int | None = None, provider: str = "CPUExecutionProvider",
-         xnnpack: bool = True) -> Predictor:
+         xnnpack: bool = True, max_tensor_bytes: int = MAX_TENSOR_BYTES) -> Predictor:
     """Load a .tflite or .onnx model exported by featx-edge, checking the file first.
 
     Args:
@@ -88,19 +88,39 @@ def load(path: str | Path, *, threads: int | None = None, provider: str = "CPUEx
         threads: inference threads (None: the engine's default).
         provider: onnxruntime execution provider for .onnx files.
         xnnpack: use the XNNPACK delegate for .tflite files.
+        max_tensor_bytes: refuse a .tflite whose tensors at batch 1 need more than this (the
+            shapes are read from the file before the interpreter allocates anything).
 
     Raises:
         ModelFileError: missing, empty, truncated, corrupt or foreign files, with the reason.
     """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"`threads` must be an integer >= 1 or None; received `{threads!r}`.")
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".tflite":
         flatbuffer, metadata = read_tflite(path)
-        backend = LiteRTBackend(flatbuffer, threads=threads, xnnpack=xnnpack, path=path)
+        backend = LiteRTBackend(flatbuffer, threads=threads, xnnpack=xnnpack, path=path,
+                                max_tensor_bytes=max_tensor_bytes)
     elif suffix == ".onnx":
         check_onnx_header(path)
         backend = OnnxRuntimeBackend(path, threads=threads, provider=provider)
         metadata = parse_onnx_metadata(path, backend.metadata())
     else:
         raise ModelFileError(f"{path}: unknown model type `{suffix or '(none)'}`; pass a .tflite or .onnx file")
+    _check_contract(path, backend, metadata)
     return Predictor(backend, metadata, path)
+
+
+def _check_contract(path: Path, backend, metadata: dict) -> None:
+    """The model's own input and output shapes must be what its metadata says."""
+    inp = metadata["input"]
+    shape = backend.input_shape
+    expected = (inp["height"], inp["width"], 3)
+    if len(shape) != 4 or shape[1:] != expected or shape[0] not in (-1, 1):
+        raise ModelFileError(f"{path}: the model's input shape {shape} does not match its metadata "
+                             f"(N, {inp['height']}, {inp['width']}, 3); the file is damaged; re-export it")
+    classes = backend.output_classes
+    if classes is not None and classes != len(metadata["labels"]):
+        raise ModelFileError(f"{path}: the model outputs {classes} classes but its metadata lists "
+                             f"{len(metadata['labels'])} labels; the file is damaged; re-export it")

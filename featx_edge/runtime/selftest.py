@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from featx_edge.errors import ModelFileError, VerificationError
+from featx_edge.errors import ConfigError, ImageError, ModelFileError, VerificationError
 from featx_edge.formats import FORMAT_SPECS
+from featx_edge.rundir import inside, sha256_file
 
 SELFTEST_DIR = "selftest"
 
@@ -46,30 +47,52 @@ class SelftestResult:
         return self.top1_matches == self.images and self.max_abs_diff <= self.tolerance
 
 
+MAX_GOLDEN_BYTES = 64 << 20
+"""A golden file holds a few images' probabilities (kilobytes); anything this large is not one."""
+MAX_GOLDEN_IMAGES = 1000  # export writes `[export] reference_images` of them, at most 1000
+
+
+@dataclass(frozen=True)
+class Golden:
+    """A checked golden file: the format, the image paths (relative to it) and both sets of outputs."""
+
+    format: str
+    images: tuple[str, ...]
+    reference: np.ndarray  # (images, classes), the Keras reference at export time
+    expected: np.ndarray  # (images, classes), the exported model on the export machine
+    model_sha256: str | None = None  # the model file the outputs were recorded for
+
+
 def run_selftest(model_path: str | Path, *, threads: int | None = None) -> SelftestResult:
-    """Check ``model_path`` against its golden file; raises VerificationError when it fails."""
+    """Check ``model_path`` against its golden file.
+
+    Raises:
+        ConfigError: ``threads`` is not a positive integer.
+        ModelFileError: the model, its golden file or a golden image is missing or damaged
+            (named, with what to copy again).
+        VerificationError: the local runtime does not reproduce the export-time outputs.
+    """
     from featx_edge.runtime import load
 
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"`threads` must be an integer >= 1 or None; received `{threads!r}`.")
     model_path = Path(model_path)
     golden_file = golden_path(model_path)
-    try:
-        golden = json.loads(golden_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelFileError(
-            f"{golden_file}: no self-test data for this model. Copy the `{SELFTEST_DIR}/` folder that "
-            "`featx-edge export` wrote next to the model along with it."
-        ) from None
+    golden = read_golden(golden_file)
     predictor = load(model_path, threads=threads)
-    images = [golden_file.parent / name for name in golden["images"]]
-    local = predictor.predict_proba(images)
-    expected = np.asarray(golden["expected"], dtype=np.float32)
-    reference = np.asarray(golden["reference"], dtype=np.float32)
-    fmt = golden["format"]
+    if golden.model_sha256 is not None and golden.model_sha256 != sha256_file(model_path):
+        raise ModelFileError(f"{golden_file}: written for another export of this model (its sha256 differs from "
+                             f"`{model_path}`); copy the model and its `{SELFTEST_DIR}/` folder from the same export, "
+                             "or re-export.")
+    if golden.expected.shape[1] != len(predictor.labels):
+        found = f"it has {golden.expected.shape[1]} outputs per image, the model {len(predictor.labels)} classes"
+        raise _damaged(golden_file, [f"{found}: it belongs to another model"])
+    local = _local_outputs(predictor, golden_file, golden.images)
     result = SelftestResult(
-        model=str(model_path), format=fmt, images=len(images),
-        max_abs_diff=float(np.abs(local - expected).max()),
-        top1_matches=int(np.sum(local.argmax(1) == reference.argmax(1))),
-        tolerance=tolerance_for(fmt),
+        model=str(model_path), format=golden.format, images=len(golden.images),
+        max_abs_diff=float(np.abs(local - golden.expected).max()),
+        top1_matches=int(np.sum(local.argmax(1) == golden.reference.argmax(1))),
+        tolerance=tolerance_for(golden.format),
     )
     if not result.passed:
         raise VerificationError(
@@ -80,13 +103,111 @@ def run_selftest(model_path: str | Path, *, threads: int | None = None) -> Selft
     return result
 
 
+def read_golden(path: Path) -> Golden:
+    """Read and check a golden file: every problem named in one ModelFileError, nothing left to crash on."""
+    raw = _read_json(path)
+    if not isinstance(raw, dict):
+        raise _damaged(path, [f"it holds a JSON {type(raw).__name__}, not an object"])
+    problems: list[str] = []
+    fmt = raw.get("format")
+    if not isinstance(fmt, str) or fmt not in FORMAT_SPECS:
+        problems.append(f"`format` must be one of {', '.join(FORMAT_SPECS)}; found {fmt!r}")
+    images = raw.get("images")
+    if not isinstance(images, list) or not 0 < len(images) <= MAX_GOLDEN_IMAGES or not all(map(inside, images)):
+        problems.append(f"`images` must be a list of 1 to {MAX_GOLDEN_IMAGES} paths inside the self-test folder")
+        images = None
+    else:
+        missing = [name for name in images if not _is_file(path.parent / name)]
+        if missing:
+            problems.append(f"lists {len(missing)} image(s) that are missing, e.g. `{missing[0]}`")
+    arrays = {key: _matrix(raw.get(key), rows=len(images) if images else None, key=key, problems=problems)
+              for key in ("reference", "expected")}
+    if all(a is not None for a in arrays.values()) and arrays["reference"].shape != arrays["expected"].shape:
+        problems.append("`reference` and `expected` differ in shape")
+    model_sha256 = raw.get("model_sha256")
+    if model_sha256 is not None and not (isinstance(model_sha256, str) and len(model_sha256) == 64):
+        problems.append("`model_sha256` is not a sha256 hex digest")
+    if problems:
+        raise _damaged(path, problems)
+    return Golden(format=fmt, images=tuple(images), reference=arrays["reference"], expected=arrays["expected"],
+                  model_sha256=model_sha256)
+
+
+
+def _read_json(path: Path):
+    try:
+        size = path.stat().st_size
+        if size > MAX_GOLDEN_BYTES:
+            raise _damaged(path, [f"it is {size} bytes; a self-test file is a few kilobytes"])
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except FileNotFoundError:
+        raise ModelFileError(
+            f"{path}: no self-test data for this model. Copy the `{SELFTEST_DIR}/` folder that "
+            "`featx-edge export` wrote next to the model along with it."
+        ) from None
+    except OSError as err:
+        raise ModelFileError(f"{path}: cannot read the self-test file ({err.strerror or err})") from err
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _damaged(path, [f"it is not valid JSON ({err})"]) from err
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the system
+        return False
+
+
+def _no_constant(name: str):
+    raise ValueError(f"`{name}` is not a JSON number")
+
+
+def _matrix(value, *, rows: int | None, key: str, problems: list[str]) -> np.ndarray | None:
+    """``value`` as a float32 (rows, classes) array of finite numbers; None (and a problem) otherwise."""
+    ok = (isinstance(value, list) and value and all(isinstance(row, list) and row for row in value)
+          and len({len(row) for row in value}) == 1
+          and all(isinstance(x, (int, float)) and not isinstance(x, bool) and _finite(x) for row in value for x in row))
+    if not ok:
+        problems.append(f"`{key}` must be a list of equally long lists of finite numbers")
+        return None
+    if rows is not None and len(value) != rows:
+        problems.append(f"`{key}` has {len(value)} rows for {rows} images")
+        return None
+    return np.asarray(value, dtype=np.float32)
+
+
+def _finite(x: float) -> bool:
+    try:
+        return bool(np.isfinite(float(x)))
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _local_outputs(predictor, golden_file: Path, images: tuple[str, ...]) -> np.ndarray:
+    """This device's probabilities for the golden images; an unreadable image is a damaged copy."""
+    try:
+        return predictor.predict_proba([golden_file.parent / name for name in images])
+    except ImageError as err:
+        raise ModelFileError(
+            f"{golden_file}: a self-test image is unreadable ({err}). Copy the `{SELFTEST_DIR}/` folder that "
+            "`featx-edge export` wrote again."
+        ) from err
+
+
+def _damaged(path: Path, problems: list[str]) -> ModelFileError:
+    return ModelFileError(
+        f"{path}: the self-test file is damaged: {'; '.join(problems)}. Copy the `{SELFTEST_DIR}/` folder that "
+        "`featx-edge export` wrote next to the model again."
+    )
+
+
 def write_golden(model_path: Path, *, fmt: str, images: list[str], reference: np.ndarray,
                  expected: np.ndarray) -> Path:
     """Write the golden file for one model (images already written under ``selftest/``)."""
     from featx_edge.rundir import write_json
 
     return write_json(golden_path(model_path), {
-        "format": fmt, "images": images,
+        "format": fmt, "images": images, "model_sha256": sha256_file(model_path),
         "reference": np.round(reference.astype(np.float64), 7).tolist(),
         "expected": np.round(expected.astype(np.float64), 7).tolist(),
         "tolerance": tolerance_for(fmt),
