@@ -166,3 +166,24 @@ def test_a_selftest_file_from_another_export_is_named(tmp_path, capsys):
     with pytest.raises(ModelFileError, match="written for another export of this model"):
         run_selftest(model)
     assert golden_path(model).is_file()
+
+
+def test_an_onnxruntime_run_error_is_one_line(tmp_path, capsys):
+    """A graph that loads but fails when run (a reshape to an impossible shape) gives ModelFileError."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    meta = json.loads(json.dumps(_flatbuffer_and_meta()[1]))
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["image", "shape"], ["probabilities"])], "broken",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 32, 32, 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, None)],
+        initializer=[helper.make_tensor("shape", TensorProto.INT64, [2], [5, -1])])  # 3072 values: no fit
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    helper.set_model_props(model, {"featx_edge": json.dumps(dict(meta, format="onnx-float32"))})
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    predictor = load(path)
+    with pytest.raises(ModelFileError, match="onnxruntime failed to run this model"):
+        predictor.predict_pixels(np.zeros((1, 32, 32, 3), np.uint8))
