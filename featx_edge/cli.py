@@ -11,6 +11,7 @@ from pathlib import Path
 from featx_edge import __version__
 from featx_edge.errors import FeatxError
 from featx_edge.formats import ONNX_CALIBRATION_METHODS
+from featx_edge.targets import TARGET_CHOICES
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -44,6 +45,9 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
                    help="accuracy points int8 may lose on validation; tries int8, selective, then QAT")
     g.add_argument("--onnx-calibration", choices=ONNX_CALIBRATION_METHODS,
                    help="onnxruntime calibration method for onnx-int8 (default percentile)")
+    g.add_argument("--target", choices=TARGET_CHOICES,
+                   help="CPU the onnx-int8 model is built for: U8S8 on x86-64 (reduce_range without VNNI), "
+                        "S8S8 on arm64 and `portable` (the default: exact on every CPU); auto: this host")
 
 
 def _add_verify_args(p: argparse.ArgumentParser) -> None:
@@ -143,7 +147,7 @@ def _export_overrides(config, args):
 
     formats = parse_formats(args.formats) if getattr(args, "formats", None) else None
     return override(config, "export", formats=formats, int8_budget=getattr(args, "int8_budget", None),
-                    onnx_calibration=getattr(args, "onnx_calibration", None))
+                    onnx_calibration=getattr(args, "onnx_calibration", None), target=getattr(args, "target", None))
 
 
 def _thresholds(args) -> dict:
@@ -198,9 +202,11 @@ def _cmd_export(args) -> int:
 
     def change(config):  # recorded in the run when the export succeeds: the manifest says how it was made
         config = override(config, "train", qat_epochs=args.qat_epochs)
-        return override(config, "export", int8_budget=args.int8_budget, onnx_calibration=args.onnx_calibration)
+        return override(config, "export", int8_budget=args.int8_budget, onnx_calibration=args.onnx_calibration,
+                        target=args.target)
 
-    changed = args.qat_epochs is not None or args.int8_budget is not None or args.onnx_calibration
+    changed = (args.qat_epochs is not None or args.int8_budget is not None or args.onnx_calibration
+               or args.target)
     manifest = export_run(args.run, formats=args.formats, settings=change if changed else None)
     missed = budget_failure(manifest)
     if missed:

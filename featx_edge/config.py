@@ -15,6 +15,7 @@ from typing import Any
 from featx_edge.backbones import get_backbone
 from featx_edge.errors import ConfigError
 from featx_edge.formats import FORMATS, ONNX_CALIBRATION_METHODS, parse_formats, parse_threshold
+from featx_edge.targets import TARGET_CHOICES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -219,7 +220,9 @@ class ExportConfig:
         selective_float_layers: layers kept in float by tflite-int8-selective (worst first), 1 to 1000.
         reference_images: images whose reference outputs ship next to each model (self-test), 1 to 1000.
         bias_correction: convert post-training int8 from a copy of the model whose BatchNorm
-            offsets cancel the mean error of int8 weight rounding (see ``int8.bias_corrected``).
+            offsets cancel the mean error of int8 weight rounding (see ``export.bias_correction``).
+        target: the CPU the ONNX int8 model is built for (``featx_edge.targets``): ``auto`` (this
+            host), ``portable``, ``x86-64``, ``x86-64-vnni`` or ``arm64``.
     """
 
     formats: tuple[str, ...] = FORMATS
@@ -229,6 +232,7 @@ class ExportConfig:
     selective_float_layers: int = 5
     reference_images: int = 8
     bias_correction: bool = True
+    target: str = "portable"
 
     def __post_init__(self) -> None:
         formats = self.formats
@@ -244,6 +248,9 @@ class ExportConfig:
         _check_int("selective_float_layers", self.selective_float_layers, 1, 1000)
         _check_int("reference_images", self.reference_images, 1, 1000)
         _check_bool("bias_correction", self.bias_correction)
+        if not isinstance(self.target, str) or self.target not in TARGET_CHOICES:
+            raise ConfigError(f"`target` must be one of {', '.join(TARGET_CHOICES)}; "
+                              f"received {_received(self.target, wrong_type=not isinstance(self.target, str))}.")
         if not isinstance(self.onnx_calibration, str) or self.onnx_calibration not in ONNX_CALIBRATION_METHODS:
             raise ConfigError(
                 f"`onnx_calibration` must be one of {', '.join(ONNX_CALIBRATION_METHODS)}; "

@@ -157,10 +157,10 @@ def test_onnx_int8_falls_back_to_minmax_and_says_so(tmp_path, monkeypatch, capsy
     source = Path(__file__).parent / "data" / "runtime" / "model.onnx-float32.onnx"
     real = onnx_int8._quantize
 
-    def flaky(float_model, input_name, calibration, method, per_channel):
+    def flaky(float_model, input_name, calibration, method, *recipe):
         if method == "percentile":
             raise ValueError("Too many bins for data range. Cannot create 2048 finite-sized bins.")
-        return real(float_model, input_name, calibration, method, per_channel)
+        return real(float_model, input_name, calibration, method, *recipe)
 
     monkeypatch.setattr(onnx_int8, "_quantize", flaky)
     meta = load(source).metadata

@@ -23,6 +23,7 @@ from featx_edge.bench.plan import (
     positive_ints,
 )
 from featx_edge.bench.plot import write_plot
+from featx_edge.bench.recommend import recommend, verified_formats
 from featx_edge.bench.report import BENCH_JSON, BENCH_MD, BENCH_PNG, SCHEMA, format_table, result_row
 from featx_edge.bench.worker import run_worker, worker_env
 from featx_edge.errors import ConfigError
@@ -116,7 +117,7 @@ def _bench(opened: Run, *, threads: Sequence[int], batches: Sequence[int], forma
     log.info("bench %s: %d rows to time (%s; threads %s, batches %s), %d combinations not measurable here",
              run, len(specs), ", ".join(chosen), list(threads), list(batches), len(unavailable))
     log.info("measuring the float32 matmul ceiling ...")
-    ceiling = measure_ceiling(sorted(set(threads) | {1, cpus}), min_seconds=ceiling_seconds)
+    ceiling = measure_ceiling(sorted(set(threads) | {1}), min_seconds=ceiling_seconds)
     single, most = (ceiling.get("1") or {}).get("gmacs"), (ceiling.get(str(max(ceiling, key=int))) or {}).get("gmacs")
     if single and most and most < single:
         notes.append(f"the {max(ceiling, key=int)}-thread matmul ceiling ({most:.1f} GMAC/s) is below the 1-thread one "
@@ -158,6 +159,8 @@ def _bench(opened: Run, *, threads: Sequence[int], batches: Sequence[int], forma
     for row in rows:  # accuracy is measured once per format x runtime; share it across the sweep
         if row["status"] == "ok" and row.get("bench_accuracy") is None:
             row["bench_accuracy"] = accuracy_done.get((row["format"], row["runtime"]))
+    recommendation = recommend(rows, verified=verified_formats(run, manifest["artifacts"]),
+                               quantization=_recipes(opened, chosen))
     rows += unavailable
 
     report = {
@@ -180,6 +183,7 @@ def _bench(opened: Run, *, threads: Sequence[int], batches: Sequence[int], forma
         "accuracy": {"reference": reference_acc, "reference_source": reference_source,
                      "source": VERIFY if per_format_acc else None},
         "rows": rows,
+        "recommendation": recommendation,
         "notes": notes,
     }
     try:
@@ -198,4 +202,21 @@ def _bench(opened: Run, *, threads: Sequence[int], batches: Sequence[int], forma
     with atomic_path(run / BENCH_MD) as tmp_md:
         tmp_md.write_text(table + f"\n![accuracy vs latency]({BENCH_PNG})\n", encoding="utf-8")
     log.info(table)
+    log.info("wrote %s, %s and %s", run / BENCH_JSON, run / BENCH_MD, run / BENCH_PNG)
     return report
+
+
+def _recipes(opened: Run, formats: list[str]) -> dict[str, dict]:
+    """Each exported format's quantization recipe, from its own metadata (empty for float formats)."""
+    from featx_edge.errors import FeatxError
+    from featx_edge.runtime import load
+
+    recipes = {}
+    for fmt in formats:
+        if fmt not in opened.manifest["artifacts"]:
+            continue
+        try:
+            recipes[fmt] = load(opened.artifact_path(fmt)).metadata.get("quantization") or {}
+        except FeatxError:
+            recipes[fmt] = {}
+    return recipes

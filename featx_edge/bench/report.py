@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from featx_edge.bench.plan import REFERENCE_FORMAT
+from featx_edge.bench.recommend import format_recommendation
 from featx_edge.errors import RunDirError
 from featx_edge.rundir import VERIFY
 
@@ -49,6 +50,14 @@ def result_row(spec: dict, result: dict, *, macs: dict, ceiling: dict, per_forma
     ceil = (ceiling.get(str(spec["threads"])) or {}).get("gmacs")
     row["ceiling_gmacs"] = ceil
     row["ceiling_fraction"] = row["gmacs"] / ceil if row["gmacs"] and ceil else None
+    if row["ceiling_fraction"] is not None and row["ceiling_fraction"] > 1.0:
+        # Above a float32 matmul rate: int8 kernels can be (VNNI), and a ceiling measured while
+        # the cores were busy is too low. Either way the percentage is not a fact about this row.
+        row["ceiling_fraction_measured"] = row["ceiling_fraction"]
+        row["ceiling_fraction"] = None
+        row["notes"].append(f"{100 * row['ceiling_fraction_measured']:.0f}% of the float32 matmul ceiling: "
+                            "unreliable (int8 kernels exceed a float32 ceiling, or the ceiling was measured "
+                            "on busy cores); not reported as a share")
     return row
 
 
@@ -89,7 +98,8 @@ def format_table(report: dict) -> str:
     backbone = report.get("backbone") or {}
     size = (report.get("input") or {}).get("height")
     lines = [f"# Benchmark: {report.get('name')}", ""]
-    lines.append(f"- run: `{report.get('run')}`; backbone {backbone.get('name')} alpha {backbone.get('alpha')}, "
+    alpha = "" if backbone.get("alpha") is None else f" alpha {backbone['alpha']}"
+    lines.append(f"- run: `{report.get('run')}`; backbone {backbone.get('name')}{alpha}, "
                  f"{size} px, {report.get('classes')} classes")
     lines.append(f"- machine: {m.get('cpu_model')}, {m.get('cpu_count')} CPUs, Python {m.get('python')}; "
                  + ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v))
@@ -111,11 +121,12 @@ def format_table(report: dict) -> str:
     for r in measured:
         batch = f"{r['batch']}" + ("" if r.get("dynamic_batch", True) else " (fixed 1)")
         share = None if r.get("ceiling_fraction") is None else 100 * r["ceiling_fraction"]
+        share_text = ">100 (unreliable)" if r.get("ceiling_fraction_measured") else _fmt(share, ".0f")
         mb = None if r.get("model_bytes") is None else r["model_bytes"] / 1e6
         lines.append(
             f"| {r['format']} | {r['runtime']} | {r['threads']} | {batch} | {_fmt(r['p50_ms'])} | "
             f"{_fmt(r['p90_ms'])} | {_fmt(r['p99_ms'])} | {_fmt(r['iqr_ms'])} | {_fmt(r['throughput_ips'], '.1f')} | "
-            f"{_fmt(r.get('gmacs'), '.2f')} | {_fmt(share, '.0f')} | "
+            f"{_fmt(r.get('gmacs'), '.2f')} | {share_text} | "
             f"{_fmt(r['cold_start_ms'], '.0f')} | {_fmt(r['peak_rss_mb'], '.1f')} | {_fmt(mb)} | {_accuracy_text(r)} |")
     if any(r.get("accuracy") is None and r.get("bench_accuracy") is not None for r in measured):
         lines += ["", "\\* accuracy measured by this bench on the test split (no verify.json entry)."]
@@ -125,6 +136,8 @@ def format_table(report: dict) -> str:
         for r in others:
             where = "" if r.get("threads") is None else f" (threads {r['threads']}, batch {r['batch']})"
             lines.append(f"- {r['format']} on {r['runtime']}{where}: {r['status']}: {r.get('reason')}")
+    if report.get("recommendation"):
+        lines += format_recommendation(report["recommendation"])
     if report.get("notes"):
         lines += ["", "Notes:", ""] + [f"- {n}" for n in report["notes"]]
     lines.append("")

@@ -32,6 +32,7 @@ from featx_edge.rundir import (
     write_bytes,
     write_json,
 )
+from featx_edge.targets import resolve_target
 
 log = logging.getLogger(__name__)
 
@@ -188,11 +189,18 @@ class Exporter:
 
         source, recipe = self.int8_source()
         method = self.run.config.export.onnx_calibration
+        target = resolve_target(self.run.config.export.target)
         metadata = self.metadata(spec)
-        metadata["quantization"] = {"method": "onnxruntime static QDQ", "weights": "int8 per-channel",
-                                    "activations": "int8", "calibration": method,
+        metadata["quantization"] = {"method": "onnxruntime static QDQ",
+                                    "weights": "int8 per-channel" + (", reduce_range (7-bit)" if target.reduce_range
+                                                                     else ""),
+                                    "activations": target.activations, "reduce_range": target.reduce_range,
+                                    "target": target.name, "target_requested": self.run.config.export.target,
+                                    "target_why": target.why, "calibration": method,
                                     "calibration_images": len(self.calibration), **recipe}
+        log.info("  onnx-int8 for target %s: %s", target.name, target.why)
         with tempfile.TemporaryDirectory(prefix="featx-onnx-") as tmp:
             float_path = Path(tmp) / "float32.onnx"
             onnx_export.save(onnx_export.convert(source, size=self.run.size, metadata=metadata), float_path)
-            quantize(float_path, path, calibration=self.calibration, method=method, metadata=metadata)
+            quantize(float_path, path, calibration=self.calibration, method=method, metadata=metadata,
+                     activations=target.activations, reduce_range=target.reduce_range)

@@ -35,7 +35,8 @@ def _reader(images: np.ndarray, input_name: str):
 
 
 def quantize(float_model: Path, out: Path, *, calibration: np.ndarray, method: str = "percentile",
-             metadata: dict | None = None, per_channel: bool = True) -> str:
+             metadata: dict | None = None, per_channel: bool = True, activations: str = "int8",
+             reduce_range: bool = False) -> str:
     """Write a QDQ int8 copy of ``float_model`` to ``out``; returns the calibration method used.
 
     Histogram methods (``percentile``, ``entropy``) fail in onnxruntime on tensors whose values
@@ -44,6 +45,8 @@ def quantize(float_model: Path, out: Path, *, calibration: np.ndarray, method: s
 
     Args:
         method: ``minmax``, ``percentile`` or ``entropy`` (onnxruntime CalibrationMethod).
+        activations: ``int8`` (S8S8) or ``uint8`` (U8S8); weights are int8 (see ``featx_edge.targets``).
+        reduce_range: quantize weights to 7 bits (x86-64 without VNNI).
         metadata: featx-edge metadata for the model; its ``quantization`` entry is completed
             here. None keeps the float model's metadata_props.
     """
@@ -59,13 +62,15 @@ def quantize(float_model: Path, out: Path, *, calibration: np.ndarray, method: s
     props = {p.key: p.value for p in source.metadata_props}
     used = method
     try:
-        model = _quantize(float_model, source.graph.input[0].name, calibration, method, per_channel)
+        model = _quantize(float_model, source.graph.input[0].name, calibration, method, per_channel, activations,
+                          reduce_range)
     except ValueError as err:
         if method == "minmax" or "bins" not in str(err):
             raise ExportError(f"onnx-int8 quantization ({method}) failed: {type(err).__name__}: {err}") from err
         used = f"minmax (fallback: {method} failed: {err})"
         log.warning("onnx-int8: %s calibration failed (%s); using minmax", method, err)
-        model = _quantize(float_model, source.graph.input[0].name, calibration, "minmax", per_channel)
+        model = _quantize(float_model, source.graph.input[0].name, calibration, "minmax", per_channel, activations,
+                          reduce_range)
     if metadata is not None:
         metadata = dict(metadata, quantization=dict(metadata.get("quantization", {}), calibration=used))
         add_metadata(model, metadata)
@@ -76,7 +81,8 @@ def quantize(float_model: Path, out: Path, *, calibration: np.ndarray, method: s
     return used
 
 
-def _quantize(float_model: Path, input_name: str, calibration: np.ndarray, method: str, per_channel: bool):
+def _quantize(float_model: Path, input_name: str, calibration: np.ndarray, method: str, per_channel: bool,
+              activations: str = "int8", reduce_range: bool = False):
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -89,7 +95,8 @@ def _quantize(float_model: Path, input_name: str, calibration: np.ndarray, metho
         quantize_static(
             str(prepared), str(quantized), _reader(calibration, input_name),
             quant_format=QuantFormat.QDQ, per_channel=per_channel,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8, reduce_range=reduce_range,
             calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                               "entropy": CalibrationMethod.Entropy}[method],
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},

@@ -1,0 +1,118 @@
+"""Which export to ship for this host, chosen from the bench rows among exports that pass verify.
+
+Two picks: the lowest median latency at batch 1 (interactive use) and the highest throughput at
+any batch (bulk use), each with its reason in one line (latency against the fastest float32,
+size, accuracy change from verify). An int8 export slower than its float32 sibling on the same
+runtime, threads and batch is flagged with the likely cause.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from featx_edge.formats import FORMAT_SPECS
+from featx_edge.rundir import VERIFY
+from featx_edge.targets import detect_host
+
+FLOAT_SIBLING = {"tflite-int8": "tflite-float32", "tflite-int8-selective": "tflite-float32",
+                 "tflite-int8-qat": "tflite-float32", "tflite-dynamic": "tflite-float32",
+                 "onnx-int8": "onnx-float32"}
+
+
+def verified_formats(run: Path, artifacts: dict) -> dict[str, dict]:
+    """Formats whose verify.json entry passed and was measured on the file exported now."""
+    try:
+        verify = json.loads((Path(run) / VERIFY).read_text(encoding="utf-8"))
+        entries = verify.get("formats") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {fmt: entry for fmt, entry in entries.items()
+            if isinstance(entry, dict) and entry.get("passed") and entry.get("sha256")
+            and entry.get("sha256") == (artifacts.get(fmt) or {}).get("sha256")}
+
+
+def recommend(rows: list[dict], *, verified: dict[str, dict], quantization: dict[str, dict],
+              host: str | None = None) -> dict:
+    """The picks and flags; ``quantization``: each format's recipe from its model metadata."""
+    host = host or detect_host()
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("p50_ms")]
+    flags = [flag for r in ok if (flag := _slow_int8(r, ok, quantization, host))]
+    shippable = [r for r in ok if r["format"] in verified]
+    result: dict = {"host_target": host, "among": sorted({r["format"] for r in shippable}), "flags": flags}
+    if not shippable:
+        result["note"] = ("no measured export has a passing verify entry for its current file; run "
+                          "`featx-edge verify RUN` and bench again" if ok else "nothing was measured")
+        return result
+    batch1 = [r for r in shippable if r["batch"] == 1]
+    if batch1:
+        best = min(batch1, key=lambda r: r["p50_ms"])
+        result["batch1"] = _pick(best, batch1, verified, key="p50_ms")
+    best = max(shippable, key=lambda r: r.get("throughput_ips") or 0.0)
+    result["throughput"] = _pick(best, shippable, verified, key="throughput_ips")
+    return result
+
+
+def _pick(best: dict, pool: list[dict], verified: dict, *, key: str) -> dict:
+    floats = [r for r in pool if not FORMAT_SPECS.get(r["format"]) or r["format"].endswith("float32")]
+    baseline = (min(floats, key=lambda r: r["p50_ms"]) if key == "p50_ms"
+                else max(floats, key=lambda r: r.get("throughput_ips") or 0.0)) if floats else None
+    change = verified[best["format"]].get("accuracy_change_points")
+    size = None if best.get("model_bytes") is None else best["model_bytes"] / 1e6
+    if key == "p50_ms":
+        what = f"p50 {best['p50_ms']:.2f} ms at batch 1"
+        versus = (f", {baseline['p50_ms'] / best['p50_ms']:.1f}x faster than the fastest float32 "
+                  f"({baseline['format']} on {baseline['runtime']}, {baseline['p50_ms']:.2f} ms)"
+                  if baseline and baseline is not best else "")
+    else:
+        what = f"{best['throughput_ips']:.0f} images/s at batch {best['batch']}"
+        versus = (f", {best['throughput_ips'] / baseline['throughput_ips']:.1f}x the best float32 "
+                  f"({baseline['format']} on {baseline['runtime']}, {baseline['throughput_ips']:.0f} images/s)"
+                  if baseline and baseline is not best and baseline.get("throughput_ips") else "")
+    reason = (what + versus + ("" if size is None else f"; {size:.2f} MB")
+              + ("" if change is None else f"; accuracy {change:+.2f} points versus the Keras reference (verify)"))
+    return {"format": best["format"], "runtime": best["runtime"], "threads": best["threads"],
+            "batch": best["batch"], "p50_ms": best["p50_ms"], "throughput_ips": best.get("throughput_ips"),
+            "reason": reason}
+
+
+def _slow_int8(row: dict, ok: list[dict], quantization: dict, host: str) -> dict | None:
+    sibling = FLOAT_SIBLING.get(row["format"])
+    if sibling is None:
+        return None
+    twin = next((r for r in ok if r["format"] == sibling and r["runtime"] == row["runtime"]
+                 and r["threads"] == row["threads"] and r["batch"] == row["batch"]), None)
+    if twin is None or row["p50_ms"] <= twin["p50_ms"]:
+        return None
+    recipe = quantization.get(row["format"]) or {}
+    if row["runtime"] == "litert-builtin":
+        cause = "LiteRT's built-in kernels (no XNNPACK): its reference int8 kernels are not optimised"
+    elif row["format"] == "onnx-int8" and recipe.get("activations", "int8") == "int8" and host.startswith("x86"):
+        better = "x86-64-vnni" if host == "x86-64-vnni" else "x86-64"
+        cause = (f"int8 activations (S8S8, target {recipe.get('target', 'portable')}) take onnxruntime's slow "
+                 f"path on x86-64; export with `--target {better}` (U8S8) for this host, and verify it")
+    elif host == "x86-64":
+        cause = "this CPU has no VNNI: int8 dot products are no faster than float32 FMA here"
+    elif row["format"] == "tflite-dynamic":
+        cause = "dynamic-range quantization converts activations at run time; it saves size, not time"
+    else:
+        cause = "not known; compare on the target device (`featx-edge device-check`) before choosing"
+    return {"format": row["format"], "runtime": row["runtime"], "threads": row["threads"], "batch": row["batch"],
+            "p50_ms": row["p50_ms"], "float32_p50_ms": twin["p50_ms"], "float32": sibling, "likely_cause": cause}
+
+
+def format_recommendation(rec: dict) -> list[str]:
+    """Markdown lines for bench.md."""
+    lines = ["", f"## What to ship on this host ({rec.get('host_target')})", ""]
+    if rec.get("note"):
+        lines.append(f"- {rec['note']}")
+    for key, title in (("batch1", "lowest latency, batch 1"), ("throughput", "highest throughput")):
+        pick = rec.get(key)
+        if pick:
+            lines.append(f"- **{title}**: {pick['format']} on {pick['runtime']}, {pick['threads']} thread(s): "
+                         f"{pick['reason']}")
+    for flag in rec.get("flags") or []:
+        lines.append(f"- slower than float32: {flag['format']} on {flag['runtime']} (threads {flag['threads']}, "
+                     f"batch {flag['batch']}) {flag['p50_ms']:.2f} ms against {flag['float32']} "
+                     f"{flag['float32_p50_ms']:.2f} ms; likely cause: {flag['likely_cause']}")
+    return lines
