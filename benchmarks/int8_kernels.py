@@ -130,7 +130,7 @@ def _tf_fn(model, threads: int):
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
     except RuntimeError:
-        pass  # set once per process; later values are ignored (recorded as such)
+        pass  # TensorFlow fixes its pools when it first runs: every column then uses that setting
     fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
     return lambda pixels: fn(tf.constant(pixels.astype(np.float32))).numpy()
 

@@ -100,3 +100,21 @@ def test_a_row_above_its_ceiling_is_not_reported_as_a_share():
                      reference_acc=None, reference_source=None)
     assert row["ceiling_fraction"] is None and row["ceiling_fraction_measured"] == pytest.approx(5.0)
     assert any("unreliable" in note for note in row["notes"])
+
+
+def test_the_ceiling_is_re_measured_between_rows(monkeypatch):
+    from featx_edge.bench import harness
+
+    calls = []
+
+    def fake(threads, *, min_seconds):
+        calls.append(threads[0])
+        return {str(threads[0]): {"status": "ok", "gmacs": 10.0 * len(calls)}}
+
+    monkeypatch.setattr(harness, "measure_ceiling", fake)
+    ceilings = harness._Ceilings([1, 2], min_seconds=0.1)
+    seen = [ceilings.near(1)["1"]["gmacs"] for _ in range(2 * harness.CEILING_EVERY + 1)]
+    assert seen == [10.0] * harness.CEILING_EVERY + [20.0] * harness.CEILING_EVERY + [30.0]
+    assert ceilings.near(2)["2"]["gmacs"] == 40.0
+    summary = ceilings.summary()
+    assert summary["1"]["gmacs"] == 20.0 and summary["1"]["measurements"] == 3 and summary["2"]["max_gmacs"] == 40.0

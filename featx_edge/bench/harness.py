@@ -116,13 +116,10 @@ def _bench(opened: Run, *, threads: Sequence[int], batches: Sequence[int], forma
 
     log.info("bench %s: %d rows to time (%s; threads %s, batches %s), %d combinations not measurable here",
              run, len(specs), ", ".join(chosen), list(threads), list(batches), len(unavailable))
-    log.info("measuring the float32 matmul ceiling ...")
-    ceiling = measure_ceiling(sorted(set(threads) | {1}), min_seconds=ceiling_seconds)
-    single, most = (ceiling.get("1") or {}).get("gmacs"), (ceiling.get(str(max(ceiling, key=int))) or {}).get("gmacs")
-    if single and most and most < single:
-        notes.append(f"the {max(ceiling, key=int)}-thread matmul ceiling ({most:.1f} GMAC/s) is below the 1-thread one "
-                     f"({single:.1f}): the cores were contended while benchmarking, so multi-thread rows understate "
-                     "what this machine does when idle")
+    # The ceiling is measured between the rows (every CEILING_EVERY rows per thread count), and
+    # each row is compared with the measurement nearest to it in time: a machine that gets busy
+    # or idle during the sweep moves both together.
+    ceilings = _Ceilings(sorted(set(threads)), min_seconds=ceiling_seconds)
 
     rows: list[dict] = []
     accuracy_done: dict[tuple[str, str], float | None] = {}
@@ -154,11 +151,21 @@ def _bench(opened: Run, *, threads: Sequence[int], batches: Sequence[int], forma
                     failed_combos[combo] = result
                 if want_accuracy and result.get("status") == "ok":
                     accuracy_done[combo] = result.get("bench_accuracy")
+            ceiling = ceilings.near(spec["threads"]) if result.get("status") == "ok" else {}
             rows.append(result_row(spec, result, macs=macs, ceiling=ceiling, per_format_acc=per_format_acc,
                                    reference_acc=reference_acc, reference_source=reference_source))
     for row in rows:  # accuracy is measured once per format x runtime; share it across the sweep
         if row["status"] == "ok" and row.get("bench_accuracy") is None:
             row["bench_accuracy"] = accuracy_done.get((row["format"], row["runtime"]))
+    ceiling = ceilings.summary()
+    single, most = (ceiling.get("1") or {}).get("gmacs"), (ceiling.get(str(max(ceiling, key=int))) or {}).get("gmacs")
+    if single and most and most < single:
+        notes.append(f"the {max(ceiling, key=int)}-thread matmul ceiling ({most:.1f} GMAC/s, median) is below the "
+                     f"1-thread one ({single:.1f}): the cores were contended while benchmarking; multi-thread rows "
+                     "understate what this machine does when idle, and their ceiling shares are unreliable")
+        for row in rows:
+            if row.get("status") == "ok" and row["threads"] > 1 and row.get("ceiling_fraction") is not None:
+                row["ceiling_fraction_measured"], row["ceiling_fraction"] = row["ceiling_fraction"], None
     recommendation = recommend(rows, verified=verified_formats(run, manifest["artifacts"]),
                                quantization=_recipes(opened, chosen))
     rows += unavailable
@@ -177,7 +184,9 @@ def _bench(opened: Run, *, threads: Sequence[int], batches: Sequence[int], forma
         "machine": machine,
         "macs": macs,
         "ceiling": {"method": f"float32 numpy matmul {CEILING_SIZE}x{CEILING_SIZE}, median of repeated "
-                              "calls, BLAS limited to the thread count", "by_threads": ceiling},
+                              "calls, BLAS limited to the thread count; measured between the rows (every "
+                              f"{CEILING_EVERY} rows per thread count), each row against the nearest measurement",
+                    "by_threads": ceiling},
         "runtimes": runtimes,
         "inputs": inputs,
         "accuracy": {"reference": reference_acc, "reference_source": reference_source,
@@ -220,3 +229,36 @@ def _recipes(opened: Run, formats: list[str]) -> dict[str, dict]:
         except FeatxError:
             recipes[fmt] = {}
     return recipes
+
+
+CEILING_EVERY = 4
+"""Rows timed per thread count between two measurements of the matmul ceiling."""
+
+
+class _Ceilings:
+    """The float32 matmul ceiling per thread count, re-measured as the sweep goes."""
+
+    def __init__(self, threads: list[int], *, min_seconds: float) -> None:
+        self._min_seconds = min_seconds
+        self._samples: dict[str, list[dict]] = {str(t): [] for t in threads}
+        self._since: dict[str, int] = {}
+
+    def near(self, threads: int) -> dict:
+        """``{str(threads): measurement}`` for a row about to be reported (measuring when due)."""
+        key = str(threads)
+        if key not in self._since or self._since[key] >= CEILING_EVERY:
+            log.debug("measuring the %s-thread matmul ceiling", key)
+            self._samples.setdefault(key, []).append(measure_ceiling([threads], min_seconds=self._min_seconds)[key])
+            self._since[key] = 0
+        self._since[key] += 1
+        return {key: self._samples[key][-1]}
+
+    def summary(self) -> dict:
+        """Per thread count: the median GMAC/s, its range and every measurement."""
+        out = {}
+        for key, samples in self._samples.items():
+            values = [s["gmacs"] for s in samples if s.get("gmacs")]
+            out[key] = {"gmacs": float(np.median(values)) if values else None,
+                        "min_gmacs": min(values) if values else None, "max_gmacs": max(values) if values else None,
+                        "measurements": len(samples), "samples": samples}
+        return out
