@@ -13,9 +13,12 @@ def import_tf() -> tuple[ModuleType, ModuleType]:
     # TFLite converter) is the same Keras 2 that builds our models.
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from featx_edge.progress import native_output
+
     try:
-        import tensorflow as tf
-        import tf_keras as keras
+        with native_output("importing TensorFlow"):  # CUDA probes and oneDNN notices on stderr
+            import tensorflow as tf
+            import tf_keras as keras
     except ImportError as err:
         from featx_edge.errors import FeatxError
 

@@ -57,6 +57,9 @@ def _add_verify_args(p: argparse.ArgumentParser) -> None:
 
 def _quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show what TensorFlow, the converters and onnxruntime print (held back otherwise, "
+                        "and shown when a step fails)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     from featx_edge.progress import configure
 
     args = build_parser().parse_args(argv)
-    configure(quiet=getattr(args, "quiet", False))
+    configure(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
     try:
         return COMMANDS[args.command](args)
     except FeatxError as err:

@@ -8,11 +8,15 @@ shown only on a terminal (tqdm's ``disable=None``), so logs and CI output carry 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
 
 LOGGER = "featx_edge"
+_verbose = False
 
 
 def enabled() -> bool:
@@ -40,8 +44,15 @@ class _Console(logging.Handler):
             self.handleError(record)
 
 
-def configure(*, quiet: bool = False) -> None:
-    """Print featx-edge's messages: INFO on stdout, warnings on stderr (warnings only with ``quiet``)."""
+def configure(*, quiet: bool = False, verbose: bool = False) -> None:
+    """Print featx-edge's messages: INFO on stdout, warnings on stderr (warnings only with ``quiet``).
+
+    ``verbose`` also lets through what the engines print themselves (TensorFlow's native log,
+    the converters, onnxruntime's calibration, Keras's epoch lines), which ``native_output``
+    otherwise holds back and shows only when the step fails.
+    """
+    global _verbose
+    _verbose = verbose
     logger = logging.getLogger(LOGGER)
     for handler in list(logger.handlers):
         if getattr(handler, "_featx_edge", False):
@@ -60,3 +71,51 @@ def bar(iterable: Iterable, *, total: int | None = None, desc: str, unit: str = 
     except ImportError:  # the device runtime does not need tqdm
         return iterable
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, disable=None)
+
+
+def verbose() -> bool:
+    """Whether the engines' own output is wanted (``--verbose``)."""
+    return _verbose
+
+
+@contextlib.contextmanager
+def native_output(what: str) -> Iterator[None]:
+    """Hold back what third-party code prints during ``what`` (to file descriptors 1 and 2, so
+    native C++ logging too); print it to stderr only if the step fails, or always with --verbose.
+
+    Wrap only calls into other libraries: featx-edge's own messages inside would be held too.
+    """
+    if _verbose:
+        yield
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        try:
+            saved = [os.dup(1), os.dup(2)]
+        except OSError:  # no usable descriptors (an embedded interpreter): nothing to hold back
+            yield
+            return
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            if failed:
+                sink.seek(0)
+                held = sink.read().decode("utf-8", "replace").strip()
+                if held:
+                    tail = "\n".join(held.splitlines()[-60:])
+                    print(f"output of {what} (it failed):\n{tail}", file=sys.stderr, flush=True)

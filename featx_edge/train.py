@@ -24,8 +24,8 @@ from featx_edge.backbones import get_backbone
 from featx_edge.config import RunConfig, TrainConfig
 from featx_edge.data import iter_batches, map_batches, scan_folder, split_folder
 from featx_edge.errors import ConfigError
-from featx_edge.progress import bar
-from featx_edge.progress import enabled as progress_enabled
+from featx_edge.progress import bar, native_output
+from featx_edge.progress import verbose as progress_verbose
 from featx_edge.rundir import (
     MANIFEST,
     MANIFEST_VERSION,
@@ -69,7 +69,8 @@ def setup_devices(*, mixed_precision: bool) -> dict:
     tf, keras = import_tf()
     # Same seed, same result: deterministic kernels (a small cost on GPU, none to speak of on CPU).
     tf.config.experimental.enable_op_determinism()
-    gpus = tf.config.list_physical_devices("GPU")
+    with native_output("looking for GPUs"):  # CUDA probes log errors on CPU-only hosts
+        gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         try:
             tf.config.experimental.set_memory_growth(gpu, True)
@@ -165,8 +166,9 @@ def fit(model, train_data, *, epochs: int, learning_rate: float, val_data=None,
         steps_per_execution=steps_per_epoch or 1,
     )
     start = time.perf_counter()
-    hist = model.fit(train_data, epochs=epochs, steps_per_epoch=steps_per_epoch, validation_data=val_data,
-                     shuffle=False, verbose=_verbose() if progress_enabled() else 0)
+    with native_output("Keras training"):  # epoch lines only with --verbose; a summary line is logged
+        hist = model.fit(train_data, epochs=epochs, steps_per_epoch=steps_per_epoch, validation_data=val_data,
+                         shuffle=False, verbose=_verbose() if progress_verbose() else 0)
     return StageResult(epochs=epochs, seconds=time.perf_counter() - start,
                        history={k: [float(v) for v in vals] for k, vals in hist.history.items()})
 
@@ -242,6 +244,13 @@ def train_run(config: RunConfig, out: str | Path, *, overwrite: bool = False) ->
         return manifest
 
 
+def _summary(stage: StageResult) -> str:
+    """One line for a training stage: its last epoch's figures and its time."""
+    last = {key: values[-1] for key, values in stage.history.items() if values}
+    shown = ", ".join(f"{key.replace('val_', 'validation ')} {value:.4f}" for key, value in last.items())
+    return f"{stage.epochs} epochs in {stage.seconds:.1f} s; last epoch: {shown}"
+
+
 def _train_run(config: RunConfig, out: Path, *, data_root: Path) -> dict:
     from featx_edge.model import build_classifier, unfreeze_top
 
@@ -272,6 +281,7 @@ def _train_run(config: RunConfig, out: Path, *, data_root: Path) -> dict:
     stage1 = train_head_on_features(clf.head_model, f_train, y_train, config=config.train, seed=config.seed,
                                     val=(f_val, y_val))
     metrics["stage1"] = dataclasses.asdict(stage1)
+    log.info("  %s", _summary(stage1))
     # What the frozen backbone + head reaches; stage 2 is judged against it.
     metrics["stage1_val_accuracy"] = float(np.mean(clf.head_model(f_val, training=False).numpy().argmax(1) == y_val))
     if config.train.fine_tune_epochs:
@@ -283,6 +293,7 @@ def _train_run(config: RunConfig, out: Path, *, data_root: Path) -> dict:
         stage2 = fit(clf.model, seq, epochs=config.train.fine_tune_epochs,
                      learning_rate=config.train.fine_tune_learning_rate, val_data=val)
         metrics["stage2"] = dataclasses.asdict(stage2) | {"unfrozen_layers_with_weights": n}
+        log.info("  %s", _summary(stage2))
     for split, relpaths, labels in (("val", splits.val, y_val), ("test", splits.test, y_test)):
         probs = predict_probs(clf.model, splits.root, relpaths, size=size)
         metrics[f"{split}_accuracy"] = float(np.mean(probs.argmax(1) == labels))

@@ -76,6 +76,7 @@ def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None
         predictors[fmt], outputs[fmt], seconds[fmt] = predictor, [], 0.0
 
     model = run.reference().model
+    log.info("verifying %d export(s) against the Keras reference on %d test images ...", len(formats), len(labels))
     reference = []
     batches = bar(iter_batches(splits.root, splits.test, size=run.size, batch_size=BATCH),
                   total=-(-len(labels) // BATCH), desc="verifying", unit="batch")
@@ -114,6 +115,7 @@ def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None
         log.info("%-22s %s%s", fmt, shown, "PASS" if not problems[fmt] else "FAIL: " + "; ".join(problems[fmt]))
     report["passed"] = not failures
     write_json(run.path / VERIFY, report)
+    log.info("wrote %s", run.path / VERIFY)
     if failures:
         remedy = ""
         if any(get_format(f.split(":")[0]).int8 for f in failures):

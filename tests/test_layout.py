@@ -22,7 +22,7 @@ LAYERS = [
     {"bench"},
     {"cli", "__main__"},
 ]
-RUNTIME_MAY_IMPORT = {"featx_edge", "errors", "formats", "rundir", "runtime"}
+RUNTIME_MAY_IMPORT = {"featx_edge", "errors", "formats", "rundir", "runtime", "progress"}
 
 
 def _module(path: Path) -> str:

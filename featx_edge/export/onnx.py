@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from featx_edge.errors import ExportError
+from featx_edge.progress import native_output
 from featx_edge.rundir import atomic_path
 
 OPSET = 17
@@ -20,7 +21,8 @@ def convert(model, *, size: int, metadata: dict):
 
     spec = (tf.TensorSpec([None, size, size, 3], tf.float32, name="image"),)
     try:
-        proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=OPSET)
+        with native_output("tf2onnx"):
+            proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=OPSET)
     except Exception as err:  # tf2onnx raises assorted errors for unsupported ops
         raise ExportError(f"ONNX conversion (tf2onnx, opset {OPSET}) failed: {type(err).__name__}: {err}") from err
     add_metadata(proto, metadata)

@@ -15,6 +15,7 @@ import numpy as np
 
 from featx_edge.errors import ConfigError, ExportError
 from featx_edge.formats import ONNX_CALIBRATION_METHODS
+from featx_edge.progress import native_output
 from featx_edge.rundir import atomic_path
 
 log = logging.getLogger(__name__)
@@ -90,17 +91,18 @@ def _quantize(float_model: Path, input_name: str, calibration: np.ndarray, metho
     work = Path(tempfile.mkdtemp(prefix="featx-onnx-int8-"))
     try:
         prepared = work / "prepared.onnx"
-        quant_pre_process(str(float_model), str(prepared), skip_symbolic_shape=True)
         quantized = work / "int8.onnx"
-        quantize_static(
-            str(prepared), str(quantized), _reader(calibration, input_name),
-            quant_format=QuantFormat.QDQ, per_channel=per_channel,
-            activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
-            weight_type=QuantType.QInt8, reduce_range=reduce_range,
-            calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                              "entropy": CalibrationMethod.Entropy}[method],
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-        )
+        with native_output("onnxruntime quantization"):  # its calibration prints progress lines
+            quant_pre_process(str(float_model), str(prepared), skip_symbolic_shape=True)
+            quantize_static(
+                str(prepared), str(quantized), _reader(calibration, input_name),
+                quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
+                weight_type=QuantType.QInt8, reduce_range=reduce_range,
+                calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                                  "entropy": CalibrationMethod.Entropy}[method],
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            )
         return onnx.load(str(quantized))
     except ValueError:
         raise  # histogram failures: the caller may fall back to minmax

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from featx_edge.errors import ExportError
+from featx_edge.progress import native_output
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,8 @@ def convert(model, *, size: int, quantization: TFLiteQuantization,
     conv = converter(model, size=size, quantization=quantization,
                      calibration=calibration if quantization.full_integer else None)
     try:
-        flatbuffer = conv.convert()
+        with native_output("the TFLite converter"):
+            flatbuffer = conv.convert()
     except Exception as err:  # the converter raises ConverterError / RuntimeError with its log
         raise ExportError(f"TFLite conversion failed: {type(err).__name__}: {err}") from err
     if quantization.full_integer:

@@ -17,6 +17,7 @@ import numpy as np
 
 from featx_edge.errors import ExportError
 from featx_edge.export.tflite import TFLiteQuantization, converter, representative
+from featx_edge.progress import native_output
 
 
 def _debugger(model, *, size: int, calibration: np.ndarray, denylisted_nodes: list[str] | None = None):
@@ -37,7 +38,8 @@ def _debugger(model, *, size: int, calibration: np.ndarray, denylisted_nodes: li
 def diagnose(model, *, size: int, calibration: np.ndarray) -> list[dict]:
     """Per-layer int8 error of ``model`` on the calibration images, worst first."""
     debugger = _debugger(model, size=size, calibration=calibration)
-    debugger.run()
+    with native_output("the TFLite quantization debugger"):
+        debugger.run()
     buf = io.StringIO()
     debugger.layer_statistics_dump(buf)
     rows = []
@@ -58,6 +60,7 @@ def convert_selective(model, *, size: int, calibration: np.ndarray, keep_float: 
     """An int8 model with the named tensors' ops kept in float (QuantizationDebugger denylist)."""
     debugger = _debugger(model, size=size, calibration=calibration, denylisted_nodes=keep_float)
     try:
-        return debugger.get_nondebug_quantized_model()
+        with native_output("the TFLite converter"):
+            return debugger.get_nondebug_quantized_model()
     except Exception as err:
         raise ExportError(f"selective int8 conversion failed: {type(err).__name__}: {err}") from err

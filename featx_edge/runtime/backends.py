@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from featx_edge.errors import ModelFileError
+from featx_edge.progress import native_output
 
 
 def _quantize(x: np.ndarray, dtype: np.dtype, scale: float, zero_point: int) -> np.ndarray:
@@ -90,8 +91,9 @@ class LiteRTBackend:
         self.path = path
         resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
-            self.interpreter = Interpreter(model_content=flatbuffer, num_threads=threads,
-                                           experimental_op_resolver_type=resolver)
+            with native_output("loading the model in LiteRT"):  # "INFO: Created ... XNNPACK delegate"
+                self.interpreter = Interpreter(model_content=flatbuffer, num_threads=threads,
+                                               experimental_op_resolver_type=resolver)
         except Exception as err:  # LiteRT raises ValueError/RuntimeError with its log
             raise ModelFileError(f"{path}: LiteRT cannot load this model: {err}") from err
         self.xnnpack = xnnpack
@@ -113,7 +115,8 @@ class LiteRTBackend:
         shape = list(self._input["shape"])
         shape[0] = n
         self.interpreter.resize_tensor_input(self._input["index"], shape)
-        self.interpreter.allocate_tensors()
+        with native_output("allocating the LiteRT model"):  # applying the XNNPACK delegate logs INFO
+            self.interpreter.allocate_tensors()
         self._input = self.interpreter.get_input_details()[0]
         self._output = self.interpreter.get_output_details()[0]
         self._batch = n
