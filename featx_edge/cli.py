@@ -63,7 +63,12 @@ def _quiet(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="featx-edge", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="featx-edge",
+        description="Transfer-learned image classifiers for edge devices: train on a frozen pretrained backbone, "
+                    "export to TFLite and ONNX (float and int8), verify every export against the Keras model, "
+                    "benchmark, and classify on the device without TensorFlow.",
+        epilog="Start with: featx-edge run --config examples/sample_digits.toml --out runs/demo")
     parser.add_argument("--version", action="version", version=f"featx-edge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -218,11 +223,20 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_verify(args) -> int:
+    from featx_edge.errors import VerificationError
     from featx_edge.formats import parse_formats
-    from featx_edge.verify import verify_run
+    from featx_edge.rundir import VERIFY, read_manifest
+    from featx_edge.verify import format_table, verify_run
 
     formats = parse_formats(args.formats) if args.formats else None
-    verify_run(args.run, formats=formats, overrides=_thresholds(args))
+    try:
+        report = verify_run(args.run, formats=formats, overrides=_thresholds(args))
+    except VerificationError:
+        path = Path(args.run) / VERIFY
+        if path.is_file():  # the table of what was measured, then the error
+            print(format_table(json.loads(path.read_text(encoding="utf-8")), read_manifest(args.run)))
+        raise
+    print(format_table(report, read_manifest(args.run)))
     return 0
 
 

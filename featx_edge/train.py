@@ -256,6 +256,9 @@ def _train_run(config: RunConfig, out: Path, *, data_root: Path) -> dict:
 
     spec = get_backbone(config.model.backbone)
     size = config.model.input_size
+    if config.model.weights == "none":
+        log.warning("`--weights none`: the frozen backbone keeps random weights, so its features carry almost no "
+                    "information and the accuracy of this run means nothing; use it for latency tests only")
     # Cheap checks first: weights (may download) before decoding every image.
     weights_file = resolve_weights(spec, weights=config.model.weights, alpha=config.model.alpha, size=size)
     folder = scan_folder(data_root)

@@ -44,6 +44,7 @@ def test_mixed_precision_without_gpu_is_explained(tmp_path, capsys):
                "--image-size", "32", "--weights", "none", "--mixed-precision"])
     err = capsys.readouterr().err
     assert rc == 2 and "needs a GPU" in err
+    assert "warning: `--weights none`: the frozen backbone keeps random weights" in err
 
 
 def test_sample_data_writes_real_digits(tmp_path, capsys):

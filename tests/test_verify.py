@@ -140,3 +140,11 @@ def test_verify_threshold_override_from_cli(run_copy, capsys):
                "--threshold", "tflite-float16.max_abs_diff=0"])
     assert rc == 2
     assert "tflite-float16: max |dprob|" in capsys.readouterr().err
+
+
+def test_standalone_verify_prints_the_table(run_copy, capsys):
+    from featx_edge.cli import main
+
+    assert main(["verify", str(run_copy), "--formats", "tflite-float32,onnx-float32", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "format" in out and "agreement [95% CI]" in out and "tflite-float32" in out and "pass" in out
