@@ -135,15 +135,21 @@ def test_out_checks_before_any_work(tmp_path):
     assert staging.is_dir() and not any(staging.iterdir()) and staging.parent == run.parent
 
 
-def test_an_interrupted_training_leaves_the_old_run_as_it_was(tmp_path, monkeypatch):
-    from featx_edge import train
-    from featx_edge.config import DataConfig, RunConfig
-
+def _data_and_run(tmp_path):
+    """A data folder with one class folder, and a run beside it."""
     data = tmp_path / "data"
     (data / "a").mkdir(parents=True)
     run = tmp_path / "run"
     run.mkdir()
     _write(run, GOOD)
+    return data, run
+
+
+def test_an_interrupted_training_leaves_the_old_run_as_it_was(tmp_path, monkeypatch):
+    from featx_edge import train
+    from featx_edge.config import DataConfig, RunConfig
+
+    data, run = _data_and_run(tmp_path)
     (run / "splits.json").write_text("old split")
     before = sorted(p.name for p in run.iterdir())
 
@@ -197,11 +203,7 @@ def test_an_export_killed_around_its_rename_is_recorded_or_forgotten(tmp_path, m
 
 
 def test_train_into_an_existing_run_needs_overwrite(tmp_path, capsys):
-    data = tmp_path / "data"
-    (data / "a").mkdir(parents=True)
-    run = tmp_path / "run"
-    run.mkdir()
-    _write(run, GOOD)
+    data, run = _data_and_run(tmp_path)
     before = (run / "manifest.json").read_text()
     assert main(["train", "--data", str(data), "--out", str(run), "--quiet"]) == 2
     err = capsys.readouterr().err

@@ -45,6 +45,12 @@ def export_run(run: str | Path, *, formats: tuple[str, ...] | str | None = None,
     most that many accuracy points on images that are never the test split (recorded in the
     manifest as ``int8_selection``).
 
+    Args:
+        run: the run directory.
+        formats: format names or a comma-separated string (default: the run's ``[export] formats``).
+        settings: ``change(config) -> config``: other settings for this export (e.g. ``--target``);
+            recorded in the manifest only when every format was made.
+
     Example:
         >>> manifest = export_run("runs/demo", formats="tflite-int8,onnx-float32")  # doctest: +SKIP
         >>> sorted(manifest["artifacts"])  # doctest: +SKIP
