@@ -24,18 +24,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, help="dropout before the classifier layer")
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
+def _add_train_args(p: argparse.ArgumentParser, *, stages: bool = True) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, help="stage-1 (head) epochs")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--learning-rate", type=float)
-    g.add_argument("--fine-tune-epochs", type=int, help="stage-2 epochs (0: no fine-tuning)")
-    g.add_argument("--unfreeze-top", type=int, help="backbone layers unfrozen in stage 2")
-    g.add_argument("--fine-tune-learning-rate", type=float)
+    if stages:  # fine-tuning and QAT apply to a run, not to pretraining
+        g.add_argument("--fine-tune-epochs", type=int, help="stage-2 epochs (0: no fine-tuning)")
+        g.add_argument("--unfreeze-top", type=int, help="backbone layers unfrozen in stage 2")
+        g.add_argument("--fine-tune-learning-rate", type=float)
+        g.add_argument("--qat-epochs", type=int, help="quantization-aware training epochs for tflite-int8-qat")
     g.add_argument("--mixed-precision", action="store_true", default=None, help="float16 compute (GPU hosts)")
-    g.add_argument("--qat-epochs", type=int, help="quantization-aware training epochs for tflite-int8-qat")
     g.add_argument("--seed", type=int, help="seed for the split, initialisation and batch order")
-    g.add_argument("--config", help="TOML file with [data] [model] [train] [export] sections")
+    p.add_argument("--config", help="TOML file with [data] [model] [train] [export] sections; flags override it")
 
 
 def _add_export_args(p: argparse.ArgumentParser) -> None:
@@ -62,6 +63,12 @@ def _quiet(p: argparse.ArgumentParser) -> None:
                         "and shown when a step fails)")
 
 
+def _command(sub, name: str, *, purpose: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand with its one-line purpose and a runnable example in its --help."""
+    return sub.add_parser(name, help=purpose, description=purpose[0].upper() + purpose[1:] + ".",
+                          epilog=f"example: {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="featx-edge",
@@ -72,22 +79,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"featx-edge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("backbones", help="list the backbone registry")
+    _command(sub, "backbones", purpose="list the backbone registry (input size, preprocessing, feature width)",
+             example="featx-edge backbones")
 
-    p = sub.add_parser("sample-data", help="write the built-in sample images (real handwritten digits)")
-    p.add_argument("dir")
+    p = _command(sub, "sample-data", purpose="write the built-in sample images (real handwritten digits)",
+                 example="featx-edge sample-data digits/  # then: featx-edge run --data digits/all --out runs/d")
+    p.add_argument("dir", help="folder to write (all/, source/ and target/ inside)")
 
-    p = sub.add_parser("pretrain", help="train a backbone from scratch on a source dataset; save weights")
+    p = _command(sub, "pretrain", purpose="train a backbone from scratch on a source dataset and save its weights",
+                 example="featx-edge pretrain --data sample --out pre.h5 --backbone mobilenet_v2 --alpha 0.35 "
+                         "--image-size 96")
     p.add_argument("--data", help="image folder, or `sample` (its source part: digits 0-4)")
     p.add_argument("--out", required=True, help="weights file to write (.h5)")
     _add_model_args(p)
-    _add_train_args(p)
+    _add_train_args(p, stages=False)
     _quiet(p)
 
-    for name, helptext in (("run", "train, export every format, evaluate and print a table"),
-                           ("train", "train a classifier into a run directory")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--data", help="image folder (one sub-folder per class), or `sample`")
+    for name, helptext, example in (
+            ("run", "train, export every format, verify each against the Keras model and print a table",
+             "featx-edge run --config examples/sample_digits.toml --out runs/demo"),
+            ("train", "train a classifier into a run directory (export and verify it later)",
+             "featx-edge train --data photos/ --out runs/photos")):
+        p = _command(sub, name, purpose=helptext, example=example)
+        p.add_argument("--data", help="image folder (one sub-folder per class), `sample` (the default: the "
+                                      "built-in digits) or `sample:source` / `sample:target`")
         p.add_argument("--out", required=True, help="run directory to create (a new or empty folder)")
         p.add_argument("--overwrite", action="store_true",
                        help="replace an existing run in --out as a whole (its exports and reports go with it)")
@@ -98,19 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
             _add_verify_args(p)
         _quiet(p)
 
-    p = sub.add_parser("export", help="export a trained run to TFLite / ONNX")
-    p.add_argument("run")
+    p = _command(sub, "export", purpose="export a trained run to TFLite and ONNX, float and int8",
+                 example="featx-edge export runs/demo --formats tflite-int8,onnx-int8 --target auto")
+    p.add_argument("run", help="run directory made by `featx-edge train`")
     _add_export_args(p)
     p.add_argument("--qat-epochs", type=int, help="quantization-aware training epochs for tflite-int8-qat")
     _quiet(p)
 
-    p = sub.add_parser("verify", help="check every export against the Keras reference on the test split")
-    p.add_argument("run")
+    p = _command(sub, "verify", purpose="check every export against the Keras reference on the test split",
+                 example="featx-edge verify runs/demo --threshold tflite-int8.min_agreement=0.98")
+    p.add_argument("run", help="run directory with exports")
     p.add_argument("--formats", help="comma-separated formats (default: every exported one)")
     _add_verify_args(p)
     _quiet(p)
 
-    p = sub.add_parser("bench", help="latency, throughput, memory and accuracy of every export on every runtime")
+    p = _command(sub, "bench", purpose="latency, throughput, memory and accuracy of every export on every runtime, "
+                                       "and what to ship on this host",
+                 example="featx-edge bench runs/demo --threads 1,2 --batches 1,8")
     p.add_argument("run", nargs="?", help="run directory to bench (not needed with --compare RUN_A RUN_B)")
     p.add_argument("--formats", help="comma-separated formats (default: every exported one)")
     p.add_argument("--threads", help="comma-separated thread counts (default: 1 and every core)")
@@ -121,14 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print two benched runs side by side: --compare RUN_A RUN_B (or RUN --compare RUN_B)")
     _quiet(p)
 
-    p = sub.add_parser("predict", help="classify images with an exported model (no TensorFlow needed)")
+    p = _command(sub, "predict", purpose="classify images with an exported model (no TensorFlow needed); folders "
+                                         "are walked recursively, hidden files skipped",
+                 example="featx-edge predict runs/demo/export/model.tflite-int8.tflite photos/ --top-k 3")
     p.add_argument("model", help=".tflite or .onnx file exported by featx-edge")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--top-k", type=int, help="labels per image, best first (default: 1; 3 with --json)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--threads", type=int, help="inference threads, >= 1 (default: the engine's)")
 
-    p = sub.add_parser("selftest", help="check that this device's runtime reproduces the exported outputs")
+    p = _command(sub, "selftest", purpose="check that this device's runtime reproduces the exported outputs",
+                 example="featx-edge selftest model.tflite-int8.tflite  # its selftest/ folder beside it")
     p.add_argument("models", nargs="+", help="model files (their selftest/ folder must sit beside them)")
     p.add_argument("--threads", type=int, help="inference threads, >= 1 (default: the engine's)")
     return parser
@@ -142,9 +164,10 @@ def _config_from_args(args: argparse.Namespace):
     config = override(config, "model", backbone=args.backbone, alpha=args.alpha, weights=args.weights,
                       image_size=args.image_size, head_units=args.head_units, dropout=args.dropout)
     config = override(config, "train", epochs=args.epochs, batch_size=args.batch_size,
-                      learning_rate=args.learning_rate, fine_tune_epochs=args.fine_tune_epochs,
-                      unfreeze_top=args.unfreeze_top, fine_tune_learning_rate=args.fine_tune_learning_rate,
-                      mixed_precision=args.mixed_precision, qat_epochs=args.qat_epochs)
+                      learning_rate=args.learning_rate, fine_tune_epochs=getattr(args, "fine_tune_epochs", None),
+                      unfreeze_top=getattr(args, "unfreeze_top", None),
+                      fine_tune_learning_rate=getattr(args, "fine_tune_learning_rate", None),
+                      mixed_precision=args.mixed_precision, qat_epochs=getattr(args, "qat_epochs", None))
     config = _export_overrides(config, args)
     return override(config, "seed", seed=args.seed)
 

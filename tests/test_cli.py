@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from featx_edge.cli import main
 
@@ -70,3 +71,18 @@ def test_sample_data_writes_real_digits(tmp_path, capsys):
     (tmp_path / "other" / "x.txt").write_text("mine")
     assert main(["sample-data", str(tmp_path / "other")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_every_command_says_what_it_does_with_an_example(capsys):
+    from featx_edge.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    assert "Start with: featx-edge run" in parser.format_help()
+    for name in COMMANDS:
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = capsys.readouterr().out
+        assert f"example: featx-edge {name}" in text, name
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    assert "--fine-tune-epochs" not in capsys.readouterr().out  # pretraining has no stage 2
