@@ -109,6 +109,9 @@ def test_reports_are_written_and_readable(benched):
     md = (run / BENCH_MD).read_text(encoding="utf-8")
     assert TABLE_HEADER in md and "litert-xnnpack" in md and "onnxruntime-cuda" in md
     assert md.startswith(format_table(report))
+    measured = [r for r in report["rows"] if r["status"] == "ok"]
+    assert {r["verify"] for r in measured} <= {"pass", "reference"} and "| pass |" in md  # the main run passed
+    assert report["recommendation"]["batch1"]["format"] in report["recommendation"]["among"]
     with Image.open(run / BENCH_PNG) as png:
         png.load()
         assert png.format == "PNG" and png.size[0] > 200

@@ -118,3 +118,19 @@ def test_the_ceiling_is_re_measured_between_rows(monkeypatch):
     assert ceilings.near(2)["2"]["gmacs"] == 40.0
     summary = ceilings.summary()
     assert summary["1"]["gmacs"] == 20.0 and summary["1"]["measurements"] == 3 and summary["2"]["max_gmacs"] == 40.0
+
+
+def test_verify_status_counts_only_entries_for_the_current_files(tmp_path):
+    import json
+
+    from featx_edge.bench.recommend import verified_formats, verify_status
+
+    artifacts = {"tflite-int8": {"sha256": "a" * 64}, "onnx-int8": {"sha256": "b" * 64},
+                 "tflite-float32": {"sha256": "c" * 64}}
+    (tmp_path / "verify.json").write_text(json.dumps({"formats": {
+        "tflite-int8": {"sha256": "a" * 64, "passed": True, "accuracy_change_points": -0.4},
+        "onnx-int8": {"sha256": "b" * 64, "passed": False},
+        "tflite-float32": {"sha256": "0" * 64, "passed": True}}}))  # stale: another file was verified
+    assert verify_status(tmp_path, artifacts) == {"tflite-int8": "pass", "onnx-int8": "FAIL"}
+    assert list(verified_formats(tmp_path, artifacts)) == ["tflite-int8"]
+    assert verify_status(tmp_path / "missing", artifacts) == {}

@@ -25,7 +25,8 @@ def plot_points(report: dict) -> list[dict]:
             points.append({"label": f"{r['format']} / {r['runtime']}", "runtime": r["runtime"],
                            "measured_by": "verify" if r.get("accuracy") is not None else "bench",
                            "latency_ms": r["p50_ms"], "accuracy": acc, "bytes": r.get("model_bytes") or 0,
-                           "threads": r["threads"], "batch": batch})
+                           "threads": r["threads"], "batch": batch,
+                           "shippable": r.get("verify") in ("pass", "reference")})
     return points
 
 
@@ -50,13 +51,17 @@ def write_plot(report: dict, path: str | Path) -> Path:
             ax.scatter([p["latency_ms"] for p in group], [p["accuracy"] for p in group],
                        s=[40 + 400 * p["bytes"] / biggest for p in group], alpha=0.6,
                        color=_COLORS.get(runtime, "tab:gray"), label=runtime, edgecolors="k", linewidths=0.5)
-        front = [scored[i] for i in pareto_front([(p["latency_ms"], p["accuracy"]) for p in scored])]
+        # The front is drawn among exports that passed verify (and the reference): a failed export
+        # is plotted, but it is not a choice.
+        candidates = [p for p in scored if p["shippable"]]
+        front = [candidates[i] for i in pareto_front([(p["latency_ms"], p["accuracy"]) for p in candidates])]
         ax.step([p["latency_ms"] for p in front], [p["accuracy"] for p in front], where="post", color="k",
                 linestyle="--", linewidth=1, label="Pareto front")
         ax.scatter([p["latency_ms"] for p in front], [p["accuracy"] for p in front], marker="x", color="k", s=30)
         for p in scored:
             on_front = any(p is q for q in front)
-            ax.annotate(p["label"] + (" (Pareto)" if on_front else ""), (p["latency_ms"], p["accuracy"]),
+            mark = " (Pareto)" if on_front else ("" if p["shippable"] else " (not verified)")
+            ax.annotate(p["label"] + mark, (p["latency_ms"], p["accuracy"]),
                         textcoords="offset points", xytext=(6, 6 if on_front else -10),
                         fontsize=8 if on_front else 6.5, color="k" if on_front else "0.4",
                         fontweight="bold" if on_front else "normal")

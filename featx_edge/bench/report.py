@@ -71,7 +71,7 @@ def _fmt(value, spec: str = ".2f", empty: str = "—") -> str:
 
 
 TABLE_HEADER = ("| format | runtime | threads | batch | p50 ms | p90 ms | p99 ms | IQR ms | img/s | GMAC/s "
-                "| % ceiling | cold start ms | peak RSS MB | size MB | accuracy |")
+                "| % ceiling | cold start ms | peak RSS MB | size MB | accuracy | verify |")
 
 
 def _accuracy_text(row: dict) -> str:
@@ -127,7 +127,8 @@ def format_table(report: dict) -> str:
             f"| {r['format']} | {r['runtime']} | {r['threads']} | {batch} | {_fmt(r['p50_ms'])} | "
             f"{_fmt(r['p90_ms'])} | {_fmt(r['p99_ms'])} | {_fmt(r['iqr_ms'])} | {_fmt(r['throughput_ips'], '.1f')} | "
             f"{_fmt(r.get('gmacs'), '.2f')} | {share_text} | "
-            f"{_fmt(r['cold_start_ms'], '.0f')} | {_fmt(r['peak_rss_mb'], '.1f')} | {_fmt(mb)} | {_accuracy_text(r)} |")
+            f"{_fmt(r['cold_start_ms'], '.0f')} | {_fmt(r['peak_rss_mb'], '.1f')} | {_fmt(mb)} | {_accuracy_text(r)} | "
+            f"{r.get('verify') or '—'} |")
     if any(r.get("accuracy") is None and r.get("bench_accuracy") is not None for r in measured):
         lines += ["", "\\* accuracy measured by this bench on the test split (no verify.json entry)."]
     others = [r for r in report.get("rows", []) if r.get("status") != "ok"]
