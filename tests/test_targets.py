@@ -123,7 +123,7 @@ def test_the_ceiling_is_re_measured_between_rows(monkeypatch):
 def test_verify_status_counts_only_entries_for_the_current_files(tmp_path):
     import json
 
-    from featx_edge.bench.recommend import verified_formats, verify_status
+    from featx_edge.bench.recommend import current_verify_entries, passed_entries, verify_status
 
     artifacts = {"tflite-int8": {"sha256": "a" * 64}, "onnx-int8": {"sha256": "b" * 64},
                  "tflite-float32": {"sha256": "c" * 64}}
@@ -131,6 +131,7 @@ def test_verify_status_counts_only_entries_for_the_current_files(tmp_path):
         "tflite-int8": {"sha256": "a" * 64, "passed": True, "accuracy_change_points": -0.4},
         "onnx-int8": {"sha256": "b" * 64, "passed": False},
         "tflite-float32": {"sha256": "0" * 64, "passed": True}}}))  # stale: another file was verified
-    assert verify_status(tmp_path, artifacts) == {"tflite-int8": "pass", "onnx-int8": "FAIL"}
-    assert list(verified_formats(tmp_path, artifacts)) == ["tflite-int8"]
-    assert verify_status(tmp_path / "missing", artifacts) == {}
+    entries = current_verify_entries(tmp_path, artifacts)
+    assert verify_status(entries) == {"tflite-int8": "pass", "onnx-int8": "FAIL"}
+    assert list(passed_entries(entries)) == ["tflite-int8"]
+    assert current_verify_entries(tmp_path / "missing", artifacts) == {}

@@ -24,7 +24,7 @@ from featx_edge.bench.plan import (
     positive_ints,
 )
 from featx_edge.bench.plot import write_plot
-from featx_edge.bench.recommend import recommend, verified_formats, verify_status
+from featx_edge.bench.recommend import current_verify_entries, passed_entries, recommend, verify_status
 from featx_edge.bench.report import BENCH_JSON, BENCH_MD, BENCH_PNG, SCHEMA, format_table, result_row
 from featx_edge.bench.worker import run_worker, worker_env
 from featx_edge.errors import ConfigError
@@ -167,10 +167,11 @@ def _bench(opened: Run, *, threads: Sequence[int], batches: Sequence[int], forma
         for row in rows:
             if row.get("status") == "ok" and row["threads"] > 1 and row.get("ceiling_fraction") is not None:
                 row["ceiling_fraction_measured"], row["ceiling_fraction"] = row["ceiling_fraction"], None
-    status = verify_status(run, manifest["artifacts"])
+    entries = current_verify_entries(run, manifest["artifacts"])
+    status = verify_status(entries)
     for row in rows:  # the exports a user may ship are those that passed verify
         row["verify"] = "reference" if row["format"] == REFERENCE_FORMAT else status.get(row["format"])
-    recommendation = recommend(rows, verified=verified_formats(run, manifest["artifacts"]),
+    recommendation = recommend(rows, verified=passed_entries(entries),
                                quantization=_recipes(opened, chosen))
     rows += unavailable
 

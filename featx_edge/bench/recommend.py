@@ -20,23 +20,26 @@ FLOAT_SIBLING = {"tflite-int8": "tflite-float32", "tflite-int8-selective": "tfli
                  "onnx-int8": "onnx-float32"}
 
 
-def verify_status(run: Path, artifacts: dict) -> dict[str, str]:
-    """``pass`` or ``FAIL`` per format, from verify.json entries measured on the file exported now."""
+def current_verify_entries(run: Path, artifacts: dict) -> dict[str, dict]:
+    """verify.json's entries that were measured on the files exported now (stale ones left out)."""
     try:
         verify = json.loads((Path(run) / VERIFY).read_text(encoding="utf-8"))
         entries = verify.get("formats") or {}
     except (OSError, ValueError, AttributeError):
         return {}
-    return {fmt: "pass" if entry.get("passed") else "FAIL" for fmt, entry in entries.items()
+    return {fmt: entry for fmt, entry in entries.items()
             if isinstance(entry, dict) and entry.get("sha256")
             and entry.get("sha256") == (artifacts.get(fmt) or {}).get("sha256")}
 
 
-def verified_formats(run: Path, artifacts: dict) -> dict[str, dict]:
-    """Formats whose verify.json entry passed and was measured on the file exported now."""
-    passed = {fmt for fmt, status in verify_status(run, artifacts).items() if status == "pass"}
-    verify = json.loads((Path(run) / VERIFY).read_text(encoding="utf-8")) if passed else {}
-    return {fmt: verify["formats"][fmt] for fmt in passed}
+def verify_status(entries: dict[str, dict]) -> dict[str, str]:
+    """``pass`` or ``FAIL`` per format, for entries from ``current_verify_entries``."""
+    return {fmt: "pass" if entry.get("passed") else "FAIL" for fmt, entry in entries.items()}
+
+
+def passed_entries(entries: dict[str, dict]) -> dict[str, dict]:
+    """The entries (from ``current_verify_entries``) that passed: the exports a user may ship."""
+    return {fmt: entry for fmt, entry in entries.items() if entry.get("passed")}
 
 
 def recommend(rows: list[dict], *, verified: dict[str, dict], quantization: dict[str, dict],
