@@ -294,7 +294,8 @@ def _cmd_run(args) -> int:
 def _iter_images(items: list[str]) -> list[Path]:
     """Files as given; folders walked as training walks them (hidden names ignored, symlinks that
     leave the folder or loop reported on stderr and not followed). DataError for a folder without images."""
-    from featx_edge.data import find_images, printable
+    from featx_edge.data import find_images
+    from featx_edge.runtime.metadata import printable
 
     paths: list[Path] = []
     for item in items:
@@ -311,9 +312,9 @@ def _iter_images(items: list[str]) -> list[Path]:
 
 def _cmd_predict(args) -> int:
     from featx_edge.config import check_flag
-    from featx_edge.data import printable
     from featx_edge.errors import ImageError
     from featx_edge.runtime import load
+    from featx_edge.runtime.metadata import printable
 
     check_flag("--threads", args.threads)
     check_flag("--top-k", args.top_k)
@@ -366,8 +367,8 @@ def _cmd_bench(args) -> int:
 
 def _cmd_selftest(args) -> int:
     from featx_edge.config import check_flag
-    from featx_edge.data import printable
     from featx_edge.errors import FeatxError
+    from featx_edge.runtime.metadata import printable
     from featx_edge.runtime.selftest import run_selftest
 
     check_flag("--threads", args.threads)

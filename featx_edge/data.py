@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from featx_edge.errors import DataError, ImageError
 from featx_edge.progress import bar
 from featx_edge.rundir import inside
 from featx_edge.runtime.image import load_pixels, open_image
+from featx_edge.runtime.metadata import printable, unsafe_char
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 MIN_IMAGES_PER_CLASS = 3  # one each for train, validation and test
@@ -184,27 +184,8 @@ def _check_counts(root: Path, files: dict[str, list[str]], *, min_per_class: int
     return usable
 
 
-_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
-def _unsafe(char: str) -> bool:
-    """A character that acts on a terminal instead of showing: C0/DEL/C1 controls (escape
-    sequences, tabs, newlines), bidirectional overrides, or a byte that was not valid UTF-8."""
-    return unicodedata.category(char) in ("Cc", "Cs") or char in _BIDI_CONTROLS
-
-
-def printable(text: str) -> str:
-    """``text`` with control characters escaped (``\\x1b``, ``\\t``, ``\\u202e``), the rest unchanged.
-
-    Example:
-        >>> printable("\x1b[31mred")
-        '\\x1b[31mred'
-    """
-    return "".join(repr(char)[1:-1] if _unsafe(char) else char for char in text)
-
-
 def _check_class_name(root: Path, name: str) -> None:
-    bad = sorted({char for char in name if _unsafe(char)})
+    bad = sorted({char for char in name if unsafe_char(char)})
     if bad:
         raise DataError(
             f"class folder {name!r} in `{printable(str(root))}` has control characters in its name "

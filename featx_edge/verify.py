@@ -55,10 +55,12 @@ def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None
     splits = run.splits()
     labels = splits.labels("test")
     entries: dict[str, dict] = {}
+    limits: dict[str, Thresholds] = {}
     problems: dict[str, list[str]] = {}
     predictors, outputs, seconds = {}, {}, {}
     for fmt in formats:
-        entries[fmt] = {"thresholds": dataclasses.asdict(thresholds_for(fmt, overrides))}
+        limits[fmt] = thresholds_for(fmt, overrides)
+        entries[fmt] = {"thresholds": dataclasses.asdict(limits[fmt])}
         problems[fmt] = run.artifact_problems(fmt)
         if problems[fmt]:
             continue
@@ -102,7 +104,8 @@ def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None
         entry = entries[fmt]
         if fmt in predictors:
             try:
-                problems[fmt] += _check_format(run, fmt, entry, np.concatenate(outputs[fmt]), reference, labels)
+                problems[fmt] += _check_format(run, fmt, entry, np.concatenate(outputs[fmt]), reference, labels,
+                                               limits=limits[fmt])
             except (ModelFileError, VerificationError) as err:
                 problems[fmt].append(str(err))
             entry["seconds"] = round(seconds[fmt], 3)
@@ -131,7 +134,7 @@ def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None
 
 
 def _check_format(run: Run, fmt: str, entry: dict, probs: np.ndarray, reference: np.ndarray,
-                  labels: np.ndarray) -> list[str]:
+                  labels: np.ndarray, *, limits: Thresholds) -> list[str]:
     """Fill ``entry`` with ``fmt``'s metrics; its problems against its thresholds and its int8 claim."""
     from featx_edge.export.tflite import integer_report
     from featx_edge.macs import onnx_quantization_report
@@ -139,7 +142,7 @@ def _check_format(run: Run, fmt: str, entry: dict, probs: np.ndarray, reference:
 
     spec = get_format(fmt)
     entry.update(compare(probs, reference, labels))
-    problems = check(entry, Thresholds(**entry["thresholds"]))
+    problems = check(entry, limits)
     path = run.artifact_path(fmt)
     if spec.int8 and spec.engine == "litert" and not problems:
         entry["integer"] = integer_report(read_tflite(path)[0])

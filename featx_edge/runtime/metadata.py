@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import unicodedata
 import zipfile
 from pathlib import Path
 
@@ -128,8 +129,23 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _has_control(text: str) -> bool:
-    return any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def unsafe_char(char: str) -> bool:
+    """A character that acts on a terminal instead of showing: C0/DEL/C1 controls (escape
+    sequences, tabs, newlines), bidirectional overrides, or a byte that was not valid UTF-8."""
+    return unicodedata.category(char) in ("Cc", "Cs") or char in _BIDI_CONTROLS
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\x1b``, ``\\t``, ``\\u202e``), the rest unchanged.
+
+    Example:
+        >>> printable("\x1b[31mred")
+        '\\x1b[31mred'
+    """
+    return "".join(repr(char)[1:-1] if unsafe_char(char) else char for char in text)
 
 
 def _check_metadata(path: Path, meta: dict) -> dict:
@@ -142,7 +158,7 @@ def _check_metadata(path: Path, meta: dict) -> dict:
         problem = f"{len(labels)} labels (at most {MAX_LABELS})"
     elif not all(isinstance(x, str) and 0 < len(x) <= MAX_LABEL_CHARS for x in labels):
         problem = f"every label must be a string of 1 to {MAX_LABEL_CHARS} characters"
-    elif any(_has_control(x) for x in labels):
+    elif any(any(map(unsafe_char, x)) for x in labels):
         problem = "a label contains control characters (e.g. terminal escape sequences)"
     elif not isinstance(inp, dict):
         problem = "`input` is missing or not an object"

@@ -94,8 +94,7 @@ def load(path: str | Path, *, threads: int | None = None, provider: str = "CPUEx
     Raises:
         ModelFileError: missing, empty, truncated, corrupt or foreign files, with the reason.
     """
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"`threads` must be an integer >= 1 or None; received `{threads!r}`.")
+    check_threads(threads)
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".tflite":
@@ -110,6 +109,12 @@ def load(path: str | Path, *, threads: int | None = None, provider: str = "CPUEx
         raise ModelFileError(f"{path}: unknown model type `{suffix or '(none)'}`; pass a .tflite or .onnx file")
     _check_contract(path, backend, metadata)
     return Predictor(backend, metadata, path)
+
+
+def check_threads(threads) -> None:
+    """ConfigError unless ``threads`` is None (the engine's default) or an integer >= 1."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"`threads` must be an integer >= 1 or None; received `{threads!r}`.")
 
 
 def _check_contract(path: Path, backend, metadata: dict) -> None:

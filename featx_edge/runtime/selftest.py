@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx_edge.errors import ConfigError, ImageError, ModelFileError, VerificationError
+from featx_edge.errors import ImageError, ModelFileError, VerificationError
 from featx_edge.formats import FORMAT_SPECS
 from featx_edge.rundir import inside, sha256_file
 
@@ -73,9 +73,9 @@ def run_selftest(model_path: str | Path, *, threads: int | None = None) -> Selft
         VerificationError: the local runtime does not reproduce the export-time outputs.
     """
     from featx_edge.runtime import load
+    from featx_edge.runtime.predictor import check_threads
 
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"`threads` must be an integer >= 1 or None; received `{threads!r}`.")
+    check_threads(threads)  # before any file is read
     model_path = Path(model_path)
     golden_file = golden_path(model_path)
     golden = read_golden(golden_file)

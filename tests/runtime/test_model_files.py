@@ -101,6 +101,7 @@ def test_an_encrypted_entry_is_refused(tmp_path, capsys):
     (lambda m: m.update(labels="a,b"), "`labels` is missing or not a non-empty list"),
     (lambda m: m.update(labels=[1, 2]), "every label must be a string"),
     (lambda m: m.update(labels=["\x1b[31mred", "green"]), "control characters"),
+    (lambda m: m.update(labels=["\u202ered", "green"]), "control characters"),  # bidi override, as for folders
     (lambda m: m["input"].update(height=0), "`input.height` and `input.width` must be integers"),
     (lambda m: m["input"].update(height=True), "`input.height` and `input.width` must be integers"),
     (lambda m: m["input"].update(width=10**9), "`input.height` and `input.width` must be integers"),
