@@ -27,12 +27,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_train_args(p: argparse.ArgumentParser, *, stages: bool = True) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, help="stage-1 (head) epochs")
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--learning-rate", type=float)
+    g.add_argument("--batch-size", type=int, help="images per training step")
+    g.add_argument("--learning-rate", type=float, help="Adam learning rate of the head (stage 1)")
     if stages:  # fine-tuning and QAT apply to a run, not to pretraining
         g.add_argument("--fine-tune-epochs", type=int, help="stage-2 epochs (0: no fine-tuning)")
         g.add_argument("--unfreeze-top", type=int, help="backbone layers unfrozen in stage 2")
-        g.add_argument("--fine-tune-learning-rate", type=float)
+        g.add_argument("--fine-tune-learning-rate", type=float, help="Adam learning rate of stage 2")
         g.add_argument("--qat-epochs", type=int, help="quantization-aware training epochs for tflite-int8-qat")
     g.add_argument("--mixed-precision", action="store_true", default=None, help="float16 compute (GPU hosts)")
     g.add_argument("--seed", type=int, help="seed for the split, initialisation and batch order")
@@ -153,7 +153,33 @@ def build_parser() -> argparse.ArgumentParser:
                  example="featx-edge selftest model.tflite-int8.tflite  # its selftest/ folder beside it")
     p.add_argument("models", nargs="+", help="model files (their selftest/ folder must sit beside them)")
     p.add_argument("--threads", type=int, help="inference threads, >= 1 (default: the engine's)")
+    _show_config_defaults(parser)
     return parser
+
+
+def _show_config_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append ``(default: X)`` to every option that sets a config field and does not name its default.
+
+    The options default to None (so a --config file is not overridden by an untouched flag); the
+    value a run gets without either comes from the config dataclasses, and is shown from there.
+    """
+    import dataclasses
+
+    from featx_edge.config import RunConfig
+
+    defaults: dict[str, object] = {"seed": RunConfig().seed}
+    for section in ("data", "model", "train", "export"):
+        for field in dataclasses.fields(getattr(RunConfig(), section)):
+            defaults.setdefault(field.name, getattr(getattr(RunConfig(), section), field.name))
+    for sub in parser._subparsers._group_actions[0].choices.values():  # argparse has no public walk
+        for action in sub._actions:
+            name = action.dest
+            if (name in defaults and action.help and "default" not in action.help
+                    and not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+                    and defaults[name] is not None and sub.prog.split()[-1] not in ("predict", "selftest")):
+                value = defaults[name]
+                shown = ",".join(value) if isinstance(value, tuple) else value
+                action.help += f" (default: {shown})"
 
 
 def _config_from_args(args: argparse.Namespace):

@@ -239,3 +239,48 @@ def test_rows_record_the_artifact_and_stale_verify_entries_are_not_reused(benche
     per_format, _, _, note = accuracy_lookup(run, changed)
     assert "tflite-int8" not in per_format and "stale for tflite-int8" in note
     assert per_format["tflite-float32"] is not None
+
+
+def _plot_report(verify_of: dict[str, str]) -> dict:
+    rows = []
+    for fmt, runtime, ms, acc in (("tflite-float32", "litert-xnnpack", 4.0, 0.94), ("tflite-int8", "litert-xnnpack",
+                                  2.0, 0.937), ("onnx-int8", "onnxruntime-cpu", 1.5, 0.95)):
+        for threads in (1, 2):
+            rows.append({"format": fmt, "runtime": runtime, "threads": threads, "batch": 1, "status": "ok",
+                         "p50_ms": ms / threads, "accuracy": acc, "model_bytes": 1000, "verify": verify_of[fmt]})
+    return {"name": "demo", "accuracy": {"images": 269}, "rows": rows}
+
+
+def test_plot_panels_intervals_and_front_only_among_passed(tmp_path):
+    from featx_edge.bench.plot import MIN_ACCURACY_SPAN, accuracy_limits, pareto_points, plot_points, write_plot
+
+    report = _plot_report({"tflite-float32": "pass", "tflite-int8": "pass", "onnx-int8": "FAIL"})
+    one, two = plot_points(report, threads=1), plot_points(report, threads=2)
+    assert {p["threads"] for p in one} == {1} and {p["threads"] for p in two} == {2}
+    # a failed export is plotted but is never on the front, though it is the fastest and most accurate
+    assert [p["format"] for p in pareto_points(one)] == ["tflite-int8", "tflite-float32"]
+    # each accuracy carries its 95% interval over the 269 test images, and the axis is at least 10 points wide
+    p = next(p for p in one if p["format"] == "tflite-int8")
+    assert p["accuracy_low"] < 0.937 < p["accuracy_high"] and p["accuracy_high"] - p["accuracy_low"] > 0.04
+    low, high = accuracy_limits(one)
+    assert high - low >= MIN_ACCURACY_SPAN and low <= min(q["accuracy_low"] for q in one)
+    out = write_plot(report, tmp_path / "bench.png")
+    from PIL import Image
+
+    with Image.open(out) as image:
+        assert image.width > 1.5 * image.height  # two panels side by side
+
+
+def test_not_measured_and_slow_flags_are_grouped():
+    from featx_edge.bench.recommend import format_recommendation
+
+    rows = [{"format": f, "runtime": "onnxruntime-cuda", "status": "unavailable", "reason": "no CUDA",
+             "threads": None, "batch": None} for f in ("onnx-float32", "onnx-int8")]
+    text = format_table({"name": "x", "rows": rows})
+    assert text.count("no CUDA") == 1 and "onnx-float32, onnx-int8 on onnxruntime-cuda" in text
+    flags = [{"format": "tflite-dynamic", "runtime": "litert-xnnpack", "threads": t, "batch": 1, "p50_ms": 9.0,
+              "float32_p50_ms": 4.0, "float32": "tflite-float32", "likely_cause": "run-time conversion"}
+             for t in (1, 2)]
+    lines = format_recommendation({"host_target": "x86-64", "flags": flags})
+    assert sum("run-time conversion" in line for line in lines) == 1
+    assert "threads 1, batch 1: 9.00 ms against 4.00 ms; threads 2" in "\n".join(lines)

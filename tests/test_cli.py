@@ -86,3 +86,20 @@ def test_every_command_says_what_it_does_with_an_example(capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "--help"])
     assert "--fine-tune-epochs" not in capsys.readouterr().out  # pretraining has no stage 2
+
+
+def test_every_option_is_helped_and_config_options_show_their_default():
+    import argparse
+
+    from featx_edge.cli import build_parser
+
+    parser = build_parser()
+    subs = parser._subparsers._group_actions[0].choices
+    for name, sub in subs.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"`featx-edge {name}` {action.option_strings or action.dest} has no help"
+    helped = {a.dest: a.help for a in subs["train"]._actions}
+    assert "(default: 32)" in helped["batch_size"] and "(default: 10)" in helped["epochs"]
+    assert "(default: 0)" in helped["seed"]

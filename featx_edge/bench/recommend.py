@@ -121,8 +121,11 @@ def format_recommendation(rec: dict) -> list[str]:
         if pick:
             lines.append(f"- **{title}**: {pick['format']} on {pick['runtime']}, {pick['threads']} thread(s): "
                          f"{pick['reason']}")
-    for flag in rec.get("flags") or []:
-        lines.append(f"- slower than float32: {flag['format']} on {flag['runtime']} (threads {flag['threads']}, "
-                     f"batch {flag['batch']}) {flag['p50_ms']:.2f} ms against {flag['float32']} "
-                     f"{flag['float32_p50_ms']:.2f} ms; likely cause: {flag['likely_cause']}")
+    groups: dict[tuple, list[dict]] = {}
+    for flag in rec.get("flags") or []:  # one line per export and runtime, its settings listed in it
+        groups.setdefault((flag["format"], flag["runtime"], flag["float32"], flag["likely_cause"]), []).append(flag)
+    for (fmt, runtime, float32, cause), flags in groups.items():
+        measured = "; ".join(f"threads {f['threads']}, batch {f['batch']}: {f['p50_ms']:.2f} ms against "
+                             f"{f['float32_p50_ms']:.2f} ms" for f in flags)
+        lines.append(f"- slower than {float32}: {fmt} on {runtime} ({measured}); likely cause: {cause}")
     return lines

@@ -82,6 +82,20 @@ def _accuracy_text(row: dict) -> str:
     return "—"
 
 
+def _not_measured(rows: list[dict]) -> list[str]:
+    """One line per runtime and reason (the formats and settings it hit listed once), not one per row."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["runtime"], r["status"], r.get("reason")), []).append(r)
+    lines = []
+    for (runtime, status, reason), group in groups.items():
+        formats = ", ".join(dict.fromkeys(r["format"] for r in group))
+        settings = sorted({(r["threads"], r["batch"]) for r in group if r.get("threads") is not None})
+        where = " (" + "; ".join(f"threads {t}, batch {b}" for t, b in settings) + ")" if settings else ""
+        lines.append(f"- {formats} on {runtime}{where}: {status}: {reason}")
+    return lines
+
+
 def format_table(report: dict) -> str:
     """The bench report as markdown: a summary of the machine, MACs and ceiling, then one row per result.
 
@@ -133,10 +147,7 @@ def format_table(report: dict) -> str:
         lines += ["", "\\* accuracy measured by this bench on the test split (no verify.json entry)."]
     others = [r for r in report.get("rows", []) if r.get("status") != "ok"]
     if others:
-        lines += ["", "Not measured:", ""]
-        for r in others:
-            where = "" if r.get("threads") is None else f" (threads {r['threads']}, batch {r['batch']})"
-            lines.append(f"- {r['format']} on {r['runtime']}{where}: {r['status']}: {r.get('reason')}")
+        lines += ["", "Not measured:", ""] + _not_measured(others)
     if report.get("recommendation"):
         lines += format_recommendation(report["recommendation"])
     if report.get("notes"):
