@@ -284,3 +284,8 @@ def test_not_measured_and_slow_flags_are_grouped():
     lines = format_recommendation({"host_target": "x86-64", "flags": flags})
     assert sum("run-time conversion" in line for line in lines) == 1
     assert "threads 1, batch 1: 9.00 ms against 4.00 ms; threads 2" in "\n".join(lines)
+
+
+def test_a_random_weights_run_is_marked_in_the_bench_table():
+    assert "not meaningful" not in format_table({"name": "x", "rows": [], "backbone": {"weights": "imagenet"}})
+    assert "accuracy not meaningful" in format_table({"name": "x", "rows": [], "backbone": {"weights": "none"}})

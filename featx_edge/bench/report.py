@@ -115,6 +115,9 @@ def format_table(report: dict) -> str:
     alpha = "" if backbone.get("alpha") is None else f" alpha {backbone['alpha']}"
     lines.append(f"- run: `{report.get('run')}`; backbone {backbone.get('name')}{alpha}, "
                  f"{size} px, {report.get('classes')} classes")
+    if backbone.get("weights") == "none":
+        lines.append("- **accuracy not meaningful**: the run was trained with `--weights none` (random frozen "
+                     "features); its latency and size figures hold, its accuracy is near chance")
     lines.append(f"- machine: {m.get('cpu_model')}, {m.get('cpu_count')} CPUs, Python {m.get('python')}; "
                  + ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v))
     if macs.get("macs_per_image"):
