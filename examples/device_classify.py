@@ -1,11 +1,13 @@
 """Classify images on a device with only the runtime install (no TensorFlow).
 
-On the board:
-    pip install featx-edge          # numpy, Pillow, onnxruntime, ai-edge-litert
+On the host, pack a verified export (model, selftest/, pinned requirements.txt, featx-edge wheel):
+    featx-edge bundle runs/demo --format tflite-int8 --out bundle-int8
+
+On the board, in the copied bundle folder (its README gives the install line with the wheel's name):
+    python3 -m venv .venv && . .venv/bin/activate
+    pip install -r requirements.txt && pip install --no-deps featx_edge-*.whl
     featx-edge selftest model.tflite-int8.tflite   # once: does this runtime reproduce the export?
     python device_classify.py model.tflite-int8.tflite photo1.jpg photo2.png --top-k 3
-
-Copy the model file and the `selftest/` folder beside it from the run's `export/` folder.
 """
 
 from __future__ import annotations

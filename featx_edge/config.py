@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from featx_edge.augment import DEFAULT_TRANSFORMS, parse_transforms
 from featx_edge.backbones import get_backbone
 from featx_edge.errors import ConfigError
 from featx_edge.formats import FORMATS, ONNX_CALIBRATION_METHODS, parse_formats, parse_threshold
@@ -29,6 +30,9 @@ or the cached-feature training of thousands of images can carry; past it is a ty
 100000`` would ask for 30 GB per batch of 32)."""
 
 MAX_SEED = 2**32 - 1  # NumPy and TensorFlow seeds are unsigned 32-bit
+
+STRATEGIES = ("auto", "default", "mirrored", "multi-worker")
+"""``train.strategy`` values (``--strategy``); see ``featx_edge.distribute``."""
 
 
 def _received(value: Any, *, wrong_type: bool) -> str:
@@ -172,14 +176,27 @@ class TrainConfig:
 
     Attributes:
         epochs: stage-1 epochs (head only, on cached backbone features), 1 to 10000.
-        batch_size: images per step in every stage, 1 to 4096.
-        learning_rate: stage-1 Adam learning rate, in (0, 1].
+        batch_size: images per step in every stage, 1 to 4096: the global batch, split across the
+            replicas of a distribution strategy.
+        learning_rate: stage-1 Adam learning rate, in (0, 1], for the global batch (never scaled
+            with the number of replicas).
         fine_tune_epochs: stage-2 epochs (0 skips stage 2), 0 to 10000.
         unfreeze_top: backbone layers unfrozen in stage 2 (BatchNorm stays frozen), 0 to 1000.
         fine_tune_learning_rate: stage-2 Adam learning rate, in (0, 1].
-        mixed_precision: float16 compute on a GPU host (true or false).
+        mixed_precision: float16 compute on a GPU host (true or false); the output layer stays float32.
+        jit_compile: compile the training steps with XLA (true or false).
+        strategy: where training runs (``featx_edge.distribute``): ``auto`` (mirrored across the
+            GPUs when there are several, else default), ``default``, ``mirrored`` or ``multi-worker``
+            (MultiWorkerMirroredStrategy, configured by ``TF_CONFIG``).
         qat_epochs: quantization-aware training epochs for tflite-int8-qat (0: no QAT), 0 to 1000.
         qat_learning_rate: learning rate of quantization-aware training, in (0, 1].
+        feature_cache: folder of the on-disk feature cache (``featx_edge.features``); None (default):
+            ``<featx-edge home>/features``; ``"none"``: no reuse (features go to a scratch folder
+            inside the run's staging folder, removed when training ends).
+        augment_views: fixed augmented views of each training image embedded and trained on besides
+            the original, 0 (none) to 64 (``featx_edge.augment``); validation and test are never augmented.
+        augment: the views' transforms, from flip, crop, rotate, color (a comma-separated string or
+            a list); default crop, rotate, color (no flip: a mirrored digit or letter changes class).
 
     Integers must be integers (``10``, not ``10.0`` or ``true``); every range is checked on creation.
     """
@@ -191,19 +208,33 @@ class TrainConfig:
     unfreeze_top: int = 20
     fine_tune_learning_rate: float = 1e-5
     mixed_precision: bool = False
+    jit_compile: bool = False
+    strategy: str = "auto"
     qat_epochs: int = 0
     qat_learning_rate: float = 1e-4
+    feature_cache: str | None = None
+    augment_views: int = 0
+    augment: tuple[str, ...] = DEFAULT_TRANSFORMS
 
     def __post_init__(self) -> None:
+        if self.feature_cache is not None:
+            _check_text("feature_cache", self.feature_cache, allowed="a folder path or `none`")
+        object.__setattr__(self, "augment", parse_transforms(self.augment))
         for name, low, high in _TRAIN_INTS:
             _check_int(name, getattr(self, name), low, high)
         for name in ("learning_rate", "fine_tune_learning_rate", "qat_learning_rate"):
             _check_range(name, getattr(self, name), 0.0, 1.0, low_open=True)
         _check_bool("mixed_precision", self.mixed_precision)
+        _check_bool("jit_compile", self.jit_compile)
+        if not isinstance(self.strategy, str) or self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"`strategy` (`--strategy`) must be one of {', '.join(STRATEGIES)}; "
+                f"received {_received(self.strategy, wrong_type=not isinstance(self.strategy, str))}."
+            )
 
 
 _TRAIN_INTS = (("epochs", 1, 10_000), ("batch_size", 1, 4096), ("fine_tune_epochs", 0, 10_000),
-               ("unfreeze_top", 0, 1000), ("qat_epochs", 0, 1000))
+               ("unfreeze_top", 0, 1000), ("qat_epochs", 0, 1000), ("augment_views", 0, 64))
 
 
 @dataclass(frozen=True)

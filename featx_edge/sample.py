@@ -29,10 +29,14 @@ _MARKER = ".featx-edge-sample-v2"
 _OLD_MARKERS = (".featx-edge-sample-v1",)  # earlier layouts of our own cache: rewritten
 
 
+def featx_home() -> Path:
+    """featx-edge's own cache folder: ``$FEATX_EDGE_HOME`` or ``~/.cache/featx-edge`` (sample data, features)."""
+    return Path(os.environ.get("FEATX_EDGE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "featx-edge"))
+
+
 def default_sample_dir() -> Path:
-    """Where ``--data sample`` materialises the images (``$FEATX_EDGE_HOME`` or ``~/.cache/featx-edge``)."""
-    home = os.environ.get("FEATX_EDGE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "featx-edge")
-    return Path(home) / "sample-data"
+    """Where ``--data sample`` materialises the images (``featx_home()/sample-data``)."""
+    return featx_home() / "sample-data"
 
 
 def write_sample_data(out_dir: str | Path) -> Path:

@@ -34,7 +34,7 @@ class Target:
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("portable", "int8", False,
-           "S8S8: exact on every CPU (no 16-bit saturation anywhere); fastest on ARM, slow on x86-64"),
+           "S8S8: no 16-bit saturation on any CPU (but x86-64 and ARM kernels round differently: `featx-edge device-check` measured up to 0.06 in a probability); fastest on ARM, slow on x86-64"),
     Target("x86-64", "uint8", True,
            "x86-64 without VNNI: U8S8, with reduce_range (7-bit weights) so the 16-bit pair sums "
            "of VPMADDUBSW cannot saturate"),

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,11 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from featx_edge import __version__
+from featx_edge.augment import AugmentSpec
 from featx_edge.backbones import get_backbone
+from featx_edge.checkpoints import Checkpoints, StageCheckpoint, note_resumable, remove_checkpoints, run_key
 from featx_edge.config import RunConfig, TrainConfig
-from featx_edge.data import iter_batches, map_batches, scan_folder, split_folder
+from featx_edge.data import map_batches, scan_folder, split_folder
+from featx_edge.distribute import auto_shard_by_data, configure_logical_cpus, is_chief, make_placement
 from featx_edge.errors import ConfigError
-from featx_edge.progress import bar, native_output
+from featx_edge.features import feature_key, open_cache, predict_table, split_features
+from featx_edge.progress import native_output
 from featx_edge.progress import verbose as progress_verbose
 from featx_edge.rundir import (
     MANIFEST,
@@ -56,17 +61,23 @@ class StageResult:
     epochs: int
     seconds: float
     history: dict = field(default_factory=dict)
+    resumed_from_epoch: int = 0  # epochs restored from a checkpoint (`--resume`); the rest trained now
 
 
 def _verbose() -> int:
     return 1 if sys.stdout.isatty() else 2
 
 
-def setup_devices(*, mixed_precision: bool) -> dict:
-    """Report the devices TensorFlow sees; enable mixed precision (GPU only) when asked."""
+def setup_devices(*, mixed_precision: bool, jit_compile: bool = False) -> dict:
+    """Report the devices TensorFlow sees; enable mixed precision (GPU only) when asked.
+
+    Call before TensorFlow runs anything: it applies the ``FEATX_EDGE_LOGICAL_CPUS`` test hook
+    (``featx_edge.distribute``). ``jit_compile`` is only recorded here (``fit`` takes it).
+    """
     from featx_edge._tf import import_tf
 
     tf, keras = import_tf()
+    logical_cpus = configure_logical_cpus(tf)
     # Same seed, same result: deterministic kernels (a small cost on GPU, none to speak of on CPU).
     tf.config.experimental.enable_op_determinism()
     with native_output("looking for GPUs"):  # CUDA probes log errors on CPU-only hosts
@@ -85,15 +96,21 @@ def setup_devices(*, mixed_precision: bool) -> dict:
         keras.mixed_precision.set_global_policy("mixed_float16")
     else:
         keras.mixed_precision.set_global_policy("float32")
-    return {"gpus": [gpu.name for gpu in gpus], "mixed_precision": bool(mixed_precision)}
+    devices = {"gpus": [gpu.name for gpu in gpus], "mixed_precision": bool(mixed_precision),
+               "jit_compile": bool(jit_compile)}
+    return devices | ({"logical_cpus": logical_cpus} if logical_cpus > 1 else {})
 
 
 def embed(feature_model, root: Path, relpaths: Sequence[str], *, size: int, batch_size: int) -> np.ndarray:
-    """Pooled backbone features of the given images, computed once: float32 (N, D)."""
-    batches = bar(iter_batches(root, relpaths, size=size, batch_size=batch_size),
-                  total=-(-len(relpaths) // batch_size), desc="embedding", unit="batch")
-    out = [feature_model(batch.astype(np.float32), training=False).numpy() for batch in batches]
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, feature_model.output_shape[-1]), np.float32)
+    """Pooled backbone features of the given images, in memory: float32 (N, D).
+
+    Decoded in parallel by ``features.embed_batches`` (tf.data); training itself goes through the
+    on-disk cache (``features.split_features``), which keeps memory bounded.
+    """
+    from featx_edge.features import embed_batches
+
+    out = list(embed_batches(feature_model, root, relpaths, size=size, batch_size=batch_size, desc="embedding"))
+    return np.concatenate(out) if out else np.zeros((0, feature_model.output_shape[-1]), np.float32)
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -101,8 +118,9 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def make_sequence(load: Callable[[np.ndarray], np.ndarray], labels: np.ndarray, *, batch_size: int, seed: int):
-    """A Keras Sequence over ``len(labels)`` items, loaded on demand, in ``epoch_order``.
+def make_sequence(load: Callable[[np.ndarray], np.ndarray], labels: np.ndarray, *, batch_size: int, seed: int,
+                  start_epoch: int = 0):
+    """A Keras Sequence over ``len(labels)`` items, loaded on demand, in ``epoch_order`` from ``start_epoch``.
 
     ``load(indices)`` returns the inputs of those items (e.g. images decoded from disk).
     """
@@ -113,8 +131,8 @@ def make_sequence(load: Callable[[np.ndarray], np.ndarray], labels: np.ndarray, 
     class _Batches(keras.utils.Sequence):
         def __init__(self) -> None:
             super().__init__()
-            self.epoch = 0
-            self.order = epoch_order(seed, 0, len(labels))
+            self.epoch = start_epoch
+            self.order = epoch_order(seed, start_epoch, len(labels))
 
         def __len__(self) -> int:
             return int(np.ceil(len(labels) / batch_size))
@@ -131,11 +149,14 @@ def make_sequence(load: Callable[[np.ndarray], np.ndarray], labels: np.ndarray, 
 
 
 def array_dataset(inputs: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int, epochs: int,
-                  augment: Callable | None = None):
-    """An in-memory tf.data pipeline over ``epochs`` epochs in ``epoch_order``; (dataset, steps/epoch).
+                  augment: Callable | None = None, start_epoch: int = 0):
+    """An in-memory tf.data pipeline over epochs ``start_epoch`` to ``epochs - 1`` in ``epoch_order``;
+    (dataset, steps/epoch).
 
     Batches never straddle two epochs, so the cached-feature and the through-the-graph paths
-    see the same batches in the same order for the same seed.
+    see the same batches in the same order for the same seed, and a run resumed at epoch k
+    (``start_epoch``) sees the batches an uninterrupted one would. ``batch_size`` is the global
+    batch: a distribution strategy splits each batch across its replicas.
     """
     from featx_edge._tf import import_tf
 
@@ -143,42 +164,85 @@ def array_dataset(inputs: np.ndarray, labels: np.ndarray, *, batch_size: int, se
     x = tf.constant(inputs)
     y = tf.constant(labels)
     dataset = None
-    for epoch in range(epochs):
+    for epoch in range(start_epoch, max(epochs, start_epoch + 1)):  # a finished stage: one unused epoch
         part = tf.data.Dataset.from_tensor_slices(epoch_order(seed, epoch, len(labels))).batch(batch_size)
         dataset = part if dataset is None else dataset.concatenate(part)
     dataset = dataset.map(lambda idx: (tf.cast(tf.gather(x, idx), tf.float32), tf.gather(y, idx)))
     if augment is not None:
         dataset = dataset.map(lambda images, targets: (augment(images, training=True), targets))
-    return dataset.prefetch(tf.data.AUTOTUNE), -(-len(labels) // batch_size)
+    return auto_shard_by_data(tf, dataset.prefetch(tf.data.AUTOTUNE)), -(-len(labels) // batch_size)
 
 
 def fit(model, train_data, *, epochs: int, learning_rate: float, val_data=None,
-        steps_per_epoch: int | None = None) -> StageResult:
-    """Compile with Adam + sparse categorical cross-entropy and fit; returns timings and history."""
+        steps_per_epoch: int | None = None, jit_compile: bool = False,
+        checkpoint: StageCheckpoint | None = None) -> StageResult:
+    """Compile with Adam + sparse categorical cross-entropy and fit; returns timings and history.
+
+    Runs under the strategy ``model`` was built in (``model.distribute_strategy``), at
+    ``learning_rate`` as given (for the global batch; not scaled with replicas). ``jit_compile``:
+    XLA. ``checkpoint``: save after every epoch and, when it holds a resumed state, restore it and
+    train from its epoch on (``train_data`` must then start at that epoch).
+    """
     from featx_edge._tf import import_tf
 
     _, keras = import_tf()
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-        # Several small head steps per call: Python overhead, not math, dominates them.
-        steps_per_execution=steps_per_epoch or 1,
-    )
+    first = checkpoint.start_epoch if checkpoint is not None else 0
+    with model.distribute_strategy.scope():
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+            # Several small head steps per call: Python overhead, not math, dominates them.
+            steps_per_execution=steps_per_epoch or 1,
+            jit_compile=jit_compile,
+        )
+        if checkpoint is not None:
+            checkpoint.attach(model)
     start = time.perf_counter()
-    with native_output("Keras training"):  # epoch lines only with --verbose; a summary line is logged
-        hist = model.fit(train_data, epochs=epochs, steps_per_epoch=steps_per_epoch, validation_data=val_data,
-                         shuffle=False, verbose=_verbose() if progress_verbose() else 0)
-    return StageResult(epochs=epochs, seconds=time.perf_counter() - start,
-                       history={k: [float(v) for v in vals] for k, vals in hist.history.items()})
+    history: dict = {}
+    if first < epochs:
+        with native_output("Keras training"):  # epoch lines only with --verbose; a summary line is logged
+            hist = model.fit(train_data, epochs=epochs, initial_epoch=first, steps_per_epoch=steps_per_epoch,
+                             validation_data=val_data, shuffle=False,
+                             callbacks=[checkpoint.callback()] if checkpoint is not None else None,
+                             verbose=_verbose() if progress_verbose() else 0)
+        history = hist.history
+    if checkpoint is not None:  # the restored epochs' figures, then this run's
+        history = checkpoint.history
+    return StageResult(epochs=epochs, seconds=time.perf_counter() - start, resumed_from_epoch=first,
+                       history={k: [float(v) for v in vals] for k, vals in history.items()})
 
 
 def train_head_on_features(head_model, features: np.ndarray, labels: np.ndarray, *, config: TrainConfig,
-                           seed: int, val: tuple[np.ndarray, np.ndarray] | None = None) -> StageResult:
-    """Stage 1 on cached features."""
-    data, steps = array_dataset(features, labels, batch_size=config.batch_size, seed=seed, epochs=config.epochs)
+                           seed: int, val: tuple[np.ndarray, np.ndarray] | None = None,
+                           checkpoint: StageCheckpoint | None = None) -> StageResult:
+    """Stage 1 on cached features (from the checkpoint's epoch on, when resuming).
+
+    ``features`` (and ``val[0]``) is an in-memory array or a ``features.FeatureTable`` on the disk
+    cache, read a batch at a time (same batches, same order).
+    """
+    start = checkpoint.start_epoch if checkpoint is not None else 0
+    if isinstance(features, np.ndarray):
+        data, steps = array_dataset(features, labels, batch_size=config.batch_size, seed=seed, epochs=config.epochs,
+                                    start_epoch=start)
+    else:
+        data, steps, val = _table_data(features, labels, batch_size=config.batch_size, seed=seed,
+                                       epochs=range(start, max(config.epochs, start + 1)), val=val)
     return fit(head_model, data, epochs=config.epochs, learning_rate=config.learning_rate,
-               val_data=val, steps_per_epoch=steps)
+               val_data=val, steps_per_epoch=steps, jit_compile=config.jit_compile, checkpoint=checkpoint)
+
+
+def _table_data(features, labels: np.ndarray, *, batch_size: int, seed: int, epochs: range, val):
+    """``train_head_on_features``'s datasets from FeatureTables: (train dataset, steps, validation dataset)."""
+    from featx_edge._tf import import_tf
+    from featx_edge.features import table_dataset
+
+    tf, _ = import_tf()
+    data, steps = table_dataset(features, labels, batch_size=batch_size, epochs=epochs,
+                                order=lambda epoch: epoch_order(seed, epoch, len(labels)))
+    if val is not None and not isinstance(val[0], np.ndarray):
+        val = auto_shard_by_data(tf, table_dataset(val[0], val[1], batch_size=batch_size)[0])
+    return auto_shard_by_data(tf, data), steps, val
 
 
 def train_head_through_graph(model, images: np.ndarray, labels: np.ndarray, *, config: TrainConfig,
@@ -189,14 +253,14 @@ def train_head_through_graph(model, images: np.ndarray, labels: np.ndarray, *, c
 
 
 def image_sequence(root: Path, relpaths: Sequence[str], labels: np.ndarray, *, size: int,
-                   batch_size: int, seed: int):
-    """Batches of images decoded from disk on demand (for fine-tuning)."""
+                   batch_size: int, seed: int, start_epoch: int = 0):
+    """Batches of images decoded from disk on demand (for fine-tuning), from ``start_epoch``'s order."""
     from featx_edge.data import _pixels
 
     def load(idx: np.ndarray) -> np.ndarray:
         return np.stack([_pixels(root, relpaths[i], size) for i in idx]).astype(np.float32)
 
-    return make_sequence(load, labels, batch_size=batch_size, seed=seed)
+    return make_sequence(load, labels, batch_size=batch_size, seed=seed, start_epoch=start_epoch)
 
 
 def predict_probs(model, root: Path, relpaths: Sequence[str], *, size: int, batch_size: int = 64,
@@ -214,7 +278,7 @@ def predict_pixels_keras(model, pixels: np.ndarray, *, batch_size: int = 64) -> 
     return np.concatenate(out) if out else np.zeros((0, model.output_shape[-1]), np.float32)
 
 
-def train_run(config: RunConfig, out: str | Path, *, overwrite: bool = False) -> dict:
+def train_run(config: RunConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False) -> dict:
     """Scan, split, train (stage 1 on cached features, optional stage 2) and save a run.
 
     Returns the manifest. The Keras reference lives in ``RUN/model.weights.h5`` (weights only,
@@ -225,6 +289,11 @@ def train_run(config: RunConfig, out: str | Path, *, overwrite: bool = False) ->
     unless ``overwrite`` and it is a featx-edge run; then it is replaced as a whole (its exports,
     verify and bench results go with it, never mixed with the new weights and split).
 
+    Every epoch is checkpointed beside ``out`` (``featx_edge.checkpoints``); ``resume`` continues
+    an interrupted training of the same settings from its last checkpoint. A completed run removes
+    its checkpoints. Under ``train.strategy = "multi-worker"`` only the chief writes ``out``; the
+    other workers train in step with it in a private temporary folder and return its manifest.
+
     Example:
         >>> from featx_edge.config import RunConfig, DataConfig, ModelConfig
         >>> cfg = RunConfig(data=DataConfig(path="sample"),
@@ -233,14 +302,24 @@ def train_run(config: RunConfig, out: str | Path, *, overwrite: bool = False) ->
     """
     out = Path(out)
     data_root = resolve_data(config.data.path, part="all")
+    if not is_chief(config.train.strategy):  # no lock: the chief, maybe on this host, holds `out`'s
+        scratch = Path(tempfile.mkdtemp(prefix="featx-edge-worker-"))
+        try:
+            return _train_run(config, scratch, data_root=data_root, run_dir=out, resume=resume)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     with locked(out, command="train", create=True):
         staging = prepare_out(out, overwrite=overwrite, data_root=data_root)
         try:
-            manifest = _train_run(config, staging, data_root=data_root)
+            manifest = _train_run(config, staging, data_root=data_root, run_dir=out, resume=resume)
             replace_run(staging, out)
+        except BaseException:  # KeyboardInterrupt too: the checkpoints outlive the staging folder
+            note_resumable(out)
+            raise
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
+        remove_checkpoints(out)
         return manifest
 
 
@@ -251,7 +330,7 @@ def _summary(stage: StageResult) -> str:
     return f"{stage.epochs} epochs in {stage.seconds:.1f} s; last epoch: {shown}"
 
 
-def _train_run(config: RunConfig, out: Path, *, data_root: Path) -> dict:
+def _train_run(config: RunConfig, out: Path, *, data_root: Path, run_dir: Path, resume: bool) -> dict:
     from featx_edge.model import build_classifier, unfreeze_top
 
     spec = get_backbone(config.model.backbone)
@@ -270,36 +349,54 @@ def _train_run(config: RunConfig, out: Path, *, data_root: Path) -> dict:
     log.info("%d images in %d classes (%d train / %d val / %d test), %d skipped", folder.num_images,
              len(folder.classes), len(splits.train), len(splits.val), len(splits.test), len(folder.skipped))
 
-    devices = setup_devices(mixed_precision=config.train.mixed_precision)
-    clf = build_classifier(num_classes=len(splits.classes), config=config.model,
-                           weights_file=weights_file, seed=config.seed)
+    devices = setup_devices(mixed_precision=config.train.mixed_precision, jit_compile=config.train.jit_compile)
+    placement = make_placement(config.train.strategy, gpus=devices["gpus"])
+    devices["strategy"] = placement.record()
+    weights_sha256 = sha256_file(weights_file) if weights_file else None
+    checkpoints = Checkpoints.open(run_dir, key=run_key(config.to_dict(), splits=splits.to_json(),
+                                                        weights_sha256=weights_sha256),
+                                   config_dict=config.to_dict(), resume=resume, write=placement.is_chief)
+    with placement.strategy.scope():  # variables mirrored on every replica
+        clf = build_classifier(num_classes=len(splits.classes), config=config.model,
+                               weights_file=weights_file, seed=config.seed)
     y_train, y_val, y_test = splits.labels("train"), splits.labels("val"), splits.labels("test")
     bs = config.train.batch_size
 
     t0 = time.perf_counter()
-    f_train = embed(clf.feature_model, splits.root, splits.train, size=size, batch_size=bs)
-    f_val = embed(clf.feature_model, splits.root, splits.val, size=size, batch_size=bs)
-    metrics: dict = {"embedding_seconds": round(time.perf_counter() - t0, 3)}
-    log.info("stage 1: head on cached features (%d-d), %d epochs", f_train.shape[1], config.train.epochs)
-    stage1 = train_head_on_features(clf.head_model, f_train, y_train, config=config.train, seed=config.seed,
-                                    val=(f_val, y_val))
+    # Features of every image on disk (memory-mapped; reused across runs), plus augmented views.
+    cache = open_cache(config.train.feature_cache, feature_key(spec, alpha=config.model.alpha, size=size,
+                       weights_sha256=weights_sha256, seed=config.seed), scratch=out / ".feature-scratch")
+    feats = split_features(clf.feature_model, splits, cache=cache, size=size, batch_size=bs,
+                           augment=AugmentSpec(config.train.augment, seed=config.seed), views=config.train.augment_views)
+    metrics: dict = {"embedding_seconds": round(time.perf_counter() - t0, 3), "feature_cache": feats.record}
+    log.info("stage 1: head on cached features (%d-d, %d rows), %d epochs", feats.train.dim, len(feats.train),
+             config.train.epochs)
+    stage1 = train_head_on_features(clf.head_model, feats.train, feats.train_labels, config=config.train,
+                                    seed=config.seed, val=(feats.val, y_val),
+                                    checkpoint=checkpoints.stage("stage1", epochs=config.train.epochs))
     metrics["stage1"] = dataclasses.asdict(stage1)
     log.info("  %s", _summary(stage1))
     # What the frozen backbone + head reaches; stage 2 is judged against it.
-    metrics["stage1_val_accuracy"] = float(np.mean(clf.head_model(f_val, training=False).numpy().argmax(1) == y_val))
+    metrics["stage1_val_accuracy"] = float(np.mean(predict_table(clf.head_model, feats.val).argmax(1) == y_val))
     if config.train.fine_tune_epochs:
         n = unfreeze_top(clf, config.train.unfreeze_top)
         log.info("stage 2: fine-tuning the top %d backbone layers (%d with weights), lr %s",
                  config.train.unfreeze_top, n, config.train.fine_tune_learning_rate)
-        seq = image_sequence(splits.root, splits.train, y_train, size=size, batch_size=bs, seed=config.seed + 1)
+        resumed = checkpoints.stage("stage2", epochs=config.train.fine_tune_epochs, offset=config.train.epochs)
+        seq = image_sequence(splits.root, splits.train, y_train, size=size, batch_size=bs, seed=config.seed + 1,
+                             start_epoch=resumed.start_epoch)
         val = image_sequence(splits.root, splits.val, y_val, size=size, batch_size=bs, seed=config.seed)
         stage2 = fit(clf.model, seq, epochs=config.train.fine_tune_epochs,
-                     learning_rate=config.train.fine_tune_learning_rate, val_data=val)
+                     learning_rate=config.train.fine_tune_learning_rate, val_data=val,
+                     jit_compile=config.train.jit_compile, checkpoint=resumed)
         metrics["stage2"] = dataclasses.asdict(stage2) | {"unfrozen_layers_with_weights": n}
         log.info("  %s", _summary(stage2))
     for split, relpaths, labels in (("val", splits.val, y_val), ("test", splits.test, y_test)):
-        probs = predict_probs(clf.model, splits.root, relpaths, size=size)
+        # Without stage 2 the backbone is the one that made the cached features: no second pass.
+        probs = (predict_probs(clf.model, splits.root, relpaths, size=size) if config.train.fine_tune_epochs
+                 else predict_table(clf.head_model, getattr(feats, split)))
         metrics[f"{split}_accuracy"] = float(np.mean(probs.argmax(1) == labels))
+    cache.close()
     if config.train.fine_tune_epochs:
         gain = 100.0 * (metrics["val_accuracy"] - metrics["stage1_val_accuracy"])
         metrics["stage2_val_gain_points"] = gain
@@ -315,7 +412,7 @@ def _train_run(config: RunConfig, out: Path, *, data_root: Path) -> dict:
         "featx_edge_version": __version__,
         "labels": list(splits.classes),
         "backbone": {"name": spec.name, "alpha": config.model.alpha, "weights": config.model.weights,
-                     "weights_sha256": sha256_file(weights_file) if weights_file else None},
+                     "weights_sha256": weights_sha256},
         "input": input_contract(size),
         "data": {"root": str(splits.root), "splits": SPLITS,
                  "counts": {split: len(getattr(splits, split)) for split in ("train", "val", "test")},

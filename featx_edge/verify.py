@@ -4,7 +4,9 @@ Artifacts run through the device runtime (``featx_edge.runtime``), so what is ve
 a device runs. The test images are decoded once, a batch at a time, and every model sees each
 batch (memory holds one batch of pixels, whatever the test split's size). Every failure is
 collected, written to ``RUN/verify.json``, then raised as one VerificationError listing each
-failing format with the measured value and the threshold.
+failing format with the measured value and the threshold. Each image's top-1 class and its
+probability, of the reference and of every format that ran, go to ``RUN/verify_predictions.json``
+(with the sha256 of each model), for the report's confusion matrices and disagreement gallery.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ log = logging.getLogger(__name__)
 
 BATCH = 64
 """Images per batch: decoded once, run through the reference and every model."""
+
+PREDICTIONS = "verify_predictions.json"
+"""Per test image: top-1 class and its probability, of the reference and of each verified format
+(for the report's confusion matrices and disagreement gallery, which never rerun a model)."""
+PREDICTIONS_SCHEMA = "featx-edge-verify-predictions/1"
 
 
 def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
@@ -100,12 +107,15 @@ def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None
                     "reference_accuracy_ci95": list(wilson(reference_right, len(labels))),
                     "reference_sha256": manifest["reference"]["sha256"], "formats": entries}
     failures: list[str] = []
+    predictions = {"schema": PREDICTIONS_SCHEMA, "images": list(splits.test), "labels": labels.tolist(),
+                   "reference": {"sha256": manifest["reference"]["sha256"], **top1(reference)}, "formats": {}}
     for fmt in formats:
         entry = entries[fmt]
         if fmt in predictors:
+            probs = np.concatenate(outputs[fmt])
+            predictions["formats"][fmt] = {"sha256": entry["sha256"], **top1(probs)}
             try:
-                problems[fmt] += _check_format(run, fmt, entry, np.concatenate(outputs[fmt]), reference, labels,
-                                               limits=limits[fmt])
+                problems[fmt] += _check_format(run, fmt, entry, probs, reference, labels, limits=limits[fmt])
             except (ModelFileError, VerificationError) as err:
                 problems[fmt].append(str(err))
             entry["seconds"] = round(seconds[fmt], 3)
@@ -117,6 +127,7 @@ def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None
                                           f"{entry['top1_agreement_ci95'][1]:.3f}] ")
         log.info("%-22s %s%s", fmt, shown, "PASS" if not problems[fmt] else "FAIL: " + "; ".join(problems[fmt]))
     report["passed"] = not failures
+    write_json(run.path / PREDICTIONS, predictions)
     write_json(run.path / VERIFY, report)
     log.info("wrote %s", run.path / VERIFY)
     if failures:
@@ -131,6 +142,15 @@ def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None
             + "\n  ".join(failures) + remedy
         )
     return report
+
+
+def top1(probs: np.ndarray) -> dict[str, list]:
+    """Each row's top-1 class index and its probability (4 decimals: enough to show, small to store)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if not probs.size:
+        return {"top1": [], "score": []}
+    probs = probs.reshape(len(probs), -1)
+    return {"top1": probs.argmax(1).tolist(), "score": np.round(probs.max(1), 4).tolist()}
 
 
 def _check_format(run: Run, fmt: str, entry: dict, probs: np.ndarray, reference: np.ndarray,
@@ -188,4 +208,9 @@ def format_table(report: dict, manifest: dict) -> str:
                      f"{'pass' if row['passed'] else 'FAIL'}")
     lines.append(f"({report['images']} test images; change and agreement are against the Keras reference "
                  "on the same images)")
+    if (manifest.get("backbone") or {}).get("weights") == "none":
+        lines = [f"{line}  (not meaningful)" if line.endswith(("pass", "FAIL")) else line for line in lines]
+        lines.append("NOT MEANINGFUL: this run was trained with `--weights none` (a frozen backbone with random "
+                     "weights), so its accuracy is near chance; pass/FAIL only says the exports match that random "
+                     "model. Use it for latency tests, not to judge a model.")
     return "\n".join(lines)

@@ -89,6 +89,17 @@ def make_class_folder(root: Path, classes: dict[str, int], *, size: int = 24, se
     return root
 
 
+def few_images(source: Path, dest: Path, *, per_class: int = 12) -> Path:
+    """Copy the first ``per_class`` images of each class folder of ``source`` into ``dest``."""
+    import shutil
+
+    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
+        (dest / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:per_class]:
+            shutil.copy(image, dest / folder.name / image.name)
+    return dest
+
+
 # Fixtures that train, convert or export real models: a test that uses one (directly or through
 # another fixture) is `slow`. `python -m pytest -m "not slow"` is the fast tier (well under a
 # minute); tests under tests/runtime need no TensorFlow and are also marked `runtime`.

@@ -153,7 +153,7 @@ def test_an_interrupted_training_leaves_the_old_run_as_it_was(tmp_path, monkeypa
     (run / "splits.json").write_text("old split")
     before = sorted(p.name for p in run.iterdir())
 
-    def dies(config, out, *, data_root):
+    def dies(config, out, *, data_root, **_):
         (out / "splits.json").write_text("new split")
         (out / "manifest.json").write_text("{}")
         raise KeyboardInterrupt
@@ -166,7 +166,7 @@ def test_an_interrupted_training_leaves_the_old_run_as_it_was(tmp_path, monkeypa
     assert read_manifest(run)["labels"] == ["a", "b"]
     assert not list(tmp_path.glob(".run.partial-*"))  # the staging folder is cleaned up
 
-    def completes(config, out, *, data_root):
+    def completes(config, out, *, data_root, **_):
         (out / "splits.json").write_text("new split")
         (out / "manifest.json").write_text(json.dumps(GOOD | {"labels": ["new"]}))
         return {}

@@ -148,3 +148,47 @@ def test_standalone_verify_prints_the_table(run_copy, capsys):
     assert main(["verify", str(run_copy), "--formats", "tflite-float32,onnx-float32", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "format" in out and "agreement [95% CI]" in out and "tflite-float32" in out and "pass" in out
+
+
+def test_a_run_with_random_backbone_weights_is_marked_not_meaningful():
+    from featx_edge.verify import format_table
+
+    report = {"reference_accuracy": 0.1, "reference_accuracy_ci95": [0.05, 0.2], "images": 40,
+              "formats": {"tflite-float32": {"accuracy": 0.1, "accuracy_change_points": 0.0,
+                                             "accuracy_change_ci95_points": [-1.0, 1.0], "top1_agreement": 1.0,
+                                             "top1_agreement_ci95": [0.9, 1.0], "passed": True}}}
+    real = format_table(report, {"backbone": {"weights": "imagenet"}, "artifacts": {}})
+    assert "not meaningful" not in real.lower()
+    table = format_table(report, {"backbone": {"weights": "none"}, "artifacts": {}})
+    row = next(line for line in table.splitlines() if line.startswith("tflite-float32"))
+    assert row.endswith("pass  (not meaningful)")
+    assert "NOT MEANINGFUL" in table and "--weights none" in table
+
+
+def test_top1_records_class_and_probability():
+    from featx_edge.verify import top1
+
+    probs = np.array([[0.1, 0.7, 0.2], [0.55555, 0.3, 0.14445]])
+    assert top1(probs) == {"top1": [1, 0], "score": [0.7, 0.5556]}
+    assert top1(np.zeros((0, 3))) == {"top1": [], "score": []}
+
+
+def test_recorded_predictions_agree_with_verify_json(trained_run):
+    """The per-image predictions (for the report) are the ones verify measured: same images, same counts."""
+    from featx_edge.rundir import read_manifest
+    from featx_edge.verify import PREDICTIONS, PREDICTIONS_SCHEMA
+
+    report = json.loads((trained_run / "verify.json").read_text())
+    preds = json.loads((trained_run / PREDICTIONS).read_text())
+    manifest = read_manifest(trained_run)
+    assert preds["schema"] == PREDICTIONS_SCHEMA and preds["reference"]["sha256"] == manifest["reference"]["sha256"]
+    assert preds["images"] == json.loads((trained_run / "splits.json").read_text())["test"]
+    truth, ref = np.array(preds["labels"]), np.array(preds["reference"]["top1"])
+    assert len(truth) == report["images"] and np.mean(ref == truth) == pytest.approx(report["reference_accuracy"])
+    assert set(preds["formats"]) == set(report["formats"])
+    for fmt, entry in preds["formats"].items():
+        row, top = report["formats"][fmt], np.array(entry["top1"])
+        assert entry["sha256"] == row["sha256"] == manifest["artifacts"][fmt]["sha256"]
+        assert np.mean(top == truth) == pytest.approx(row["accuracy"]), fmt
+        assert int(np.sum(top != ref)) == row["disagreements"], fmt
+        assert all(1 / len(manifest["labels"]) <= s <= 1.0 for s in entry["score"]), fmt

@@ -146,9 +146,10 @@ class Exporter:
 
     # -- one method per FormatSpec.converter ----------------------------------------------------
     def _write_tflite(self, spec: FormatSpec, path: Path, flatbuffer: bytes, extra: dict) -> None:
-        from featx_edge.runtime.metadata import pack_tflite
+        """Every .tflite format ends here: standard TFLite Model Metadata, then featx-edge's zip."""
+        from featx_edge.export.tflite_metadata import pack
 
-        write_bytes(path, pack_tflite(flatbuffer, self.metadata(spec) | extra))
+        write_bytes(path, pack(flatbuffer, metadata=self.metadata(spec) | extra))
 
     def _tflite(self, spec: FormatSpec, path: Path) -> None:
         from featx_edge.export.tflite import TFLiteQuantization, convert

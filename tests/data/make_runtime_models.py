@@ -3,8 +3,9 @@
     python tests/data/make_runtime_models.py
 
 A 3-class toy CNN (32x32 input, in-graph [-1, 1] scaling, seeded weights) exported with
-featx-edge's own export code and metadata: tflite-float32, tflite-int8 and onnx-float32, plus
-their self-test golden files. Classes are "red", "green" and "blue" and the weights are set so
+featx-edge's own export code and metadata (the .tflite files with standard TFLite Model Metadata,
+as `featx-edge export` writes them): tflite-float32, tflite-int8 and onnx-float32, plus their
+self-test golden files. Classes are "red", "green" and "blue" and the weights are set so
 the model really answers which channel dominates, so tests can check answers, not just shapes.
 """
 
@@ -49,26 +50,39 @@ def images() -> dict[str, np.ndarray]:
 
 
 def main() -> None:
+    """Build into a sibling folder, then swap it in: tests running meanwhile never see a half-made one."""
+    new, old = OUT.with_name(OUT.name + ".new"), OUT.with_name(OUT.name + ".old")
+    shutil.rmtree(new, ignore_errors=True)
+    build(new)
+    shutil.rmtree(old, ignore_errors=True)
+    if OUT.exists():
+        OUT.rename(old)
+    new.rename(OUT)
+    shutil.rmtree(old, ignore_errors=True)
+    print(f"wrote {OUT}")
+
+
+def build(out: Path) -> None:
     from featx_edge.export import onnx as onnx_export
     from featx_edge.export import tflite as tflite_export
+    from featx_edge.export.tflite_metadata import pack
+    from featx_edge.formats import get_format
     from featx_edge.rundir import write_bytes
     from featx_edge.runtime import load
     from featx_edge.runtime.image import load_pixels
-    from featx_edge.runtime.metadata import pack_tflite
     from featx_edge.runtime.selftest import SELFTEST_DIR, write_golden
 
-    shutil.rmtree(OUT, ignore_errors=True)
-    (OUT / "images").mkdir(parents=True)
-    (OUT / SELFTEST_DIR / "images").mkdir(parents=True)
+    (out / "images").mkdir(parents=True)
+    (out / SELFTEST_DIR / "images").mkdir(parents=True)
     model = build_model()
     pics = images()
     for name, arr in pics.items():
-        Image.fromarray(arr).save(OUT / "images" / name)
+        Image.fromarray(arr).save(out / "images" / name)
     pixels = np.stack([load_pixels(arr, height=SIZE, width=SIZE) for arr in pics.values()])
     golden_names = []
     for i, px in enumerate(pixels):
         golden_names.append(f"images/{i:02d}.png")
-        Image.fromarray(px).save(OUT / SELFTEST_DIR / golden_names[-1])
+        Image.fromarray(px).save(out / SELFTEST_DIR / golden_names[-1])
     reference = model(pixels.astype(np.float32)).numpy()
     calibration = np.concatenate([pixels, np.random.default_rng(1).integers(0, 256, (32, SIZE, SIZE, 3), np.uint8)])
 
@@ -79,17 +93,16 @@ def main() -> None:
                 "output": {"kind": "probabilities", "classes": 3}, "backbone": {"name": "toy"}}
 
     for fmt in ("tflite-float32", "tflite-int8"):
-        quant = tflite_export.TFLiteQuantization.for_format(fmt)
+        quant = tflite_export.TFLiteQuantization.named(get_format(fmt).quantization)
         fb = tflite_export.convert(model, size=SIZE, quantization=quant, calibration=calibration)
-        path = OUT / f"model.{fmt}.tflite"
-        write_bytes(path, pack_tflite(fb, metadata(fmt, "uint8" if quant.full_integer else "float32")))
-    path = OUT / "model.onnx-float32.onnx"
+        path = out / f"model.{fmt}.tflite"
+        write_bytes(path, pack(fb, metadata=metadata(fmt, "uint8" if quant.full_integer else "float32")))
+    path = out / "model.onnx-float32.onnx"
     onnx_export.save(onnx_export.convert(model, size=SIZE, metadata=metadata("onnx-float32", "float32")), path)
-    for path in sorted(OUT.glob("model.*")):
+    for path in sorted(out.glob("model.*")):
         fmt = path.name.split(".")[1]
         write_golden(path, fmt=fmt, images=golden_names, reference=reference,
                      expected=load(path).predict_pixels(pixels))
-    print(f"wrote {OUT}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import pytest
 from featx_edge.cli import main
 from featx_edge.errors import ModelFileError
 from featx_edge.runtime import load
-from featx_edge.runtime.metadata import METADATA_NAME, pack_tflite, read_tflite
+from featx_edge.runtime.metadata import METADATA_NAME, pack_tflite, read_standard_metadata, read_tflite
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "runtime"
 TFLITE = DATA / "model.tflite-int8.tflite"
@@ -188,3 +188,15 @@ def test_an_onnxruntime_run_error_is_one_line(tmp_path, capsys):
     predictor = load(path)
     with pytest.raises(ModelFileError, match="onnxruntime failed to run this model"):
         predictor.predict_pixels(np.zeros((1, 32, 32, 3), np.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["tflite-float32", "tflite-int8"])
+def test_committed_models_carry_standard_tflite_metadata(fmt):
+    """Readable without TensorFlow: the TFLITE_METADATA entry names the zip's labels.txt for the output."""
+    flatbuffer, meta = read_tflite(DATA / f"model.{fmt}.tflite")
+    std = read_standard_metadata(flatbuffer, path=DATA / f"model.{fmt}.tflite")
+    assert std["author"] == "featx-edge" and std["min_parser_version"] == "1.0.0"
+    assert std["inputs"][0]["process_units"] == [{"type": "NormalizationOptions", "mean": [0.0], "std": [1.0]}]
+    assert std["outputs"][0]["associated_files"] == [{"name": "labels.txt", "type": "TENSOR_AXIS_LABELS"}]
+    assert std["associated_files"] == [{"name": METADATA_NAME, "type": "DESCRIPTIONS"}]
+    assert meta["labels"] == ["red", "green", "blue"]

@@ -1,0 +1,296 @@
+"""One function per subcommand: parsed arguments -> configs -> library calls. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+
+def _config_from_args(args: argparse.Namespace):
+    from featx_edge.config import RunConfig, load_config, override
+
+    config = load_config(args.config) if getattr(args, "config", None) else RunConfig()
+    config = override(config, "data", path=getattr(args, "data", None))
+    config = override(config, "model", backbone=args.backbone, alpha=args.alpha, weights=args.weights,
+                      image_size=args.image_size, head_units=args.head_units, dropout=args.dropout)
+    config = override(config, "train", epochs=args.epochs, batch_size=args.batch_size,
+                      learning_rate=args.learning_rate, fine_tune_epochs=getattr(args, "fine_tune_epochs", None),
+                      unfreeze_top=getattr(args, "unfreeze_top", None),
+                      fine_tune_learning_rate=getattr(args, "fine_tune_learning_rate", None),
+                      mixed_precision=args.mixed_precision, qat_epochs=getattr(args, "qat_epochs", None),
+                      jit_compile=getattr(args, "jit_compile", None), strategy=getattr(args, "strategy", None),
+                      feature_cache=getattr(args, "feature_cache", None),
+                      augment_views=getattr(args, "augment_views", None), augment=getattr(args, "augment", None))
+    config = _export_overrides(config, args)
+    return override(config, "seed", seed=args.seed)
+
+
+def _export_overrides(config, args):
+    from featx_edge.config import override
+    from featx_edge.formats import parse_formats
+
+    formats = parse_formats(args.formats) if getattr(args, "formats", None) else None
+    return override(config, "export", formats=formats, int8_budget=getattr(args, "int8_budget", None),
+                    onnx_calibration=getattr(args, "onnx_calibration", None), target=getattr(args, "target", None))
+
+
+def _thresholds(args) -> dict:
+    from featx_edge.formats import parse_threshold
+
+    overrides: dict = {}
+    for text in args.threshold:
+        fmt, metric, value = parse_threshold(text)
+        overrides.setdefault(fmt, {})[metric] = value
+    return overrides
+
+
+def _cmd_backbones(args) -> int:
+    from featx_edge.backbones import BACKBONES
+
+    print(f"{'name':<20} {'size':>5} {'preprocessing':<14} {'features':>8}  alphas")
+    for spec in BACKBONES.values():
+        alphas = ", ".join(map(str, spec.alphas)) or "-"
+        print(f"{spec.name:<20} {spec.default_size:>5} {spec.preprocessing:<14} {spec.feature_dim:>8}  {alphas}")
+    return 0
+
+
+def _cmd_sample_data(args) -> int:
+    from featx_edge.sample import write_sample_data
+
+    root = write_sample_data(args.dir)
+    print(f"wrote sample data to {root}: all/ (digits 0-9, `--data sample`), source/ (digits 0-4, for "
+          "pretraining) and target/ (digits 5-9, a transfer task)")
+    return 0
+
+
+def _cmd_pretrain(args) -> int:
+    from featx_edge.pretrain import pretrain
+
+    config = _config_from_args(args)
+    pretrain(data=config.data.path, out=args.out, model=config.model, train=config.train, seed=config.seed,
+             val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from featx_edge.train import train_run
+
+    train_run(_config_from_args(args), args.out, overwrite=args.overwrite, resume=args.resume)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from featx_edge.config import override
+    from featx_edge.errors import VerificationError
+    from featx_edge.export import budget_failure, export_run
+
+    def change(config):  # recorded in the run when the export succeeds: the manifest says how it was made
+        config = override(config, "train", qat_epochs=args.qat_epochs)
+        return override(config, "export", int8_budget=args.int8_budget, onnx_calibration=args.onnx_calibration,
+                        target=args.target)
+
+    changed = (args.qat_epochs is not None or args.int8_budget is not None or args.onnx_calibration
+               or args.target)
+    manifest = export_run(args.run, formats=args.formats, settings=change if changed else None)
+    missed = budget_failure(manifest)
+    if missed:
+        raise VerificationError(missed)
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from featx_edge.errors import VerificationError
+    from featx_edge.formats import parse_formats
+    from featx_edge.rundir import VERIFY, read_manifest
+    from featx_edge.verify import format_table, verify_run
+
+    formats = parse_formats(args.formats) if args.formats else None
+    try:
+        report = verify_run(args.run, formats=formats, overrides=_thresholds(args))
+    except VerificationError:
+        path = Path(args.run) / VERIFY
+        if path.is_file():  # the table of what was measured, then the error
+            print(format_table(json.loads(path.read_text(encoding="utf-8")), read_manifest(args.run)))
+        raise
+    print(format_table(report, read_manifest(args.run)))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from featx_edge.report import write_report
+
+    print(f"wrote {write_report(args.run)}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from featx_edge.distribute import is_chief
+    from featx_edge.errors import VerificationError
+    from featx_edge.export import budget_failure, export_run
+    from featx_edge.formats import merge_overrides
+    from featx_edge.report import report_after_run
+    from featx_edge.rundir import VERIFY, locked, read_manifest
+    from featx_edge.train import train_run
+    from featx_edge.verify import format_table, verify_run
+
+    config = _config_from_args(args)
+    # Parsed before training (a typo must not cost a training run) and recorded with the run,
+    # so a later `featx-edge verify RUN` applies the same thresholds.
+    overrides = _thresholds(args)
+    config = dataclasses.replace(config, verify=merge_overrides(config.verify, overrides))
+    if not is_chief(config.train.strategy):  # a multi-worker helper: trains in step, exports nothing
+        train_run(config, args.out, overwrite=args.overwrite, resume=args.resume)
+        return 0
+    with locked(args.out, command="run", create=True):
+        train_run(config, args.out, overwrite=args.overwrite, resume=args.resume)
+        manifest = export_run(args.out, formats=config.export.formats)
+        try:
+            report = verify_run(args.out)
+        except VerificationError:
+            print(format_table(json.loads((Path(args.out) / VERIFY).read_text()), read_manifest(args.out)))
+            report_after_run(args.out)  # most useful when verify failed
+            raise
+        print(format_table(report, read_manifest(args.out)))
+        report_after_run(args.out)
+    missed = budget_failure(manifest)
+    if missed:
+        raise VerificationError(missed)
+    return 0
+
+
+def _iter_images(items: list[str]) -> list[Path]:
+    """Files as given; folders walked as training walks them (hidden names ignored, symlinks that
+    leave the folder or loop reported on stderr and not followed). DataError for a folder without images."""
+    from featx_edge.data import find_images
+    from featx_edge.runtime.metadata import printable
+
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if not path.is_dir():
+            paths.append(path)
+            continue
+        images, skipped = find_images(path)
+        for entry in skipped:
+            print(f"warning: skipped {printable(str(path / entry.path))}: {printable(entry.reason)}", file=sys.stderr)
+        paths.extend(images)
+    return paths
+
+
+def _cmd_predict(args) -> int:
+    from featx_edge.config import check_flag
+    from featx_edge.errors import ImageError
+    from featx_edge.runtime import load
+    from featx_edge.runtime.metadata import printable
+
+    check_flag("--threads", args.threads)
+    check_flag("--top-k", args.top_k)
+    top_k = args.top_k or (3 if args.json else 1)
+    paths = _iter_images(args.images)
+    predictor = load(args.model, threads=args.threads)
+    failures = 0
+    for path in paths:
+        try:
+            (pred,) = predictor.predict([path], top_k=top_k)
+        except ImageError as err:
+            failures += 1
+            print(f"error: {printable(str(err))}", file=sys.stderr)
+            continue
+        if args.json:  # json.dumps escapes control characters (\u001b) itself
+            print(json.dumps({"path": str(path), **pred.to_dict()}))
+        else:  # labels come from the model file: escape what a terminal would act on
+            pairs = "\t".join(f"{printable(label)}\t{score:.4f}" for label, score in pred.top_k)
+            print(f"{printable(str(path))}\t{pairs}")
+    if failures:
+        print(f"error: {failures} image(s) could not be classified", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _cmd_bench(args) -> int:
+    from featx_edge import bench
+    from featx_edge.config import parse_int_list
+    from featx_edge.errors import ConfigError
+
+    if args.compare:
+        runs = ([args.run] if args.run else []) + args.compare
+        if len(runs) != 2:
+            raise ConfigError(f"`--compare` needs exactly two runs (RUN_A RUN_B); received {len(runs)}.")
+        print(bench.compare_runs(runs[0], runs[1]))
+        return 0
+    if not args.run:
+        raise ConfigError("`featx-edge bench` needs a run directory: `featx-edge bench RUN`.")
+    kwargs = {"formats": args.formats.split(",") if args.formats else None,
+              "include_tf": not args.no_tensorflow}
+    for name in ("threads", "batches"):
+        if getattr(args, name) is not None:
+            kwargs[name] = parse_int_list(name, getattr(args, name))
+    if args.min_seconds is not None:
+        kwargs["min_seconds"] = args.min_seconds
+    report = bench.bench_run(args.run, **kwargs)
+    if args.quiet:
+        print(bench.format_table(report))
+    return 0
+
+
+def _cmd_bundle(args) -> int:
+    from featx_edge.bundle import bundle_run
+
+    bundle = bundle_run(args.run, fmt=args.format, out=args.out, wheel=args.wheel,
+                        allow_unverified=args.allow_unverified, overwrite=args.overwrite)
+    unzip = f" (after `unzip {bundle.path.name} && cd {bundle.path.stem}`)" if bundle.path.suffix == ".zip" else ""
+    print(f"wrote {bundle.path} ({bundle.format}, verify: {bundle.verify_status}); on the device, in it{unzip}:")
+    print("\n".join(f"  {command}" for command in bundle.commands.values()))
+    return 0
+
+
+def _cmd_device_check(args) -> int:
+    from featx_edge.config import check_flag
+    from featx_edge.device.check import DEFAULT_IMAGES, device_check
+
+    check_flag("--threads", args.threads)
+    check_flag("--images", args.images)
+    result = device_check(args.targets, arch=args.arch, cpus=args.cpu, images=args.images or DEFAULT_IMAGES,
+                          formats=args.formats, threads=args.threads or 1, out=args.out)
+    print(result.table)
+    return 0 if result.passed else 1
+
+
+def _cmd_selftest(args) -> int:
+    from featx_edge.config import check_flag
+    from featx_edge.errors import FeatxError
+    from featx_edge.runtime.metadata import printable
+    from featx_edge.runtime.selftest import run_selftest
+
+    check_flag("--threads", args.threads)
+    failed = 0
+    for model in args.models:
+        try:
+            result = run_selftest(model, threads=args.threads)
+        except FeatxError as err:  # one line per model, then the next model
+            failed += 1
+            reason = str(err).removeprefix(f"{model}: ").removeprefix(f"{Path(model)}: ")
+            print(f"FAIL {printable(model)}: {printable(reason)}")
+            continue
+        print(f"PASS {printable(model)}: {result.images} images, top-1 {result.top1_matches}/{result.images}, "
+              f"max |dprob| {result.max_abs_diff:.2g} (tolerance {result.tolerance})")
+    return 1 if failed else 0
+
+
+COMMANDS = {
+    "backbones": _cmd_backbones,
+    "sample-data": _cmd_sample_data,
+    "pretrain": _cmd_pretrain,
+    "train": _cmd_train,
+    "export": _cmd_export,
+    "run": _cmd_run,
+    "verify": _cmd_verify,
+    "report": _cmd_report,
+    "predict": _cmd_predict,
+    "selftest": _cmd_selftest,
+    "bundle": _cmd_bundle,
+    "device-check": _cmd_device_check,
+    "bench": _cmd_bench,
+}

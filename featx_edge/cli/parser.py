@@ -1,0 +1,229 @@
+"""The argument parser: every subcommand, its purpose, an example, and every option helped."""
+
+from __future__ import annotations
+
+import argparse
+
+from featx_edge import __version__
+from featx_edge.config import STRATEGIES
+from featx_edge.formats import ONNX_CALIBRATION_METHODS
+from featx_edge.targets import TARGET_CHOICES
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", help="backbone name (see `featx-edge backbones`); default efficientnet_lite0")
+    g.add_argument("--alpha", type=float, help="width multiplier, where the backbone has one")
+    g.add_argument("--weights", help="`imagenet` (default; Keras download/cache), `none`, or a no-top .h5 file")
+    g.add_argument("--image-size", type=int, help="input height and width (default: the backbone's)")
+    g.add_argument("--head-units", type=int, help="units of a dense layer before the classifier (0: none)")
+    g.add_argument("--dropout", type=float, help="dropout before the classifier layer")
+
+
+def _add_train_args(p: argparse.ArgumentParser, *, stages: bool = True) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, help="stage-1 (head) epochs")
+    g.add_argument("--batch-size", type=int,
+                   help="images per training step: the global batch, split across the replicas of --strategy")
+    g.add_argument("--learning-rate", type=float,
+                   help="Adam learning rate of the head (stage 1), for the global batch (never scaled with replicas)")
+    if stages:  # fine-tuning and QAT apply to a run, not to pretraining
+        g.add_argument("--fine-tune-epochs", type=int, help="stage-2 epochs (0: no fine-tuning)")
+        g.add_argument("--unfreeze-top", type=int, help="backbone layers unfrozen in stage 2")
+        g.add_argument("--fine-tune-learning-rate", type=float, help="Adam learning rate of stage 2")
+        g.add_argument("--qat-epochs", type=int, help="quantization-aware training epochs for tflite-int8-qat")
+    g.add_argument("--mixed-precision", action="store_true", default=None,
+                   help="float16 compute with a float32 output layer (GPU hosts; default off)")
+    if stages:  # distribution, XLA and resuming apply to `train` and `run`
+        g.add_argument("--jit-compile", action="store_true", default=None,
+                       help="compile the training steps with XLA (default off)")
+        g.add_argument("--strategy", choices=STRATEGIES,
+                       help="where training runs (default auto: mirrored across GPUs when there are several, else "
+                            "default); multi-worker: across hosts, configured by the TF_CONFIG environment variable")
+        g.add_argument("--resume", action="store_true",
+                       help="continue an interrupted training of --out (same settings) from its last epoch "
+                            "checkpoint, kept in .OUT.featx-edge.resume/ beside it (default: start over)")
+        g.add_argument("--feature-cache", metavar="DIR|none",
+                       help="folder of the backbone-feature cache, reused across runs (default: "
+                            "$FEATX_EDGE_HOME/features, else ~/.cache/featx-edge/features); `none`: no reuse")
+        g.add_argument("--augment-views", type=int, metavar="K",
+                       help="embed K fixed augmented views of each training image and train the head on the "
+                            "original + K views (default 0; validation and test are never augmented)")
+        g.add_argument("--augment", metavar="LIST",
+                       help="the views' transforms from flip,crop,rotate,color (default rotate,color: add crop "
+                            "for photos with margins, flip only where a mirrored image keeps its class)")
+    g.add_argument("--seed", type=int, help="seed for the split, initialisation and batch order")
+    p.add_argument("--config", help="TOML file with [data] [model] [train] [export] sections; flags override it")
+
+
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("export")
+    g.add_argument("--formats", help="comma-separated formats, or `all` (default: the six standard formats)")
+    g.add_argument("--int8-budget", type=float,
+                   help="accuracy points int8 may lose on validation; tries int8, selective, then QAT")
+    g.add_argument("--onnx-calibration", choices=ONNX_CALIBRATION_METHODS,
+                   help="onnxruntime calibration method for onnx-int8 (default percentile)")
+    g.add_argument("--target", choices=TARGET_CHOICES,
+                   help="CPU the onnx-int8 model is built for: U8S8 on x86-64 (reduce_range without VNNI), "
+                        "S8S8 on arm64 and `portable` (the default: no saturation on any CPU); auto: this host")
+
+
+def _add_verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threshold", action="append", default=[], metavar="FORMAT.METRIC=VALUE",
+                   help="override a verify threshold, e.g. tflite-int8.min_agreement=0.95 (repeatable)")
+
+
+def _quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show what TensorFlow, the converters and onnxruntime print (held back otherwise, "
+                        "and shown when a step fails)")
+
+
+def _command(sub, name: str, *, purpose: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand with its one-line purpose and a runnable example in its --help."""
+    return sub.add_parser(name, help=purpose, description=purpose[0].upper() + purpose[1:] + ".",
+                          epilog=f"example: {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="featx-edge",
+        description="Transfer-learned image classifiers for edge devices: train on a frozen pretrained backbone, "
+                    "export to TFLite and ONNX (float and int8), verify every export against the Keras model, "
+                    "benchmark, and classify on the device without TensorFlow.",
+        epilog="Start with: featx-edge run --config examples/sample_digits.toml --out runs/demo")
+    parser.add_argument("--version", action="version", version=f"featx-edge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _command(sub, "backbones", purpose="list the backbone registry (input size, preprocessing, feature width)",
+             example="featx-edge backbones")
+
+    p = _command(sub, "sample-data", purpose="write the built-in sample images (real handwritten digits)",
+                 example="featx-edge sample-data digits/  # then: featx-edge run --data digits/all --out runs/d")
+    p.add_argument("dir", help="folder to write (all/, source/ and target/ inside)")
+
+    p = _command(sub, "pretrain", purpose="train a backbone from scratch on a source dataset and save its weights",
+                 example="featx-edge pretrain --data sample --out pre.h5 --backbone mobilenet_v2 --alpha 0.35 "
+                         "--image-size 96")
+    p.add_argument("--data", help="image folder, or `sample` (its source part: digits 0-4)")
+    p.add_argument("--out", required=True, help="weights file to write (.h5)")
+    _add_model_args(p)
+    _add_train_args(p, stages=False)
+    _quiet(p)
+
+    for name, helptext, example in (
+            ("run", "train, export every format, verify each against the Keras model and print a table",
+             "featx-edge run --config examples/sample_digits.toml --out runs/demo"),
+            ("train", "train a classifier into a run directory (export and verify it later)",
+             "featx-edge train --data photos/ --out runs/photos")):
+        p = _command(sub, name, purpose=helptext, example=example)
+        p.add_argument("--data", help="image folder (one sub-folder per class), `sample` (the default: the "
+                                      "built-in digits) or `sample:source` / `sample:target`")
+        p.add_argument("--out", required=True, help="run directory to create (a new or empty folder)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an existing run in --out as a whole (its exports and reports go with it)")
+        _add_model_args(p)
+        _add_train_args(p)
+        if name == "run":
+            _add_export_args(p)
+            _add_verify_args(p)
+        _quiet(p)
+
+    p = _command(sub, "export", purpose="export a trained run to TFLite and ONNX, float and int8",
+                 example="featx-edge export runs/demo --formats tflite-int8,onnx-int8 --target auto")
+    p.add_argument("run", help="run directory made by `featx-edge train`")
+    _add_export_args(p)
+    p.add_argument("--qat-epochs", type=int, help="quantization-aware training epochs for tflite-int8-qat")
+    _quiet(p)
+
+    p = _command(sub, "verify", purpose="check every export against the Keras reference on the test split",
+                 example="featx-edge verify runs/demo --threshold tflite-int8.min_agreement=0.98")
+    p.add_argument("run", help="run directory with exports")
+    p.add_argument("--formats", help="comma-separated formats (default: every exported one)")
+    _add_verify_args(p)
+    _quiet(p)
+
+    p = _command(sub, "report", purpose="write RUN/report.html: settings, curves, verify, confusions, int8 misses, bench",
+                 example="featx-edge report runs/demo  # then open runs/demo/report.html in a browser")
+    p.add_argument("run", help="run directory (verify it first: the page uses verify's per-image predictions)")
+
+    p = _command(sub, "bench", purpose="latency, throughput, memory and accuracy of every export on every runtime, "
+                                       "and what to ship on this host",
+                 example="featx-edge bench runs/demo --threads 1,2 --batches 1,8")
+    p.add_argument("run", nargs="?", help="run directory to bench (not needed with --compare RUN_A RUN_B)")
+    p.add_argument("--formats", help="comma-separated formats (default: every exported one)")
+    p.add_argument("--threads", help="comma-separated thread counts (default: 1 and every core)")
+    p.add_argument("--batches", help="comma-separated batch sizes (default: 1,8)")
+    p.add_argument("--min-seconds", type=float, help="least timing per row, seconds (default 1.0)")
+    p.add_argument("--no-tensorflow", action="store_true", help="skip the Keras/TensorFlow reference rows")
+    p.add_argument("--compare", nargs="+", metavar="RUN",
+                   help="print two benched runs side by side: --compare RUN_A RUN_B (or RUN --compare RUN_B)")
+    _quiet(p)
+
+    p = _command(sub, "predict", purpose="classify images with an exported model (no TensorFlow needed); folders "
+                                         "are walked recursively, hidden files skipped",
+                 example="featx-edge predict runs/demo/export/model.tflite-int8.tflite photos/ --top-k 3")
+    p.add_argument("model", help=".tflite or .onnx file exported by featx-edge")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--top-k", type=int, help="labels per image, best first (default: 1; 3 with --json)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--threads", type=int, help="inference threads, >= 1 (default: the engine's)")
+
+    p = _command(sub, "selftest", purpose="check that this device's runtime reproduces the exported outputs",
+                 example="featx-edge selftest model.tflite-int8.tflite  # its selftest/ folder beside it")
+    p.add_argument("models", nargs="+", help="model files (their selftest/ folder must sit beside them)")
+    p.add_argument("--threads", type=int, help="inference threads, >= 1 (default: the engine's)")
+
+    p = _command(sub, "bundle", purpose="write what a device needs to run one verified export: model, self-test, "
+                                        "pinned requirements, a featx-edge wheel, a README",
+                 example="featx-edge bundle runs/demo --format tflite-int8 --out bundle-int8  # or --out b.zip")
+    p.add_argument("run", help="run directory with the export, verified by `featx-edge verify`")
+    p.add_argument("--format", required=True, help="the export to bundle, e.g. tflite-int8 (required; no default)")
+    p.add_argument("--out", required=True, help="folder to write, or a file ending in .zip (new or empty; required)")
+    p.add_argument("--wheel", metavar="PATH", help="featx_edge-*.whl to ship (default: built from this checkout)")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="bundle an export that did not pass verify, with a warning in the bundle (default: refuse)")
+    p.add_argument("--overwrite", action="store_true", help="replace a featx-edge bundle at --out (default: refuse)")
+    _quiet(p)
+
+    p = _command(sub, "device-check", purpose="run every export's self-test and compare its predictions with this "
+                                              "host on emulated CPU cores (QEMU user mode): agreement only, not speed",
+                 example="featx-edge device-check runs/demo --arch arm64 --cpu cortex-a53,cortex-a72,cortex-a76")
+    p.add_argument("targets", nargs="+", metavar="RUN_OR_MODEL", help="run folders (test split compared, "
+                   "RUN/device_check.json written) or model files with their selftest/ folder (its images compared)")
+    p.add_argument("--arch", default="arm64", help="target architecture (default: arm64, the only one for now)")
+    p.add_argument("--cpu", help="comma-separated named cores (default: cortex-a53,cortex-a72,cortex-a76; also "
+                                 "cortex-a35, cortex-a57, neoverse-n1)")
+    p.add_argument("--images", type=int, help="test images per run to compare (default: 64)")
+    p.add_argument("--formats", help="comma-separated formats of a run to check (default: every exported one)")
+    p.add_argument("--threads", type=int, help="inference threads on host and guest, >= 1 (default: 1)")
+    p.add_argument("--out", help="also write every target's report to this JSON file (default: none)")
+    _quiet(p)
+    _show_config_defaults(parser)
+    return parser
+
+
+def _show_config_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append ``(default: X)`` to every option that sets a config field and does not name its default.
+
+    The options default to None (so a --config file is not overridden by an untouched flag); the
+    value a run gets without either comes from the config dataclasses, and is shown from there.
+    """
+    import dataclasses
+
+    from featx_edge.config import RunConfig
+
+    defaults: dict[str, object] = {"seed": RunConfig().seed}
+    for section in ("data", "model", "train", "export"):
+        for field in dataclasses.fields(getattr(RunConfig(), section)):
+            defaults.setdefault(field.name, getattr(getattr(RunConfig(), section), field.name))
+    for sub in parser._subparsers._group_actions[0].choices.values():  # argparse has no public walk
+        for action in sub._actions:
+            name = action.dest
+            if (name in defaults and action.help and "default" not in action.help
+                    and not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+                    and defaults[name] is not None and sub.prog.split()[-1] not in ("predict", "selftest")):
+                value = defaults[name]
+                shown = ",".join(value) if isinstance(value, tuple) else value
+                action.help += f" (default: {shown})"
