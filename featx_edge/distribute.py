@@ -71,12 +71,21 @@ class Placement:
     task: Task | None = None
 
     @property
+    def local_devices(self) -> tuple[str, ...]:
+        """This worker's replica devices (one per GPU, or per logical CPU in tests); () for one device."""
+        if self.replicas <= 1:
+            return ()
+        devices = tuple(getattr(getattr(self.strategy, "extended", None), "worker_devices", ()))
+        return devices if len(devices) > 1 else ()
+
+    @property
     def is_chief(self) -> bool:
         return self.task is None or self.task.is_chief
 
     def record(self) -> dict:
         """The manifest's account of the strategy (``devices.strategy``)."""
-        out: dict = {"name": self.name, "replicas": self.replicas, "learning_rate_rule": LEARNING_RATE_RULE}
+        out: dict = {"name": self.name, "replicas": self.replicas, "learning_rate_rule": LEARNING_RATE_RULE,
+                     "embedding_devices": list(self.local_devices) or None}
         if self.task is not None:
             out |= {"workers": self.task.workers, "task": {"type": self.task.type, "index": self.task.index}}
         return out

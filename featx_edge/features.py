@@ -172,20 +172,43 @@ def image_batches(root: Path, relpaths: Sequence[str], *, size: int, batch_size:
 
 
 def embed_batches(feature_model, root: Path, relpaths: Sequence[str], *, size: int, batch_size: int,
-                  view: tuple[AugmentSpec, int] | None = None, desc: str | None = None) -> Iterator[np.ndarray]:
-    """Pooled features (B, D) float32 of the images, batch by batch, in order."""
+                  view: tuple[AugmentSpec, int] | None = None, desc: str | None = None,
+                  devices: Sequence[str] = ()) -> Iterator[np.ndarray]:
+    """Pooled features (B, D) float32 of the images, batch by batch, in order.
+
+    ``devices``: with two or more (a distribution strategy's local replicas, e.g. every GPU), each
+    batch is split into one contiguous slice per device, run there in parallel, and put back in
+    order; the features are those of one device (a test compares them).
+    """
     from featx_edge._tf import import_tf
 
     tf, _ = import_tf()
-    infer = _compiled.get(feature_model)
-    if infer is None:  # one traced function per model, however many lists and views it embeds
-        infer = tf.function(lambda x: feature_model(tf.cast(x, tf.float32), training=False), reduce_retracing=True)
-        _compiled[feature_model] = infer
+    key = tuple(devices) if len(devices) > 1 else ()
+    infer = _compiled.setdefault(feature_model, {}).get(key)
+    if infer is None:  # one traced function per model and device set, however many lists and views it embeds
+        infer = tf.function(_splitting(tf, feature_model, key), reduce_retracing=True)
+        _compiled[feature_model][key] = infer
     batches = image_batches(root, relpaths, size=size, batch_size=batch_size, view=view)
     if desc:
         batches = bar(batches, total=-(-len(relpaths) // batch_size), desc=desc, unit="batch")
     for batch in batches:
         yield infer(batch).numpy().astype(np.float32, copy=False)
+
+
+def _splitting(tf, feature_model, devices: tuple[str, ...]) -> Callable:
+    """The features of a batch, on one device or split across ``devices`` (contiguous slices, in order)."""
+    if not devices:
+        return lambda x: feature_model(tf.cast(x, tf.float32), training=False)
+
+    def split(x):
+        n, k = tf.shape(x)[0], len(devices)
+        parts = []
+        for i, device in enumerate(devices):
+            with tf.device(device):
+                parts.append(feature_model(tf.cast(x[n * i // k : n * (i + 1) // k], tf.float32), training=False))
+        return tf.concat(parts, axis=0)
+
+    return split
 
 
 _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -225,7 +248,8 @@ class FeatureCache:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
     def features(self, feature_model, root: Path, relpaths: Sequence[str], *, size: int, batch_size: int,
-                 view: tuple[AugmentSpec, int] | None = None, desc: str = "embedding") -> ShardedArray:
+                 view: tuple[AugmentSpec, int] | None = None, desc: str = "embedding",
+                 devices: Sequence[str] = ()) -> ShardedArray:
         """Features of ``relpaths`` (in order) as a memory-mapped ShardedArray: cached shards are reused,
         the missing ones computed and written one by one."""
         dim = int(feature_model.output_shape[-1])
@@ -250,7 +274,7 @@ class FeatureCache:
             t0 = time.perf_counter()
             self._embed(feature_model, root, todo, [(paths[i], min(self.shard_images, len(relpaths) - i * self.shard_images))
                                                     for i in missing], size=size, batch_size=batch_size, view=view,
-                        desc=desc)
+                        desc=desc, devices=devices)
             self.stats.embedded += len(todo)
             self.stats.seconds += time.perf_counter() - t0
             index["complete"] = True
@@ -258,14 +282,15 @@ class FeatureCache:
         return ShardedArray(paths, rows_per_shard=self.shard_images, count=len(relpaths), dim=dim)
 
     def _embed(self, feature_model, root: Path, todo: Sequence[str], shards: list[tuple[Path, int]], *, size: int,
-               batch_size: int, view, desc: str) -> None:
+               batch_size: int, view, desc: str, devices: Sequence[str]) -> None:
         """Embed ``todo`` (the missing shards' images, in order) and write each shard once it is full."""
         stop_after = _stop_after_shards()
         pending: list[np.ndarray] = []
         filled, written = 0, 0
         shard_iter = iter(shards)
         path, rows = next(shard_iter)
-        for out in embed_batches(feature_model, root, todo, size=size, batch_size=batch_size, view=view, desc=desc):
+        for out in embed_batches(feature_model, root, todo, size=size, batch_size=batch_size, view=view, desc=desc,
+                                 devices=devices):
             while len(out):
                 take = min(rows - filled, len(out))
                 pending.append(out[:take])
@@ -351,19 +376,25 @@ class SplitFeatures:
 
 
 def split_features(feature_model, splits: Splits, *, cache: FeatureCache, size: int, batch_size: int,
-                   augment: AugmentSpec, views: int) -> SplitFeatures:
-    """Embed (or reuse) every image of the splits once, and ``views`` augmented views of the training images."""
+                   augment: AugmentSpec, views: int, devices: Sequence[str] = ()) -> SplitFeatures:
+    """Embed (or reuse) every image of the splits once, and ``views`` augmented views of the training images.
+
+    ``devices``: the local replicas to split each batch across (``embed_batches``).
+    """
     everything, rows = split_rows(splits)
     t0 = time.perf_counter()
-    originals = cache.features(feature_model, splits.root, everything, size=size, batch_size=batch_size)
+    originals = cache.features(feature_model, splits.root, everything, size=size, batch_size=batch_size,
+                               devices=devices)
     parts = [(originals, rows["train"])]
     for view in range(1, views + 1):
         parts.append((cache.features(feature_model, splits.root, splits.train, size=size, batch_size=batch_size,
-                                     view=(augment, view), desc=f"embedding view {view}/{views}"), None))
+                                     view=(augment, view), desc=f"embedding view {view}/{views}", devices=devices),
+                      None))
     record = {"dir": str(cache.dir) if cache.scratch is None else None, "key": asdict(cache.key),
               "images_embedded": cache.stats.embedded, "features_reused": cache.stats.reused,
               "seconds": round(time.perf_counter() - t0, 3), "shard_images": cache.shard_images,
-              "augment_views": views, "augment": augment.describe() if views else None}
+              "augment_views": views, "augment": augment.describe() if views else None,
+              "devices": list(devices) if len(devices) > 1 else None}
     if cache.stats.embedded:
         log.info("embedded %d images in %.1f s (%.0f images/s)", cache.stats.embedded, cache.stats.seconds,
                  cache.stats.embedded / max(cache.stats.seconds, 1e-9))

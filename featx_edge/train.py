@@ -367,7 +367,8 @@ def _train_run(config: RunConfig, out: Path, *, data_root: Path, run_dir: Path, 
     cache = open_cache(config.train.feature_cache, feature_key(spec, alpha=config.model.alpha, size=size,
                        weights_sha256=weights_sha256, seed=config.seed), scratch=out / ".feature-scratch")
     feats = split_features(clf.feature_model, splits, cache=cache, size=size, batch_size=bs,
-                           augment=AugmentSpec(config.train.augment, seed=config.seed), views=config.train.augment_views)
+                           augment=AugmentSpec(config.train.augment, seed=config.seed), views=config.train.augment_views,
+                           devices=placement.local_devices)
     metrics: dict = {"embedding_seconds": round(time.perf_counter() - t0, 3), "feature_cache": feats.record}
     log.info("stage 1: head on cached features (%d-d, %d rows), %d epochs", feats.train.dim, len(feats.train),
              config.train.epochs)

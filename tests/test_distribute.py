@@ -141,7 +141,9 @@ def test_mirrored_on_two_logical_cpus_matches_default(tmp_path, sample_root, pre
     _finish(mirrored), _finish(default)
     a, b = _manifest(tmp_path / "mirrored"), _manifest(tmp_path / "default")
     assert a["devices"]["strategy"]["replicas"] == 2 and a["devices"]["logical_cpus"] == 2
-    assert b["devices"]["strategy"] == {**a["devices"]["strategy"], "name": "default", "replicas": 1}
+    assert len(a["devices"]["strategy"]["embedding_devices"]) == 2  # the frozen backbone ran on both replicas
+    assert b["devices"]["strategy"] == {**a["devices"]["strategy"], "name": "default", "replicas": 1,
+                                        "embedding_devices": None}
     assert a["config"]["train"]["strategy"] == "mirrored"
     n_test = a["data"]["counts"]["test"]
     print(f"test accuracy on {n_test} images: mirrored {a['training']['test_accuracy']:.4f}, "
@@ -180,10 +182,52 @@ def test_two_workers_on_loopback_write_one_run(tmp_path, sample_root, pretrained
     manifest = _manifest(runs / "cluster")
     assert manifest["devices"]["strategy"] | {"learning_rate_rule": None} == {
         "name": "multi-worker", "replicas": 2, "workers": 2, "task": {"type": "worker", "index": 0},
-        "learning_rate_rule": None}
+        "learning_rate_rule": None, "embedding_devices": None}  # one device per worker: nothing to split
     # The chief's run, its lock file and nothing else: no staging, checkpoint or worker folder.
     assert sorted(p.name for p in runs.iterdir()) == [".cluster.featx-edge.lock", "cluster"]
     assert main(["train", *args, "--out", str(tmp_path / "single"), "--strategy", "default", "--quiet"]) == 0
     single = _manifest(tmp_path / "single")
     np.testing.assert_allclose(manifest["training"]["stage1"]["history"]["loss"],
                                single["training"]["stage1"]["history"]["loss"], rtol=1e-3)
+
+
+_SPLIT_EMBEDDING = """
+import json, sys
+import numpy as np
+from featx_edge._tf import import_tf
+tf, keras = import_tf()
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+from featx_edge.features import embed_batches
+keras.utils.set_random_seed(0)
+inputs = keras.Input((16, 16, 3))
+x = keras.layers.Conv2D(8, 3, activation="relu")(keras.layers.Rescaling(1 / 255)(inputs))
+model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+from pathlib import Path
+root, rels = Path(sys.argv[1]), json.loads(sys.argv[2])
+one = np.concatenate(list(embed_batches(model, root, rels, size=16, batch_size=5)))
+two = np.concatenate(list(embed_batches(model, root, rels, size=16, batch_size=5, devices=devices)))
+print(json.dumps({"devices": devices, "rows": len(two), "max_diff": float(np.abs(one - two).max()),
+                  "spread": float(np.abs(np.diff(one, axis=0)).max(axis=1).min())}))
+"""
+
+
+def test_the_embedding_pass_splits_each_batch_across_the_replicas_in_order(tmp_path):
+    """Each batch is cut into one slice per device and put back in order: the same features as one device
+    (a batch of 5 over 2 devices: uneven slices; 13 images: a short last batch)."""
+    from PIL import Image
+
+    root, rels = tmp_path / "data", []
+    for i in range(13):  # a brightness ramp: every image's features differ
+        (root / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        rels.append(f"{'ab'[i % 2]}/{i:02d}.png")
+        pixels = np.random.default_rng(i).integers(0, 40, (16, 16, 3)) + 15 * i
+        Image.fromarray(pixels.astype(np.uint8)).save(root / rels[-1])
+    out = subprocess.run([sys.executable, "-c", _SPLIT_EMBEDDING, str(root), json.dumps(rels)], check=False,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(result["devices"]) == 2 and result["rows"] == len(rels) == 13
+    assert result["spread"] > 1e-3, "neighbouring images' features differ, so a reordering would show"
+    assert result["max_diff"] <= 1e-6, result
