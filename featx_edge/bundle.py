@@ -1,8 +1,9 @@
 """Bundle one verified export for a device: only what a board needs, staged beside ``--out`` and moved into place.
 
 The model file, its ``selftest/`` folder, ``requirements.txt`` (numpy, Pillow and the one engine the format needs,
-pinned as installed here), a featx-edge wheel built from this checkout, a README with the three device commands,
-and ``bundle.json`` (what was bundled, how it was verified).
+pinned as installed here), a featx-edge wheel (``own_wheel``: built from this checkout, or the installed copy
+packed into one), a README with the three device commands, and ``bundle.json`` (what was bundled, how it was
+verified).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import featx_edge
 from featx_edge.errors import ConfigError, ExportError, ModelFileError, RunDirError, VerificationError
 from featx_edge.formats import artifact_filename, check_format, get_format
-from featx_edge.progress import native_output
+from featx_edge.own_wheel import own_wheel
 from featx_edge.run import Run
 from featx_edge.rundir import VERIFY, atomic_path, locked, replace_run, sha256_file, write_json
 from featx_edge.runtime.selftest import SELFTEST_DIR, golden_path, read_golden
@@ -77,7 +76,7 @@ def bundle_run(run: str | Path, *, fmt: str, out: str | Path, wheel: str | Path 
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
         try:
             images = _copy_model(source, fmt, model, staging)
-            whl, version, requires = _add_wheel(staging, wheel)
+            whl, origin, version, requires = _add_wheel(staging, wheel)
             pins, pythons = _pins(requires, engine=ENGINE_DISTRIBUTIONS[get_format(fmt).engine])
             lines = [f"# pinned as verified; then: pip install --no-deps {whl.name}", *pins.values()]
             (staging / "requirements.txt").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
@@ -89,8 +88,7 @@ def bundle_run(run: str | Path, *, fmt: str, out: str | Path, wheel: str | Path 
                     "run": str(source.path.resolve()), "labels": source.labels,
                     "verify": {"status": status, "allowed_unverified": status != "pass", **verified},
                     "requirements": pins, "requires_python": pythons, "selftest_images": images,
-                    "wheel": {"file": whl.name, "sha256": sha256_file(whl), "built_from": "--wheel" if wheel
-                              else "this checkout"}, "host_python": ".".join(map(str, sys.version_info[:3])),
+                    "wheel": {"file": whl.name, "sha256": sha256_file(whl), "built_from": origin}, "host_python": ".".join(map(str, sys.version_info[:3])),
                     "commands": commands, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             readme = _readme(meta, unzip=f"unzip {out.name} && cd {out.stem}" if as_zip else "")
             (staging / "README.md").write_text(readme, encoding="utf-8")
@@ -174,11 +172,13 @@ def _copy_model(run: Run, fmt: str, model: Path, staging: Path) -> int:
     return len(golden.images)
 
 
-def _add_wheel(staging: Path, wheel: str | Path | None) -> tuple[Path, str, list[str]]:
-    """The featx-edge wheel in ``staging`` (given, or built from this checkout), its version, base requirements."""
+def _add_wheel(staging: Path, wheel: str | Path | None) -> tuple[Path, str, str, list[str]]:
+    """The featx-edge wheel in ``staging`` (given, or made by ``own_wheel``): (path, where it came from, its
+    version, its base requirements)."""
     if wheel is not None and not re.fullmatch(r"featx_edge-[^-]+-.+\.whl", Path(wheel).name):
         raise ConfigError(f"`--wheel {wheel}`: pip installs only a wheel named as built (featx_edge-VERSION-...whl).")
-    whl = _build_wheel(staging) if wheel is None else Path(shutil.copyfile(wheel, staging / Path(wheel).name))
+    whl, origin = own_wheel(staging) if wheel is None else (Path(shutil.copyfile(wheel, staging / Path(wheel).name)),
+                                                           "--wheel")
     try:
         with zipfile.ZipFile(whl) as zf:
             name = next((n for n in zf.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", n)), "")
@@ -194,38 +194,7 @@ def _add_wheel(staging: Path, wheel: str | Path | None) -> tuple[Path, str, list
     if training:
         raise ExportError(f"`{whl.name}` requires {', '.join(training)} in its base install; a device bundle must "
                           "not pull in TensorFlow. Build it from a featx-edge whose base install is the runtime.")
-    return whl, next((v for k, v in fields if k == "Version"), "unknown"), requires
-
-
-def _build_wheel(staging: Path) -> Path:
-    """``pip wheel`` of a clean copy of this checkout (so no build/ or egg-info is left in the tree)."""
-    root = Path(featx_edge.__file__).resolve().parents[1]
-    pyproject = root / "pyproject.toml"
-    text = pyproject.read_text("utf-8") if pyproject.is_file() else ""
-    if not re.search(r'^name\s*=\s*"featx-edge"', text, re.MULTILINE):
-        raise ConfigError(f"featx-edge runs from `{root}`, not from a checkout with its pyproject.toml, so it cannot "
-                          "build its wheel; pass `--wheel PATH` (from `pip wheel --no-deps CHECKOUT`).")
-    with tempfile.TemporaryDirectory(prefix="featx-edge-wheel-") as tmp:
-        src = Path(tmp) / "src"
-        shutil.copytree(root / "featx_edge", src / "featx_edge", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        for extra in [n for n in ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in") if (root / n).is_file()]:
-            shutil.copyfile(root / extra, src / extra)
-        need = re.search(r'"setuptools>=(\d+)', text)  # the build backend pyproject.toml asks for
-        try:  # installed here and recent enough: build without isolation (offline); else pip fetches it
-            offline = bool(need) and int(importlib.metadata.version("setuptools").split(".")[0]) >= int(need[1])
-        except (importlib.metadata.PackageNotFoundError, ValueError):
-            offline = False
-        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", *(["--no-build-isolation"] if offline else []),
-               "-w", str(staging), str(src)]
-        log.info("building the featx-edge wheel from %s ...", root)
-        with native_output("pip wheel (building featx-edge)"):
-            done = subprocess.run(cmd, check=False, timeout=600)
-            if done.returncode != 0:
-                raise ExportError(f"`{' '.join(cmd)}` failed (exit {done.returncode}; its output is above). Pass "
-                                  "`--wheel PATH` to use a featx-edge wheel built elsewhere.")
-    if len(wheels := sorted(staging.glob("featx_edge-*.whl"))) != 1:
-        raise ExportError(f"pip wheel wrote {len(wheels)} featx-edge wheels in `{staging}`; expected one.")
-    return wheels[0]
+    return whl, origin, next((v for k, v in fields if k == "Version"), "unknown"), requires
 
 
 def _name(requirement: str) -> str:

@@ -301,6 +301,9 @@ def test_a_bundle_installs_and_runs_on_a_fresh_python_without_tensorflow(real_bu
     assert " photos/ " in predict
     script = "\n".join(["set -e", install, selftest, predict.replace(" photos/ ", f" {image} ") + " --json",
                         "python -c 'import featx_edge; print(featx_edge.__file__)'",
+                        # featx-edge installed from a wheel packs itself back into one (`bundle` outside a checkout)
+                        ("mkdir repacked && python -c 'from pathlib import Path; from featx_edge.own_wheel import "
+                         "repack_installed; repack_installed(Path(\"repacked\"))'"),
                         "python -c 'import tensorflow' 2>/dev/null && echo TENSORFLOW-IMPORTABLE || true"])
     # A clean shell: this environment's bin/ (TensorFlow, featx-edge from the checkout) off PATH, and `python3`
     # the interpreter it was made from, so the pins (made for this Python) install.
@@ -323,3 +326,10 @@ def test_a_bundle_installs_and_runs_on_a_fresh_python_without_tensorflow(real_bu
     (device,) = [json.loads(line) for line in out if line.startswith("{")]
     (host,) = load(trained_run / "export" / artifact_filename(fmt)).predict([image], top_k=3)
     assert device["label"] == host.label
+    (repacked,) = (folder / "repacked").glob("featx_edge-*-py3-none-any.whl")
+    (original,) = folder.glob("featx_edge-*.whl")
+    with zipfile.ZipFile(original) as a, zipfile.ZipFile(repacked) as b:
+        assert repacked.name == original.name and set(a.namelist()) == set(b.namelist())
+        assert all(a.read(n) == b.read(n) for n in a.namelist() if not n.endswith("/RECORD")), "same files"
+        record = b.read(next(n for n in b.namelist() if n.endswith("/RECORD"))).decode()
+    assert "featx_edge/runtime/predictor.py,sha256=" in record

@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "featx_edge"
 
 # Layers, lowest first. A module may import from its own layer or below, never above.
 LAYERS = [
-    {"featx_edge", "errors", "intervals", "progress", "_tf", "formats", "torch_state", "sample", "targets"},
+    {"featx_edge", "errors", "intervals", "progress", "_tf", "formats", "torch_state", "sample", "targets",
+     "own_wheel"},
     {"rundir"},
     {"runtime", "macs", "fidelity"},
     {"config", "backbones", "efficientnet_lite", "weights", "data", "model", "augment", "features"},

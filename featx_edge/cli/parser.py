@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory with the export, verified by `featx-edge verify`")
     p.add_argument("--format", required=True, help="the export to bundle, e.g. tflite-int8 (required; no default)")
     p.add_argument("--out", required=True, help="folder to write, or a file ending in .zip (new or empty; required)")
-    p.add_argument("--wheel", metavar="PATH", help="featx_edge-*.whl to ship (default: built from this checkout)")
+    p.add_argument("--wheel", metavar="PATH", help="featx_edge-*.whl to ship (default: built from this checkout, or the installed featx-edge packed into one)")
     p.add_argument("--allow-unverified", action="store_true",
                    help="bundle an export that did not pass verify, with a warning in the bundle (default: refuse)")
     p.add_argument("--overwrite", action="store_true", help="replace a featx-edge bundle at --out (default: refuse)")
