@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tflite_metadata_reader import read_standard_metadata
 
 from featx_edge.errors import ModelFileError
 from featx_edge.export.tflite_metadata import model_metadata, pack, with_model_metadata
@@ -22,7 +23,6 @@ from featx_edge.runtime.metadata import (
     METADATA_NAME,
     STANDARD_METADATA_NAME,
     pack_tflite,
-    read_standard_metadata,
     read_tflite,
 )
 

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tflite_metadata_reader import read_standard_metadata
 
 from featx_edge.cli import main
 from featx_edge.errors import ModelFileError
 from featx_edge.runtime import load
-from featx_edge.runtime.metadata import METADATA_NAME, pack_tflite, read_standard_metadata, read_tflite
+from featx_edge.runtime.metadata import METADATA_NAME, pack_tflite, read_tflite
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "runtime"
 TFLITE = DATA / "model.tflite-int8.tflite"
