@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "featx_edge"
 # Layers, lowest first. A module may import from its own layer or below, never above.
 LAYERS = [
     {"featx_edge", "errors", "intervals", "progress", "_tf", "formats", "torch_state", "sample", "targets",
-     "own_wheel"},
+     "own_wheel", "versions"},
     {"rundir"},
     {"runtime", "macs", "fidelity"},
     {"config", "backbones", "efficientnet_lite", "weights", "data", "model", "augment", "features"},
@@ -23,7 +23,7 @@ LAYERS = [
     {"bench", "bundle", "report", "device"},
     {"cli", "__main__"},
 ]
-RUNTIME_MAY_IMPORT = {"featx_edge", "errors", "formats", "rundir", "runtime", "progress"}
+RUNTIME_MAY_IMPORT = {"featx_edge", "errors", "formats", "rundir", "runtime", "progress", "versions"}
 
 
 def _module(path: Path) -> str:

@@ -14,18 +14,10 @@ import numpy as np
 
 from featx_edge import __version__
 from featx_edge.bench.worker import run_worker, worker_env
+from featx_edge.versions import package_version
 
 CEILING_SIZE = 1024
 """The side of the square float32 matmul the ceiling is measured on."""
-
-
-def _package_version(name: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def machine_info() -> dict:
@@ -68,12 +60,12 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "versions": {
             "featx-edge": __version__,
-            "onnxruntime": _package_version("onnxruntime") or _package_version("onnxruntime-gpu"),
-            "ai-edge-litert": _package_version("ai-edge-litert"),
+            "onnxruntime": package_version("onnxruntime") or package_version("onnxruntime-gpu"),
+            "ai-edge-litert": package_version("ai-edge-litert"),
             "numpy": np.__version__,
-            "tensorflow": _package_version("tensorflow"),
-            "tf-keras": _package_version("tf-keras"),
-            "onnx": _package_version("onnx"),
+            "tensorflow": package_version("tensorflow"),
+            "tf-keras": package_version("tf-keras"),
+            "onnx": package_version("onnx"),
         },
     }
 

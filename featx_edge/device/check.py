@@ -15,7 +15,6 @@ that loads each model once (``featx_edge.device.guest``).
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from featx_edge.formats import parse_formats
 from featx_edge.progress import verbose
 from featx_edge.rundir import locked, sha256_file, write_json
 from featx_edge.runtime.selftest import Golden, golden_path, read_golden, tolerance_for
+from featx_edge.versions import installed_versions
 
 log = logging.getLogger(__name__)
 
@@ -227,14 +227,6 @@ def _row(job: Job, core: str, guest: dict, host) -> Row:
                            expected=job.golden.expected)
 
 
-def _versions() -> dict[str, str]:
-    found = {}
-    for name in _ENGINES:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            found[name] = importlib.metadata.version(name)
-    return found
-
-
 def _context(env: Environment, *, qemu: str, cores: tuple[str, ...], guests: dict, threads: int) -> dict:
     return {"arch": env.arch.name, "cores": list(cores), "emulator": qemu_version(qemu),
             "guest_os": f"{env.info['suite']} {env.arch.debian}",
@@ -242,7 +234,7 @@ def _context(env: Environment, *, qemu: str, cores: tuple[str, ...], guests: dic
             "environment": env.info, "threads": threads,
             "guest": {core: {key: g.get(key) for key in ("machine", "python", "versions", "cpuinfo", "error")
                              if key in g} for core, g in guests.items()},
-            "host": {"machine": platform.machine(), "python": platform.python_version(), "versions": _versions()}}
+            "host": {"machine": platform.machine(), "python": platform.python_version(), "versions": installed_versions(_ENGINES)}}
 
 
 def _report(target: str, jobs: list[Job], rows: list[Row], context: dict) -> dict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import compileall
 import contextlib
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from featx_edge.device.cores import Arch, DeviceError
 from featx_edge.device.emulator import describe_exit, make_prefix, output_tail, run_python
 from featx_edge.rundir import write_json
 from featx_edge.sample import default_sample_dir
+from featx_edge.versions import installed_versions
 
 try:
     import fcntl
@@ -115,10 +115,7 @@ def ensure_environment(arch: Arch, *, qemu: str) -> Environment:
 
 def _request(arch: Arch) -> dict:
     """What a build asks for: the guest's packages and the host's versions of the runtime's wheels."""
-    pins = {}
-    for name in WHEELS:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):  # not installed here: newest
-            pins[name] = importlib.metadata.version(name)
+    pins = installed_versions(WHEELS)  # one not installed here: the newest
     return {"layout": LAYOUT, "arch": arch.name, "suite": DEBIAN_SUITE, "python": GUEST_PYTHON,
             "debian": sorted(DEBIAN_PACKAGES), "wheels": pins}
 

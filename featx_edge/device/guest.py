@@ -15,7 +15,6 @@ The request: ``{"threads": 1, "models": [{"path": ..., "format": ..., "images": 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import platform
@@ -25,6 +24,7 @@ import numpy as np
 
 from featx_edge.errors import FeatxError
 from featx_edge.runtime import load
+from featx_edge.versions import installed_versions
 
 PERTURB_ENV = "FEATX_EDGE_DEVICE_PERTURB"  # the test hook documented in featx_edge.device.emulator
 _ENGINES = ("numpy", "pillow", "onnxruntime", "ai-edge-litert")
@@ -65,13 +65,8 @@ def _perturbation(text: str) -> dict[str, float]:
 
 
 def _versions() -> dict[str, str]:
-    found = {}
-    for name in _ENGINES:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = "missing"
-    return found
+    found = installed_versions(_ENGINES)
+    return {name: found.get(name, "missing") for name in _ENGINES}
 
 
 def _cpu_part() -> str:
