@@ -82,17 +82,17 @@ def _accuracy_text(row: dict) -> str:
     return "—"
 
 
-def _not_measured(rows: list[dict]) -> list[str]:
+def not_measured(rows: list[dict]) -> list[str]:
     """One line per runtime and reason (the formats and settings it hit listed once), not one per row."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["runtime"], r["status"], r.get("reason")), []).append(r)
+        groups.setdefault((r.get("runtime"), r.get("status"), r.get("reason")), []).append(r)
     lines = []
     for (runtime, status, reason), group in groups.items():
-        formats = ", ".join(dict.fromkeys(r["format"] for r in group))
-        settings = sorted({(r["threads"], r["batch"]) for r in group if r.get("threads") is not None})
+        formats = ", ".join(dict.fromkeys(str(r.get("format")) for r in group))
+        settings = sorted({(r["threads"], r.get("batch")) for r in group if isinstance(r.get("threads"), int)})
         where = " (" + "; ".join(f"threads {t}, batch {b}" for t, b in settings) + ")" if settings else ""
-        lines.append(f"- {formats} on {runtime}{where}: {status}: {reason}")
+        lines.append(f"{formats} on {runtime}{where}: {status}: {reason}")
     return lines
 
 
@@ -150,7 +150,7 @@ def format_table(report: dict) -> str:
         lines += ["", "\\* accuracy measured by this bench on the test split (no verify.json entry)."]
     others = [r for r in report.get("rows", []) if r.get("status") != "ok"]
     if others:
-        lines += ["", "Not measured:", ""] + _not_measured(others)
+        lines += ["", "Not measured:", ""] + [f"- {line}" for line in not_measured(others)]
     if report.get("recommendation"):
         lines += format_recommendation(report["recommendation"])
     if report.get("notes"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from featx_edge.bench.plan import REFERENCE_FORMAT
 from featx_edge.bench.recommend import format_recommendation
-from featx_edge.bench.report import BENCH_JSON, BENCH_PNG
+from featx_edge.bench.report import BENCH_JSON, BENCH_PNG, not_measured
 from featx_edge.errors import DataError, RunDirError
 from featx_edge.report.figures import thumbnail_png, training_curves_png
 from featx_edge.report.page import Html, img_png, join, note, prose, section, table, tag
@@ -373,7 +373,7 @@ def bench(src: Sources) -> Html:
         if not isinstance(r, dict):
             continue
         if r.get("status") != "ok":
-            others.append(f"{r.get('format')} on {r.get('runtime')}: {r.get('status')}: {r.get('reason')}")
+            others.append(r)
             continue
         stale = None if r.get("format") == REFERENCE_FORMAT else src.stale_reason(r.get("format"), r.get("sha256"))
         acc = r.get("accuracy") if r.get("accuracy") is not None else r.get("bench_accuracy")
@@ -389,7 +389,7 @@ def bench(src: Sources) -> Html:
                         "size MB", "accuracy", "verify"], rows, row_classes=classes))
     if others:
         parts.append(tag("h3", "Not measured"))
-        parts.append(tag("ul", *[tag("li", line) for line in others]))
+        parts.append(tag("ul", *[tag("li", line) for line in not_measured(others)]))
     if isinstance(src.bench.get("recommendation"), dict):
         parts.append(tag("pre", "\n".join(format_recommendation(src.bench["recommendation"])).strip()))
     png = src.run.path / BENCH_PNG
