@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from featx_edge.errors import ConfigError, RunDirError
-from featx_edge.rundir import write_json
+from featx_edge.rundir import beside, write_json
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,7 @@ _NOT_IN_KEY = {"strategy", "qat_epochs", "qat_learning_rate", "feature_cache"}
 
 def resume_dir(out: str | Path) -> Path:
     """``OUT``'s checkpoint folder: beside it, so it outlives the staging folder of a failed run."""
-    out = Path(out).resolve()
-    return out.parent / f".{out.name}{RESUME_SUFFIX}"
+    return beside(out, RESUME_SUFFIX)
 
 
 def interrupt_after() -> int | None:

@@ -61,10 +61,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 _held: dict[str, int] = {}
 
 
+def beside(run: str | Path, suffix: str) -> Path:
+    """``.RUNNAME<suffix>`` next to the run folder: what must outlive the folder being replaced."""
+    run = Path(run).resolve()
+    return run.parent / f".{run.name}{suffix}"
+
+
 def lock_path(run: str | Path) -> Path:
     """The lock file of ``run``: beside the run folder, so replacing the folder keeps the lock."""
-    run = Path(run).resolve()
-    return run.parent / f".{run.name}{LOCK_SUFFIX}"
+    return beside(run, LOCK_SUFFIX)
 
 
 @contextlib.contextmanager

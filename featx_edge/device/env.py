@@ -36,7 +36,7 @@ from featx_edge import __version__
 from featx_edge.device.cores import Arch, DeviceError
 from featx_edge.device.emulator import describe_exit, make_prefix, output_tail, run_python
 from featx_edge.rundir import write_json
-from featx_edge.sample import default_sample_dir
+from featx_edge.sample import featx_home
 from featx_edge.versions import installed_versions
 
 try:
@@ -85,7 +85,7 @@ class Environment:
 
 def cache_dir() -> Path:
     """``$FEATX_EDGE_HOME/device`` (``~/.cache/featx-edge/device`` by default)."""
-    return default_sample_dir().parent / "device"
+    return featx_home() / "device"
 
 
 def ensure_environment(arch: Arch, *, qemu: str) -> Environment:
