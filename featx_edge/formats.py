@@ -51,6 +51,12 @@ class FormatSpec:
             ``tflite-selective``, ``tflite-qat``, ``onnx`` (tf2onnx), ``onnx-int8`` (onnxruntime).
         quantization: the TFLite converter recipe (``float32``, ``float16``, ``dynamic``,
             ``int8``; see ``export.tflite.TFLiteQuantization.named``), None for the others.
+        kernel_sets: the kernel sets a device may run this file with, each checked by verify
+            (``KERNEL_SETS``). Integer arithmetic differs between them (XNNPACK's fused int8
+            kernels round differently from the reference kernels that TFLite Micro computes
+            bit for bit), so a quantized TFLite file is verified under both.
+        quantized_tie_margin: for formats without a ``max_abs_diff`` tolerance, the reference
+            margin below which a top-1 change is a near-tie (see ``tie_margin``).
     """
 
     name: str
@@ -63,6 +69,8 @@ class FormatSpec:
     selftest_tolerance: float
     converter: str
     quantization: str | None = None
+    kernel_sets: tuple[str, ...] = ("default",)
+    quantized_tie_margin: float | None = None
 
     @property
     def input_dtype(self) -> str:
@@ -73,28 +81,44 @@ class FormatSpec:
 _FLOAT32 = Thresholds(min_agreement=1.0, max_accuracy_drop=0.0, max_abs_diff=1e-4)
 _INT8 = Thresholds(min_agreement=0.97, max_accuracy_drop=1.0)
 _QUANTIZED_TOLERANCE = 0.03
+_TFLITE_QUANTIZED_KERNELS = ("xnnpack", "reference")
+_OUTPUT_STEP = 1 / 256
+"""One step of a uint8 probability: two classes closer than this cannot be ordered by an int8 output."""
+
+KERNEL_SETS: dict[str, str] = {
+    "default": "the engine's default kernels (onnxruntime's CPU provider)",
+    "xnnpack": "LiteRT with its default XNNPACK delegate (phones, Linux boards)",
+    "builtin": "LiteRT's optimised built-in kernels, no delegate",
+    "reference": "LiteRT's reference kernels: what TensorFlow Lite Micro computes on a microcontroller",
+}
+"""Kernel sets a file can be verified under; ``--kernels`` picks the ones the gate applies to."""
 
 FORMAT_SPECS: dict[str, FormatSpec] = {
     spec.name: spec
     for spec in (
         FormatSpec("tflite-float32", ".tflite", "litert", int8=False, integer_only=False, standard=True,
-                   thresholds=_FLOAT32, selftest_tolerance=1e-4, converter="tflite", quantization="float32"),
+                   thresholds=_FLOAT32, selftest_tolerance=1e-4, converter="tflite", quantization="float32", kernel_sets=("xnnpack",)),
         FormatSpec("tflite-float16", ".tflite", "litert", int8=False, integer_only=False, standard=True,
                    thresholds=Thresholds(min_agreement=0.98, max_accuracy_drop=1.0, max_abs_diff=0.05),
-                   selftest_tolerance=2e-3, converter="tflite", quantization="float16"),
+                   selftest_tolerance=2e-3, converter="tflite", quantization="float16", kernel_sets=("xnnpack",)),
         FormatSpec("tflite-dynamic", ".tflite", "litert", int8=False, integer_only=False, standard=True,
                    thresholds=Thresholds(min_agreement=0.97, max_accuracy_drop=1.0, min_sqnr_db=20.0),
-                   selftest_tolerance=_QUANTIZED_TOLERANCE, converter="tflite", quantization="dynamic"),
+                   selftest_tolerance=_QUANTIZED_TOLERANCE, converter="tflite", quantization="dynamic",
+                   kernel_sets=_TFLITE_QUANTIZED_KERNELS, quantized_tie_margin=_OUTPUT_STEP),
         FormatSpec("tflite-int8", ".tflite", "litert", int8=True, integer_only=True, standard=True,
-                   thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE, converter="tflite", quantization="int8"),
+                   thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE, converter="tflite", quantization="int8",
+                   kernel_sets=_TFLITE_QUANTIZED_KERNELS, quantized_tie_margin=_OUTPUT_STEP),
         FormatSpec("onnx-float32", ".onnx", "onnxruntime", int8=False, integer_only=False, standard=True,
                    thresholds=_FLOAT32, selftest_tolerance=1e-4, converter="onnx"),
         FormatSpec("onnx-int8", ".onnx", "onnxruntime", int8=True, integer_only=False, standard=True,
-                   thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE, converter="onnx-int8"),
+                   thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE, converter="onnx-int8",
+                   quantized_tie_margin=_OUTPUT_STEP),
         FormatSpec("tflite-int8-selective", ".tflite", "litert", int8=True, integer_only=False, standard=False,
-                   thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE, converter="tflite-selective"),
+                   thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE, converter="tflite-selective",
+                   kernel_sets=_TFLITE_QUANTIZED_KERNELS, quantized_tie_margin=_OUTPUT_STEP),
         FormatSpec("tflite-int8-qat", ".tflite", "litert", int8=True, integer_only=True, standard=False,
-                   thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE, converter="tflite-qat"),
+                   thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE, converter="tflite-qat",
+                   kernel_sets=_TFLITE_QUANTIZED_KERNELS, quantized_tie_margin=_OUTPUT_STEP),
     )
 }
 
@@ -156,6 +180,35 @@ def thresholds_for(fmt: str, overrides: dict[str, dict[str, float]] | None = Non
     base = FORMAT_SPECS[fmt].thresholds if fmt in FORMAT_SPECS else _INT8
     changes = (overrides or {}).get(fmt, {})
     return dataclasses.replace(base, **changes) if changes else base
+
+
+def tie_margin(fmt: str, limits: Thresholds) -> float:
+    """The reference margin up to which a top-1 change of ``fmt`` is a near-tie, not a disagreement.
+
+    A float format allowed to stray ``max_abs_diff`` from the reference on every probability can
+    swap two classes whose reference probabilities differ by up to twice that (one rises, the
+    other falls), so its near-tie band is ``2 * max_abs_diff``: an export within its tolerance on
+    every image then never fails agreement on a tie. A quantized format without that tolerance
+    uses its ``quantized_tie_margin`` (one step of a uint8 probability, 1/256): classes closer
+    than that cannot be told apart by an 8-bit output. Near-ties are counted and listed, never
+    hidden; the plain agreement is reported beside the judged one.
+    """
+    if limits.max_abs_diff is not None:
+        return 2.0 * limits.max_abs_diff
+    spec = FORMAT_SPECS.get(fmt)
+    return (spec.quantized_tie_margin if spec and spec.quantized_tie_margin is not None else _OUTPUT_STEP)
+
+
+def parse_kernel_sets(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Parse ``--kernels`` (e.g. ``xnnpack,reference``) into known kernel-set names."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    items = [item.strip() for item in items if item.strip()]
+    unknown = [item for item in items if item not in KERNEL_SETS]
+    if not items or unknown:
+        raise ConfigError(f"`--kernels` must be a comma-separated list of {', '.join(KERNEL_SETS)}; received "
+                          f"`{value}`. E.g. `--kernels xnnpack` for a phone, `--kernels reference` for a "
+                          "microcontroller.")
+    return tuple(dict.fromkeys(items))
 
 
 def parse_threshold(text: str) -> tuple[str, str, float]:

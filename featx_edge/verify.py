@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -21,7 +22,15 @@ import numpy as np
 from featx_edge.data import iter_batches
 from featx_edge.errors import ModelFileError, VerificationError
 from featx_edge.fidelity import check, compare
-from featx_edge.formats import Thresholds, get_format, merge_overrides, thresholds_for
+from featx_edge.formats import (
+    KERNEL_SETS,
+    Thresholds,
+    get_format,
+    merge_overrides,
+    parse_kernel_sets,
+    thresholds_for,
+    tie_margin,
+)
 from featx_edge.intervals import wilson
 from featx_edge.progress import bar
 from featx_edge.run import Run
@@ -39,20 +48,37 @@ PREDICTIONS_SCHEMA = "featx-edge-verify-predictions/1"
 
 
 def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
-               overrides: dict[str, dict[str, float]] | None = None) -> dict:
+               overrides: dict[str, dict[str, float]] | None = None,
+               kernels: tuple[str, ...] | None = None) -> dict:
     """Verify the run's artifacts; writes ``RUN/verify.json`` and raises on any failure.
+
+    Every export runs under each kernel set its format lists (``FormatSpec.kernel_sets``: a
+    quantized TFLite file under XNNPACK and under the reference kernels that TensorFlow Lite
+    Micro computes); all are recorded, and the gate applies to those in ``kernels`` (default:
+    all, since a file handed on may run under any of them).
 
     Example:
         >>> report = verify_run("runs/demo")  # doctest: +SKIP
-        >>> report["formats"]["tflite-int8"]["top1_agreement"]  # doctest: +SKIP
+        >>> report["formats"]["tflite-int8"]["kernels"]["reference"]["top1_agreement"]  # doctest: +SKIP
     """
+    chosen = parse_kernel_sets(kernels) if kernels else tuple(KERNEL_SETS)
     with locked(run, command="verify"):
-        return _verify(Run.open(run, recover=True), formats=formats, overrides=overrides)
+        return _verify(Run.open(run, recover=True), formats=formats, overrides=overrides, kernels=chosen)
 
 
-def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None) -> dict:
-    from featx_edge.runtime import load
+@dataclasses.dataclass
+class _Runner:
+    """One export under one kernel set, and what it produced on the test split."""
 
+    fmt: str
+    kernels: str
+    predictor: object
+    outputs: list = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None, kernels: tuple[str, ...]) -> dict:
     manifest = run.manifest
     # The run's own [verify] settings, then this call's.
     overrides = merge_overrides(manifest.get("config", {}).get("verify", {}), overrides)
@@ -61,87 +87,154 @@ def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None
         raise VerificationError(f"`{run.path}` has no exported models; run `featx-edge export {run.path}` first.")
     splits = run.splits()
     labels = splits.labels("test")
-    entries: dict[str, dict] = {}
-    limits: dict[str, Thresholds] = {}
-    problems: dict[str, list[str]] = {}
-    predictors, outputs, seconds = {}, {}, {}
-    for fmt in formats:
-        limits[fmt] = thresholds_for(fmt, overrides)
-        entries[fmt] = {"thresholds": dataclasses.asdict(limits[fmt])}
-        problems[fmt] = run.artifact_problems(fmt)
-        if problems[fmt]:
-            continue
-        # What was measured, so a later reader (bench, report) can tell a stale entry.
-        entries[fmt]["sha256"] = manifest["artifacts"][fmt]["sha256"]
-        entries[fmt]["compared_with"] = f"the run's float Keras reference ({manifest['reference']['path']})"
-        try:
-            predictor = load(run.artifact_path(fmt))
-        except ModelFileError as err:
-            problems[fmt].append(str(err))
-            continue
-        if predictor.labels != run.labels:
-            problems[fmt].append(f"labels in the model {predictor.labels} differ from the run's")
-            continue
-        predictors[fmt], outputs[fmt], seconds[fmt] = predictor, [], 0.0
-
-    model = run.reference().model
+    limits = {fmt: thresholds_for(fmt, overrides) for fmt in formats}
+    entries = {fmt: {"thresholds": dataclasses.asdict(limits[fmt])} for fmt in formats}
+    problems = {fmt: run.artifact_problems(fmt) for fmt in formats}
+    runners = [r for fmt in formats if not problems[fmt] for r in _open_runners(run, fmt, entries[fmt], problems[fmt])]
     log.info("verifying %d export(s) against the Keras reference on %d test images ...", len(formats), len(labels))
-    reference = []
-    batches = bar(iter_batches(splits.root, splits.test, size=run.size, batch_size=BATCH),
-                  total=-(-len(labels) // BATCH), desc="verifying", unit="batch")
-    for batch in batches:
-        reference.append(model(batch.astype(np.float32), training=False).numpy())
-        for fmt in list(predictors):
-            t0 = time.perf_counter()
-            try:
-                outputs[fmt].append(predictors[fmt].predict_pixels(batch))
-            except (ModelFileError, VerificationError) as err:
-                problems[fmt].append(str(err))
-                del predictors[fmt]
-            else:
-                seconds[fmt] += time.perf_counter() - t0
-    reference = np.concatenate(reference) if reference else np.zeros((0, len(run.labels)), np.float32)
+    reference = _run_test_split(run, splits, runners)
     reference_right = int(np.sum(reference.argmax(1) == labels))
     report: dict = {"run": str(run.path), "images": len(labels),
                     "reference_accuracy": reference_right / max(len(labels), 1),
                     "reference_accuracy_ci95": list(wilson(reference_right, len(labels))),
-                    "reference_sha256": manifest["reference"]["sha256"], "formats": entries}
-    failures: list[str] = []
+                    "reference_sha256": manifest["reference"]["sha256"], "kernel_sets_gated": list(kernels),
+                    "formats": entries}
     predictions = {"schema": PREDICTIONS_SCHEMA, "images": list(splits.test), "labels": labels.tolist(),
                    "reference": {"sha256": manifest["reference"]["sha256"], **top1(reference)}, "formats": {}}
+    failures: list[str] = []
     for fmt in formats:
-        entry = entries[fmt]
-        if fmt in predictors:
-            probs = np.concatenate(outputs[fmt])
-            predictions["formats"][fmt] = {"sha256": entry["sha256"], **top1(probs)}
-            try:
-                problems[fmt] += _check_format(run, fmt, entry, probs, reference, labels, limits=limits[fmt])
-            except (ModelFileError, VerificationError) as err:
-                problems[fmt].append(str(err))
-            entry["seconds"] = round(seconds[fmt], 3)
-        entry["passed"] = not problems[fmt]
-        entry["failures"] = problems[fmt]
-        failures += [f"{fmt}: {p}" for p in problems[fmt]]
-        agree = entry.get("top1_agreement")
-        shown = "" if agree is None else (f"agreement {agree:.4f} [{entry['top1_agreement_ci95'][0]:.3f}, "
-                                          f"{entry['top1_agreement_ci95'][1]:.3f}] ")
-        log.info("%-22s %s%s", fmt, shown, "PASS" if not problems[fmt] else "FAIL: " + "; ".join(problems[fmt]))
+        mine = [r for r in runners if r.fmt == fmt]
+        failures += _judge_format(run, fmt, entries[fmt], mine, reference, labels, limits=limits[fmt],
+                                  problems=problems[fmt], kernels=kernels)
+        if mine and mine[0].error is None:
+            predictions["formats"][fmt] = {"sha256": entries[fmt]["sha256"], **top1(np.concatenate(mine[0].outputs))}
     report["passed"] = not failures
     write_json(run.path / PREDICTIONS, predictions)
     write_json(run.path / VERIFY, report)
     log.info("wrote %s", run.path / VERIFY)
     if failures:
-        remedy = ""
-        if any(get_format(f.split(":")[0]).int8 for f in failures):
-            remedy = (f"\nFor int8: try `featx-edge export {run.path} --int8-budget 1.0 --qat-epochs 2` (tries the "
-                      "selective and QAT variants, keeps the first within budget), ship tflite-float16 or "
-                      "tflite-dynamic instead, or accept a looser limit knowingly with "
-                      "`--threshold FORMAT.METRIC=VALUE`. README \"int8\" lists what moves int8 fidelity.")
-        raise VerificationError(
-            f"{len(failures)} check(s) failed on {len(labels)} test images (details in {run.path / VERIFY}):\n  "
-            + "\n  ".join(failures) + remedy
-        )
+        _raise_failures(run, failures, images=len(labels))
     return report
+
+
+def _open_runners(run: Run, fmt: str, entry: dict, problems: list[str]) -> list[_Runner]:
+    """Load ``fmt``'s file once per kernel set of its format; a load failure goes to ``problems``."""
+    from featx_edge.runtime import load
+
+    manifest = run.manifest
+    # What was measured, so a later reader (bench, report) can tell a stale entry.
+    entry["sha256"] = manifest["artifacts"][fmt]["sha256"]
+    entry["compared_with"] = f"the run's float Keras reference ({manifest['reference']['path']})"
+    runners = []
+    for kernels in get_format(fmt).kernel_sets:
+        try:
+            predictor = load(run.artifact_path(fmt), kernels=None if kernels == "default" else kernels)
+        except ModelFileError as err:
+            problems.append(str(err))
+            return []
+        if predictor.labels != run.labels:
+            problems.append(f"labels in the model {predictor.labels} differ from the run's")
+            return []
+        runners.append(_Runner(fmt, kernels, predictor))
+    return runners
+
+
+def _run_test_split(run: Run, splits, runners: list[_Runner]) -> np.ndarray:
+    """Decode each test batch once; run it through the reference and every runner still working."""
+    model = run.reference().model
+    reference = []
+    batches = bar(iter_batches(splits.root, splits.test, size=run.size, batch_size=BATCH),
+                  total=-(-len(splits.test) // BATCH), desc="verifying", unit="batch")
+    for batch in batches:
+        reference.append(model(batch.astype(np.float32), training=False).numpy())
+        for runner in runners:
+            if runner.error is not None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                runner.outputs.append(runner.predictor.predict_pixels(batch))
+            except (ModelFileError, VerificationError) as err:
+                runner.error = str(err)
+            runner.seconds += time.perf_counter() - t0
+    return np.concatenate(reference) if reference else np.zeros((0, len(run.labels)), np.float32)
+
+
+_KERNEL_KEPT = ("images", "accuracy", "accuracy_change_points", "accuracy_change_ci95_points", "top1_agreement",
+                "top1_agreement_ci95", "disagreements", "near_ties", "tie_margin", "near_tie_images",
+                "judged_top1_agreement", "judged_top1_agreement_ci95", "judged_accuracy_change_points",
+                "max_abs_diff", "sqnr_db")
+
+
+def _judge_format(run: Run, fmt: str, entry: dict, runners: list[_Runner], reference: np.ndarray,
+                  labels: np.ndarray, *, limits: Thresholds, problems: list[str], kernels: tuple[str, ...]) -> list[str]:
+    """Fill ``entry`` (the first kernel set's metrics at the top, every set under ``kernels``); its failures."""
+    spec = get_format(fmt)
+    gated = [k for k in spec.kernel_sets if k in kernels] or list(spec.kernel_sets[:1])
+    if runners:
+        entry["kernels"], entry["kernel_sets_gated"] = {}, gated
+    for runner in runners:
+        mine: list[str] = [] if runner.error is None else [runner.error]
+        if runner.error is None:
+            probs = np.concatenate(runner.outputs)
+            metrics = {}
+            try:
+                mine += _check_format(run, fmt, metrics, probs, reference, labels, limits=limits)
+            except (ModelFileError, VerificationError) as err:
+                mine.append(str(err))
+            entry["kernels"][runner.kernels] = {k: metrics[k] for k in _KERNEL_KEPT if k in metrics}
+            if runner is runners[0]:
+                entry.update(metrics)
+                entry["seconds"] = round(runner.seconds, 3)
+        entry["kernels"][runner.kernels] = {**entry["kernels"].get(runner.kernels, {}), "passed": not mine,
+                                            "failures": mine, "gated": runner.kernels in gated,
+                                            "seconds": round(runner.seconds, 3)}
+        if runner.kernels in gated:
+            named = f" [{runner.kernels} kernels]" if len(runners) > 1 else ""
+            problems += [f"{p}{named}" for p in mine]
+    if len(runners) > 1 and all(r.error is None for r in runners):
+        entry["kernel_sets_compared"] = _between_kernel_sets(runners)
+    entry["passed"] = not problems
+    entry["failures"] = problems
+    _log_format(fmt, entry)
+    return [f"{fmt}: {p}" for p in problems]
+
+
+def _between_kernel_sets(runners: list[_Runner]) -> dict:
+    """How far the kernel sets are from each other on the same file (information, not a gate)."""
+    first = np.concatenate(runners[0].outputs)
+    out = {}
+    for other in runners[1:]:
+        probs = np.concatenate(other.outputs)
+        same = int(np.sum(probs.argmax(1) == first.argmax(1)))
+        out[f"{runners[0].kernels}_vs_{other.kernels}"] = {
+            "top1_same": same / len(first) if len(first) else 1.0,
+            "images_differing": len(first) - same,
+            "max_abs_diff": float(np.abs(probs - first).max()) if first.size else 0.0}
+    return out
+
+
+def _log_format(fmt: str, entry: dict) -> None:
+    parts = []
+    for kernels, row in (entry.get("kernels") or {}).items():
+        agree = row.get("judged_top1_agreement")
+        if agree is not None:
+            tie = f" ({row['near_ties']} near-tie)" if row.get("near_ties") else ""
+            parts.append(f"{kernels} {agree:.4f}{tie}")
+    shown = f"agreement {', '.join(parts)} " if parts else ""
+    log.info("%-22s %s%s", fmt, shown, "PASS" if entry["passed"] else "FAIL: " + "; ".join(entry["failures"]))
+
+
+def _raise_failures(run: Run, failures: list[str], *, images: int) -> None:
+    remedy = ""
+    if any(get_format(f.split(":")[0]).int8 for f in failures):
+        remedy = (f"\nFor int8: try `featx-edge export {run.path} --int8-budget 1.0 --qat-epochs 2` (tries the "
+                  "selective and QAT variants, keeps the first within budget), ship tflite-float16 or "
+                  "tflite-dynamic instead, or accept a looser limit knowingly with "
+                  "`--threshold FORMAT.METRIC=VALUE`. README \"int8\" lists what moves int8 fidelity.")
+    raise VerificationError(
+        f"{len(failures)} check(s) failed on {images} test images (details in {run.path / VERIFY}):\n  "
+        + "\n  ".join(failures) + remedy
+    )
 
 
 def top1(probs: np.ndarray) -> dict[str, list]:
@@ -161,7 +254,7 @@ def _check_format(run: Run, fmt: str, entry: dict, probs: np.ndarray, reference:
     from featx_edge.runtime.metadata import read_tflite
 
     spec = get_format(fmt)
-    entry.update(compare(probs, reference, labels))
+    entry.update(compare(probs, reference, labels, tie_margin=tie_margin(fmt, limits)))
     problems = check(entry, limits)
     path = run.artifact_path(fmt)
     if spec.int8 and spec.engine == "litert" and not problems:
@@ -185,32 +278,53 @@ def _onnx_int8_problems(report: dict) -> list[str]:
 
 
 def format_table(report: dict, manifest: dict) -> str:
-    """The run's table from a verify report: size, test accuracy, change and agreement with 95% intervals."""
+    """The run's table from a verify report: size, test accuracy, change and agreement with 95% intervals.
+
+    Change and agreement are the gate's (near-ties judged as agreeing; their count in the last
+    column); a format verified under several kernel sets gets one row per set.
+    """
     header = (f"{'format':<22} {'size (MB)':>9} {'test acc':>8} {'change (points) [95% CI]':>26} "
-              f"{'agreement [95% CI]':>25}  verify")
+              f"{'agreement [95% CI]':>25}  verify  near-ties")
     lines = [header]
     low, high = report.get("reference_accuracy_ci95") or (None, None)
     ci = f"[{low:.3f}, {high:.3f}]" if low is not None else ""
     lines.append(f"{'keras (reference)':<22} {'':>9} {report['reference_accuracy']:>8.4f} {ci:>26}")
     for fmt, row in report["formats"].items():
         size = manifest.get("artifacts", {}).get(fmt, {}).get("bytes")
-        acc, agree = row.get("accuracy"), row.get("top1_agreement")
-        change = ""
-        if row.get("accuracy_change_points") is not None:
-            c_low, c_high = row["accuracy_change_ci95_points"]
-            change = f"{row['accuracy_change_points']:+.2f} [{c_low:+.2f}, {c_high:+.2f}]"
-        agreement = ""
-        if agree is not None:
-            a_low, a_high = row["top1_agreement_ci95"]
-            agreement = f"{agree:.4f} [{a_low:.3f}, {a_high:.3f}]"
-        lines.append(f"{fmt:<22} {'' if size is None else f'{size / 1e6:.2f}':>9} "
-                     f"{'' if acc is None else f'{acc:.4f}':>8} {change:>26} {agreement:>25}  "
-                     f"{'pass' if row['passed'] else 'FAIL'}")
+        kernel_rows = row.get("kernels") or {}
+        if len(kernel_rows) > 1:
+            lines.append(f"{fmt:<22} {'' if size is None else f'{size / 1e6:.2f}':>9}"
+                         f"{'':>65}  {'pass' if row['passed'] else 'FAIL'}")
+            for kernels, sub in kernel_rows.items():
+                gated = "" if sub.get("gated", True) else " (not gated)"
+                lines.append(_table_row(f"  {kernels} kernels", None, sub, passed=sub["passed"]) + gated)
+        else:
+            lines.append(_table_row(fmt, size, row, passed=row["passed"]))
     lines.append(f"({report['images']} test images; change and agreement are against the Keras reference "
-                 "on the same images)")
+                 "on the same images; a near-tie is a top-1 change where the reference's two probabilities "
+                 "differ by less than the format's numeric noise: listed in verify.json, not counted)")
     if (manifest.get("backbone") or {}).get("weights") == "none":
-        lines = [f"{line}  (not meaningful)" if line.endswith(("pass", "FAIL")) else line for line in lines]
+        lines = [f"{line}  (not meaningful)" if re.search(r"\s(pass|FAIL)(\s|$)", line) else line
+                 for line in lines[:-1]] + lines[-1:]
         lines.append("NOT MEANINGFUL: this run was trained with `--weights none` (a frozen backbone with random "
                      "weights), so its accuracy is near chance; pass/FAIL only says the exports match that random "
                      "model. Use it for latency tests, not to judge a model.")
     return "\n".join(lines)
+
+
+def _table_row(name: str, size: int | None, row: dict, *, passed: bool) -> str:
+    acc = row.get("accuracy")
+    agree = row.get("judged_top1_agreement", row.get("top1_agreement"))
+    change = ""
+    change_value = row.get("judged_accuracy_change_points", row.get("accuracy_change_points"))
+    if change_value is not None and row.get("accuracy_change_ci95_points"):
+        c_low, c_high = row.get("judged_accuracy_change_ci95_points", row["accuracy_change_ci95_points"])
+        change = f"{change_value:+.2f} [{c_low:+.2f}, {c_high:+.2f}]"
+    agreement = ""
+    if agree is not None:
+        a_low, a_high = row.get("judged_top1_agreement_ci95", row.get("top1_agreement_ci95"))
+        agreement = f"{agree:.4f} [{a_low:.3f}, {a_high:.3f}]"
+    ties = row.get("near_ties")
+    return (f"{name:<22} {'' if size is None else f'{size / 1e6:.2f}':>9} "
+            f"{'' if acc is None else f'{acc:.4f}':>8} {change:>26} {agreement:>25}  "
+            f"{'pass' if passed else 'FAIL'}  {'' if not ties else ties:>9}").rstrip()

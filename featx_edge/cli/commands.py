@@ -103,13 +103,14 @@ def _cmd_export(args) -> int:
 
 def _cmd_verify(args) -> int:
     from featx_edge.errors import VerificationError
-    from featx_edge.formats import parse_formats
+    from featx_edge.formats import parse_formats, parse_kernel_sets
     from featx_edge.rundir import VERIFY, read_manifest
     from featx_edge.verify import format_table, verify_run
 
     formats = parse_formats(args.formats) if args.formats else None
+    kernels = parse_kernel_sets(args.kernels) if args.kernels is not None else None
     try:
-        report = verify_run(args.run, formats=formats, overrides=_thresholds(args))
+        report = verify_run(args.run, formats=formats, overrides=_thresholds(args), kernels=kernels)
     except VerificationError:
         path = Path(args.run) / VERIFY
         if path.is_file():  # the table of what was measured, then the error
@@ -130,7 +131,7 @@ def _cmd_run(args) -> int:
     from featx_edge.distribute import is_chief
     from featx_edge.errors import VerificationError
     from featx_edge.export import budget_failure, export_run
-    from featx_edge.formats import merge_overrides
+    from featx_edge.formats import merge_overrides, parse_kernel_sets
     from featx_edge.report import report_after_run
     from featx_edge.rundir import VERIFY, locked, read_manifest
     from featx_edge.train import train_run
@@ -141,6 +142,7 @@ def _cmd_run(args) -> int:
     # so a later `featx-edge verify RUN` applies the same thresholds.
     overrides = _thresholds(args)
     config = dataclasses.replace(config, verify=merge_overrides(config.verify, overrides))
+    kernels = parse_kernel_sets(args.kernels) if args.kernels is not None else None
     if not is_chief(config.train.strategy):  # a multi-worker helper: trains in step, exports nothing
         train_run(config, args.out, overwrite=args.overwrite, resume=args.resume)
         return 0
@@ -148,7 +150,7 @@ def _cmd_run(args) -> int:
         train_run(config, args.out, overwrite=args.overwrite, resume=args.resume)
         manifest = export_run(args.out, formats=config.export.formats)
         try:
-            report = verify_run(args.out)
+            report = verify_run(args.out, kernels=kernels)
         except VerificationError:
             print(format_table(json.loads((Path(args.out) / VERIFY).read_text()), read_manifest(args.out)))
             report_after_run(args.out)  # most useful when verify failed

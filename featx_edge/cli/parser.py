@@ -71,6 +71,10 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
 def _add_verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", action="append", default=[], metavar="FORMAT.METRIC=VALUE",
                    help="override a verify threshold, e.g. tflite-int8.min_agreement=0.95 (repeatable)")
+    p.add_argument("--kernels", default=None, metavar="SET,...",
+                   help="kernel sets the gate applies to: xnnpack (phones, Linux boards), reference (what "
+                        "TensorFlow Lite Micro computes), builtin, default (onnxruntime); every set a format "
+                        "lists is run and recorded (default: all of them gate)")
 
 
 def _quiet(p: argparse.ArgumentParser) -> None:

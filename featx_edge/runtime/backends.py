@@ -68,12 +68,17 @@ def _dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return (q.astype(np.float32) - zero_point) * scale
 
 
+LITERT_KERNELS = ("xnnpack", "builtin", "reference")
+"""LiteRT kernel sets: the XNNPACK delegate (the default), the optimised built-in kernels without
+a delegate, and the reference kernels (what TensorFlow Lite Micro computes on a microcontroller)."""
+
+
 class LiteRTBackend:
-    """The LiteRT (TFLite) interpreter; XNNPACK on by default."""
+    """The LiteRT (TFLite) interpreter; XNNPACK on by default (``kernels``: one of LITERT_KERNELS)."""
 
     engine = "litert"
 
-    def __init__(self, flatbuffer: bytes, *, threads: int | None = None, xnnpack: bool = True,
+    def __init__(self, flatbuffer: bytes, *, threads: int | None = None, kernels: str = "xnnpack",
                  path: Path | None = None, max_tensor_bytes: int = MAX_TENSOR_BYTES) -> None:
         try:
             from ai_edge_litert.interpreter import Interpreter, OpResolverType
@@ -89,21 +94,26 @@ class LiteRTBackend:
                 "Re-export it, or raise the limit with `load(..., max_tensor_bytes=N)` if it is genuine."
             )
         self.path = path
-        resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        resolvers = {"xnnpack": OpResolverType.AUTO, "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+                     "reference": OpResolverType.BUILTIN_REF}
+        if kernels not in resolvers:
+            raise ModelFileError(f"unknown LiteRT kernel set `{kernels}`; allowed: {', '.join(LITERT_KERNELS)}")
+        resolver = resolvers[kernels]
         try:
             with native_output("loading the model in LiteRT"):  # "INFO: Created ... XNNPACK delegate"
                 self.interpreter = Interpreter(model_content=flatbuffer, num_threads=threads,
                                                experimental_op_resolver_type=resolver)
         except Exception as err:  # LiteRT raises ValueError/RuntimeError with its log
             raise ModelFileError(f"{path}: LiteRT cannot load this model: {err}") from err
-        self.xnnpack = xnnpack
+        self.kernels = kernels
+        self.xnnpack = kernels == "xnnpack"
         self.threads = threads
         self._input = self.interpreter.get_input_details()[0]
         self._output = self.interpreter.get_output_details()[0]
         signature = self._input.get("shape_signature", self._input["shape"])
         self.dynamic_batch = int(signature[0]) == -1
         self._batch = None
-        self.provider = "xnnpack" if xnnpack else "builtin"
+        self.provider = kernels
 
     @property
     def input_dtype(self) -> str:

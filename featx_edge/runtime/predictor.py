@@ -80,14 +80,16 @@ class Predictor:
 
 
 def load(path: str | Path, *, threads: int | None = None, provider: str = "CPUExecutionProvider",
-         xnnpack: bool = True, max_tensor_bytes: int = MAX_TENSOR_BYTES) -> Predictor:
+         xnnpack: bool = True, kernels: str | None = None, max_tensor_bytes: int = MAX_TENSOR_BYTES) -> Predictor:
     """Load a .tflite or .onnx model exported by featx-edge, checking the file first.
 
     Args:
         path: the model file; the backend is chosen from its extension.
         threads: inference threads (None: the engine's default).
         provider: onnxruntime execution provider for .onnx files.
-        xnnpack: use the XNNPACK delegate for .tflite files.
+        xnnpack: use the XNNPACK delegate for .tflite files (False: LiteRT's built-in kernels).
+        kernels: the LiteRT kernel set for .tflite files, overriding ``xnnpack``: ``xnnpack``,
+            ``builtin`` or ``reference`` (TFLite Micro's arithmetic; slow, for checking).
         max_tensor_bytes: refuse a .tflite whose tensors at batch 1 need more than this (the
             shapes are read from the file before the interpreter allocates anything).
 
@@ -99,7 +101,8 @@ def load(path: str | Path, *, threads: int | None = None, provider: str = "CPUEx
     suffix = path.suffix.lower()
     if suffix == ".tflite":
         flatbuffer, metadata = read_tflite(path)
-        backend = LiteRTBackend(flatbuffer, threads=threads, xnnpack=xnnpack, path=path,
+        kernels = kernels or ("xnnpack" if xnnpack else "builtin")
+        backend = LiteRTBackend(flatbuffer, threads=threads, kernels=kernels, path=path,
                                 max_tensor_bytes=max_tensor_bytes)
     elif suffix == ".onnx":
         check_onnx_header(path)
