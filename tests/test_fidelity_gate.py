@@ -154,3 +154,19 @@ def test_a_kernel_set_that_disagrees_fails_the_gate_unless_not_gated(gate_run, m
     assert "reference kernels" in out and "(not gated)" in out
     row = json.loads((gate_run / "verify.json").read_text())["formats"]["tflite-int8"]
     assert row["passed"] and not row["kernels"]["reference"]["passed"] and not row["kernels"]["reference"]["gated"]
+
+
+def test_bench_never_recommends_a_runtime_whose_kernel_set_failed_verify():
+    from featx_edge.bench.recommend import recommend
+
+    rows = [{"status": "ok", "format": "tflite-int8", "runtime": "litert-xnnpack", "threads": 1, "batch": 1,
+             "p50_ms": 1.0, "throughput_ips": 900.0, "model_bytes": 10},
+            {"status": "ok", "format": "tflite-float32", "runtime": "litert-xnnpack", "threads": 1, "batch": 1,
+             "p50_ms": 3.0, "throughput_ips": 300.0, "model_bytes": 40}]
+    ok = {"passed": True, "accuracy_change_points": 0.0}
+    failed_on_xnnpack = {**ok, "kernels": {"xnnpack": {"passed": False}, "reference": {"passed": True}}}
+    picked = recommend(rows, verified={"tflite-int8": ok, "tflite-float32": ok}, quantization={}, host="x86-64")
+    assert picked["batch1"]["format"] == "tflite-int8"
+    picked = recommend(rows, verified={"tflite-int8": failed_on_xnnpack, "tflite-float32": ok}, quantization={},
+                       host="x86-64")
+    assert picked["batch1"]["format"] == "tflite-float32" and picked["throughput"]["format"] == "tflite-float32"

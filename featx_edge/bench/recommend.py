@@ -48,7 +48,7 @@ def recommend(rows: list[dict], *, verified: dict[str, dict], quantization: dict
     host = host or detect_host()
     ok = [r for r in rows if r.get("status") == "ok" and r.get("p50_ms")]
     flags = [flag for r in ok if (flag := _slow_int8(r, ok, quantization, host))]
-    shippable = [r for r in ok if r["format"] in verified]
+    shippable = [r for r in ok if r["format"] in verified and _kernel_set_passed(r, verified[r["format"]])]
     result: dict = {"host_target": host, "among": sorted({r["format"] for r in shippable}), "flags": flags}
     if not shippable:
         result["note"] = ("no measured export has a passing verify entry for its current file; run "
@@ -61,6 +61,15 @@ def recommend(rows: list[dict], *, verified: dict[str, dict], quantization: dict
     best = max(shippable, key=lambda r: r.get("throughput_ips") or 0.0)
     result["throughput"] = _pick(best, shippable, verified, key="throughput_ips")
     return result
+
+
+_RUNTIME_KERNELS = {"litert-xnnpack": "xnnpack", "litert-builtin": "builtin"}
+
+
+def _kernel_set_passed(row: dict, entry: dict) -> bool:
+    """A row's runtime must not be a kernel set on which verify failed the file (gated or not)."""
+    measured = (entry.get("kernels") or {}).get(_RUNTIME_KERNELS.get(row.get("runtime"), ""))
+    return measured is None or bool(measured.get("passed"))
 
 
 def _pick(best: dict, pool: list[dict], verified: dict, *, key: str) -> dict:
