@@ -194,7 +194,7 @@ def test_run_writes_the_report_when_verify_fails_and_still_exits_non_zero(tmp_pa
     made = make_run(tmp_path / "made")
     out = tmp_path / "out"
 
-    def fake_verify(run):
+    def fake_verify(run, *, kernels=None):
         verify = json.loads((Path(run) / VERIFY).read_text())
         verify["passed"] = False
         verify["formats"]["tflite-int8"].update(passed=False, failures=["top-1 agreement 0.8333 < 0.97"])

@@ -173,6 +173,22 @@ def _thresholds(limits: dict) -> str:
     return "; ".join(template.format(value) for value, template in shown if value is not None)
 
 
+def _verify_cells(entry: dict) -> list[str]:
+    """Accuracy, change, agreement (the gate's: near-ties judged as agreeing), near-ties, max |Δp|."""
+    change_value = entry.get("judged_accuracy_change_points", entry.get("accuracy_change_points"))
+    change = ""
+    if change_value is not None:
+        change = _f(change_value, "+.2f") + _ci(entry.get("judged_accuracy_change_ci95_points",
+                                                          entry.get("accuracy_change_ci95_points")), "+.2f")
+    agreement = _f(entry.get("judged_top1_agreement", entry.get("top1_agreement"))) + _ci(
+        entry.get("judged_top1_agreement_ci95", entry.get("top1_agreement_ci95")))
+    ties = entry.get("near_ties")
+    tie_cell = "" if ties is None else (f"{ties} (margin ≤ {entry.get('tie_margin', 0):.2g}; plain agreement "
+                                        f"{_f(entry.get('top1_agreement'))})" if ties else "0")
+    return [_f(entry.get("accuracy")) + _ci(entry.get("accuracy_ci95")), change, agreement, tie_cell,
+            _f(entry.get("max_abs_diff"), ".3g")]
+
+
 def verify(src: Sources) -> Html:
     fix = f"run `featx-edge verify {src.run.path}`"
     if src.verify is None:
@@ -182,27 +198,30 @@ def verify(src: Sources) -> Html:
     formats = v.get("formats") if isinstance(v.get("formats"), dict) else {}
     sizes = {fmt: (a or {}).get("bytes") for fmt, a in (src.manifest.get("artifacts") or {}).items()}
     rows = [["keras (reference)", "", _f(v.get("reference_accuracy")) + _ci(v.get("reference_accuracy_ci95")),
-             "", "", "", "", "", "reference"]]
+             "", "", "", "", "", "", "reference"]]
     classes: list[str | None] = [None]
     for fmt, entry in formats.items():
         entry = entry if isinstance(entry, dict) else {}
         status, why = verify_status(src, fmt, entry)
-        change = ""
-        if entry.get("accuracy_change_points") is not None:
-            change = _f(entry["accuracy_change_points"], "+.2f") + _ci(entry.get("accuracy_change_ci95_points"),
-                                                                       "+.2f")
         size = sizes.get(fmt)
-        rows.append([fmt, "" if size is None else f"{size / 1e6:.2f}",
-                     _f(entry.get("accuracy")) + _ci(entry.get("accuracy_ci95")), change,
-                     _f(entry.get("top1_agreement")) + _ci(entry.get("top1_agreement_ci95")),
-                     _f(entry.get("max_abs_diff"), ".3g"), _thresholds(entry.get("thresholds") or {}), why, status])
+        kernel_rows = entry.get("kernels") if isinstance(entry.get("kernels"), dict) else {}
+        rows.append([fmt, "" if size is None else f"{size / 1e6:.2f}", *_verify_cells(entry),
+                     _thresholds(entry.get("thresholds") or {}), why, status])
         classes.append(status.lower())
+        if len(kernel_rows) > 1:  # side by side: one row per kernel set the file was verified under
+            for kernels, sub in kernel_rows.items():
+                sub = sub if isinstance(sub, dict) else {}
+                gated = "gated" if sub.get("gated", True) else "recorded, not gated"
+                rows.append([f"↳ {kernels} kernels", "", *_verify_cells(sub), gated,
+                             "; ".join(map(str, sub.get("failures") or [])), "pass" if sub.get("passed") else "FAIL"])
+                classes.append("pass" if sub.get("passed") else "fail")
     for fmt in src.run.exported():
         if fmt not in formats:
-            rows.append([fmt, f"{(sizes.get(fmt) or 0) / 1e6:.2f}", "", "", "", "", "", prose(fix), "not verified"])
+            rows.append([fmt, f"{(sizes.get(fmt) or 0) / 1e6:.2f}", "", "", "", "", "", "", prose(fix),
+                         "not verified"])
             classes.append("stale")
     headers = ["format", "size MB", "test accuracy [95% CI]", "change, points [95% CI]",
-               "top-1 agreement [95% CI]", "max |Δp|", "thresholds", "notes", "verify"]
+               "top-1 agreement [95% CI]", "near-ties", "max |Δp|", "thresholds", "notes", "verify"]
     overall = "passed" if v.get("passed") and not any(c in ("fail", "stale") for c in classes) else (
         "FAILED" if not v.get("passed") else "stale entries")
     return section("verify", "Verify", note(f"{v.get('images')} test images; agreement and change are against the "
