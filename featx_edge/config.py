@@ -251,7 +251,11 @@ class ExportConfig:
         selective_float_layers: layers kept in float by tflite-int8-selective (worst first), 1 to 1000.
         reference_images: images whose reference outputs ship next to each model (self-test), 1 to 1000.
         bias_correction: convert post-training int8 from a copy of the model whose BatchNorm
-            offsets cancel the mean error of int8 weight rounding (see ``export.bias_correction``).
+            offsets cancel the mean error of int8 weight rounding (see ``export.bias_correction``):
+            ``true``, ``false``, or ``"auto"`` (the default): convert tflite-int8 both ways and keep
+            the one closer to the reference on the validation split (never test), recorded in the
+            manifest with the figures that chose it (``export.int8_choice``). It helped on the
+            sample and hurt on other data, so no fixed value is right everywhere.
         target: the CPU the ONNX int8 model is built for (``featx_edge.targets``): ``auto`` (this
             host), ``portable``, ``x86-64``, ``x86-64-vnni`` or ``arm64``.
     """
@@ -262,7 +266,7 @@ class ExportConfig:
     int8_budget: float | None = None
     selective_float_layers: int = 5
     reference_images: int = 8
-    bias_correction: bool = True
+    bias_correction: bool | str = "auto"
     target: str = "portable"
 
     def __post_init__(self) -> None:
@@ -278,7 +282,9 @@ class ExportConfig:
             _check_range("int8_budget", self.int8_budget, 0.0, 100.0)
         _check_int("selective_float_layers", self.selective_float_layers, 1, 1000)
         _check_int("reference_images", self.reference_images, 1, 1000)
-        _check_bool("bias_correction", self.bias_correction)
+        if not (isinstance(self.bias_correction, bool) or self.bias_correction == "auto"):
+            raise ConfigError(f"`bias_correction` must be true, false or \"auto\"; received "
+                              f"{_received(self.bias_correction, wrong_type=True)}.")
         if not isinstance(self.target, str) or self.target not in TARGET_CHOICES:
             raise ConfigError(f"`target` must be one of {', '.join(TARGET_CHOICES)}; "
                               f"received {_received(self.target, wrong_type=not isinstance(self.target, str))}.")

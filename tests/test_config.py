@@ -136,7 +136,7 @@ BAD_SETTINGS = [
     ("export", "int8_budget", True, "`int8_budget` must be a number in [0.0, 100.0]; received `True` (bool)"),
     ("export", "int8_budget", 101, "`int8_budget` must be a number in [0.0, 100.0]; received `101`"),
     ("export", "onnx_calibration", 1, "`onnx_calibration` must be one of minmax"),
-    ("export", "bias_correction", "no", "`bias_correction` must be true or false; received `'no'` (str)"),
+    ("export", "bias_correction", "no", "`bias_correction` must be true, false or \"auto\"; received `'no'` (str)"),
 ]
 _CLASSES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "export": ExportConfig}
 

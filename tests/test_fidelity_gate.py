@@ -170,3 +170,28 @@ def test_bench_never_recommends_a_runtime_whose_kernel_set_failed_verify():
     picked = recommend(rows, verified={"tflite-int8": failed_on_xnnpack, "tflite-float32": ok}, quantization={},
                        host="x86-64")
     assert picked["batch1"]["format"] == "tflite-float32" and picked["throughput"]["format"] == "tflite-float32"
+
+
+def test_bias_correction_is_chosen_per_run_on_validation_and_recorded(tmp_path):
+    """`bias_correction = "auto"` (the default): both candidates judged on never-test images under
+    both kernel sets; the record is in the manifest and the same run makes the same choice."""
+    from conftest import TINY, make_class_folder
+
+    from featx_edge.cli import main
+    from featx_edge.rundir import read_manifest
+
+    data = make_class_folder(tmp_path / "data", {"a": 12, "b": 12}, size=32)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), *TINY, "--image-size", "32", "--weights", "none",
+                 "--epochs", "2", "--quiet"]) == 0
+    assert main(["export", str(run), "--formats", "tflite-int8", "--quiet"]) == 0
+    manifest = read_manifest(run)
+    first = manifest["int8_choice"]
+    assert manifest["config"]["export"]["bias_correction"] == "auto"
+    assert first["chosen"] in ("off", "on") and set(first["candidates"]) == {"off", "on"}
+    assert "validation" in first["judged_on"] and first["images"] > 0
+    for judged in first["candidates"].values():
+        assert set(judged) == {"xnnpack", "reference"}
+        assert all(0.0 <= row["top1_agreement"] <= 1.0 for row in judged.values())
+    assert main(["export", str(run), "--formats", "tflite-int8", "--quiet"]) == 0
+    assert read_manifest(run)["int8_choice"] == first  # reproducible

@@ -88,6 +88,7 @@ class Exporter:
         self.golden = GoldenImages(run, count=run.config.export.reference_images)
         self._calibration: np.ndarray | None = None
         self._int8_source: tuple | None = None
+        self._int8_flatbuffer: bytes | None = None  # tflite-int8 as converted while choosing its source
         self._converters = {"tflite": self._tflite, "tflite-selective": self._tflite_selective,
                             "tflite-qat": self._tflite_qat, "onnx": self._onnx, "onnx-int8": self._onnx_int8}
 
@@ -103,19 +104,42 @@ class Exporter:
     def int8_source(self) -> tuple:
         """(model, recipe): what post-training int8 is converted from, and how it was prepared.
 
-        With ``[export] bias_correction`` (default) a bias-corrected copy of the reference;
-        verify still compares every export with the reference itself.
+        With ``[export] bias_correction = true`` a bias-corrected copy of the reference; with
+        ``"auto"`` (the default) whichever of the two is closer to the reference on the validation
+        split (``export.int8_choice``). Verify still compares every export with the reference itself.
         """
         if self._int8_source is None:
             reference = self.run.reference().model
-            if self.run.config.export.bias_correction:
+            if self.run.config.export.bias_correction == "auto":
+                self._int8_source = self._chosen_int8_source(reference)
+            elif self.run.config.export.bias_correction:
                 from featx_edge.export.bias_correction import bias_corrected
 
                 model, info = bias_corrected(reference, calibration=self.calibration)
                 self._int8_source = (model, {"bias_correction": info})
+                self.run.manifest.pop("int8_choice", None)  # a fixed setting: no choice was made
             else:
                 self._int8_source = (reference, {"bias_correction": None})
+                self.run.manifest.pop("int8_choice", None)
         return self._int8_source
+
+    def _chosen_int8_source(self, reference) -> tuple:
+        """Convert tflite-int8 with and without bias correction; keep the better on the judging set."""
+        from featx_edge.export.bias_correction import bias_corrected
+        from featx_edge.export.budget import judging_set
+        from featx_edge.export.int8_choice import choose_bias_correction
+        from featx_edge.export.tflite import TFLiteQuantization, convert
+
+        corrected, info = bias_corrected(reference, calibration=self.calibration)
+        quant = TFLiteQuantization.named("int8")
+        sources = {"off": reference, "on": corrected}
+        flatbuffers = {name: convert(model, size=self.run.size, quantization=quant, calibration=self.calibration)
+                       for name, model in sources.items()}
+        chosen, record = choose_bias_correction(flatbuffers, run=self.run, judging=judging_set(self.run))
+        self.run.manifest["int8_choice"] = record
+        self._int8_flatbuffer = flatbuffers[chosen]
+        choice = {"setting": "auto", "chosen": chosen, "judged_on": record["judged_on"]}
+        return sources[chosen], {"bias_correction": info if chosen == "on" else None, "bias_correction_choice": choice}
 
     def metadata(self, spec: FormatSpec) -> dict:
         """What the artifact says about itself (read by ``featx_edge.runtime``)."""
@@ -158,7 +182,9 @@ class Exporter:
         extra: dict = {}
         if quant.full_integer:
             source, recipe = self.int8_source()
-            flatbuffer = convert(source, size=self.run.size, quantization=quant, calibration=self.calibration)
+            flatbuffer = self._int8_flatbuffer  # already converted from this source while choosing it
+            if flatbuffer is None or spec.quantization != "int8":
+                flatbuffer = convert(source, size=self.run.size, quantization=quant, calibration=self.calibration)
             extra = {"quantization": {"method": "tflite full-integer post-training", **recipe}}
         else:
             flatbuffer = convert(self.run.reference().model, size=self.run.size, quantization=quant)

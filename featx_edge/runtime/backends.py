@@ -6,6 +6,10 @@ class probabilities; quantized inputs and outputs are handled here.
 
 from __future__ import annotations
 
+import hashlib
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +77,51 @@ LITERT_KERNELS = ("xnnpack", "builtin", "reference")
 a delegate, and the reference kernels (what TensorFlow Lite Micro computes on a microcontroller)."""
 
 
+_PROBE = """
+import sys
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
+it = Interpreter(model_content=sys.stdin.buffer.read(), experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
+it.allocate_tensors()
+d = it.get_input_details()[0]
+it.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]))
+it.invoke()
+"""
+_probed: dict[str, str | None] = {}
+
+
+def probe_reference_kernels(flatbuffer: bytes, *, path: Path | None = None) -> None:
+    """ModelFileError if LiteRT's reference kernels cannot prepare and run the model once.
+
+    Some reference kernels stop the whole process on parameters they do not support (the
+    int8 softmax aborts in ``PreprocessSoftmaxScaling`` when its input range is too wide), so
+    the first run of a file happens in a child process; the verdict is kept per file content.
+    """
+    key = hashlib.sha256(flatbuffer).hexdigest()
+    if key not in _probed:
+        try:
+            proc = subprocess.run([sys.executable, "-c", _PROBE], input=flatbuffer, capture_output=True,
+                                  timeout=600, check=False)
+        except subprocess.TimeoutExpired:
+            _probed[key] = "did not finish one image in 10 minutes"
+        else:
+            _probed[key] = None if proc.returncode == 0 else _why(proc)
+    if _probed[key] is not None:
+        raise ModelFileError(
+            f"{path or 'the model'}: LiteRT's reference kernels (the arithmetic TensorFlow Lite Micro runs on a "
+            f"microcontroller) cannot run this model: {_probed[key]}. A microcontroller build would likely fail "
+            "the same way; if the model is for phones or Linux boards only, verify with `--kernels xnnpack`."
+        )
+
+
+def _why(proc: subprocess.CompletedProcess) -> str:
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name if -proc.returncode in signal.valid_signals() else ""
+        return f"the interpreter was killed by signal {-proc.returncode} {name} while preparing or running it".strip()
+    lines = [line for line in proc.stderr.decode("utf-8", "replace").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else f"the interpreter failed (exit status {proc.returncode})"
+
+
 class LiteRTBackend:
     """The LiteRT (TFLite) interpreter; XNNPACK on by default (``kernels``: one of LITERT_KERNELS)."""
 
@@ -99,6 +148,8 @@ class LiteRTBackend:
         if kernels not in resolvers:
             raise ModelFileError(f"unknown LiteRT kernel set `{kernels}`; allowed: {', '.join(LITERT_KERNELS)}")
         resolver = resolvers[kernels]
+        if kernels == "reference":
+            probe_reference_kernels(flatbuffer, path=path)
         try:
             with native_output("loading the model in LiteRT"):  # "INFO: Created ... XNNPACK delegate"
                 self.interpreter = Interpreter(model_content=flatbuffer, num_threads=threads,
