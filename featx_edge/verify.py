@@ -34,7 +34,8 @@ from featx_edge.formats import (
 from featx_edge.intervals import wilson
 from featx_edge.progress import bar
 from featx_edge.run import Run
-from featx_edge.rundir import VERIFY, locked, write_json
+from featx_edge.targets import detect_host
+from featx_edge.rundir import VERIFY, atomic_path, locked, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,9 @@ PREDICTIONS = "verify_predictions.json"
 """Per test image: top-1 class and its probability, of the reference and of each verified format
 (for the report's confusion matrices and disagreement gallery, which never rerun a model)."""
 PREDICTIONS_SCHEMA = "featx-edge-verify-predictions/1"
+REFERENCE_OUTPUTS = "verify_reference.npy"
+"""The Keras reference's probabilities on the test split, in split order (float32, (N, classes)):
+what `device-check` judges an emulated core's outputs against, without TensorFlow."""
 
 
 def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
@@ -109,12 +113,21 @@ def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None
         if mine and mine[0].error is None:
             predictions["formats"][fmt] = {"sha256": entries[fmt]["sha256"], **top1(np.concatenate(mine[0].outputs))}
     report["passed"] = not failures
+    report["reference_outputs"] = _save_reference(run, reference)
     write_json(run.path / PREDICTIONS, predictions)
     write_json(run.path / VERIFY, report)
     log.info("wrote %s", run.path / VERIFY)
     if failures:
         _raise_failures(run, failures, images=len(labels))
     return report
+
+
+def _save_reference(run: Run, reference: np.ndarray) -> dict:
+    with atomic_path(run.path / REFERENCE_OUTPUTS) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, reference.astype(np.float32), allow_pickle=False)
+        digest = sha256_file(tmp)
+    return {"path": REFERENCE_OUTPUTS, "sha256": digest, "shape": list(reference.shape)}
 
 
 def _open_runners(run: Run, fmt: str, entry: dict, problems: list[str]) -> list[_Runner]:
@@ -125,6 +138,8 @@ def _open_runners(run: Run, fmt: str, entry: dict, problems: list[str]) -> list[
     # What was measured, so a later reader (bench, report) can tell a stale entry.
     entry["sha256"] = manifest["artifacts"][fmt]["sha256"]
     entry["compared_with"] = f"the run's float Keras reference ({manifest['reference']['path']})"
+    # int8 kernels differ between CPUs: bench recommends an int8 file only where it was verified.
+    entry["verified_on"] = detect_host()
     runners = []
     for kernels in get_format(fmt).kernel_sets:
         try:
@@ -162,7 +177,7 @@ def _run_test_split(run: Run, splits, runners: list[_Runner]) -> np.ndarray:
 _KERNEL_KEPT = ("images", "accuracy", "accuracy_change_points", "accuracy_change_ci95_points", "top1_agreement",
                 "top1_agreement_ci95", "disagreements", "near_ties", "tie_margin", "near_tie_images",
                 "judged_top1_agreement", "judged_top1_agreement_ci95", "judged_accuracy_change_points",
-                "max_abs_diff", "sqnr_db")
+                "judged_accuracy_change_ci95_points", "max_abs_diff", "sqnr_db")
 
 
 def _judge_format(run: Run, fmt: str, entry: dict, runners: list[_Runner], reference: np.ndarray,

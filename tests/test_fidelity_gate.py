@@ -195,3 +195,18 @@ def test_bias_correction_is_chosen_per_run_on_validation_and_recorded(tmp_path):
         assert all(0.0 <= row["top1_agreement"] <= 1.0 for row in judged.values())
     assert main(["export", str(run), "--formats", "tflite-int8", "--quiet"]) == 0
     assert read_manifest(run)["int8_choice"] == first  # reproducible
+
+
+def test_bench_recommends_int8_only_where_it_was_verified():
+    """An onnx-int8 verified on an x86-64-vnni host is not shipped on arm64 on that word alone."""
+    from featx_edge.bench.recommend import format_recommendation, recommend
+
+    rows = [{"status": "ok", "format": fmt, "runtime": "onnxruntime-cpu", "threads": 1, "batch": 1,
+             "p50_ms": ms, "throughput_ips": 1000 / ms, "model_bytes": 10} for fmt, ms in
+            (("onnx-int8", 1.0), ("onnx-float32", 2.0))]
+    verified = {"onnx-int8": {"passed": True, "verified_on": "x86-64-vnni"}, "onnx-float32": {"passed": True}}
+    here = recommend(rows, verified=verified, quantization={}, host="x86-64-vnni")
+    assert here["batch1"]["format"] == "onnx-int8"
+    there = recommend(rows, verified=verified, quantization={}, host="arm64")
+    assert there["batch1"]["format"] == "onnx-float32" and there["verified_elsewhere"] == ["onnx-int8"]
+    assert any("verified on another kind of CPU" in line for line in format_recommendation(there))

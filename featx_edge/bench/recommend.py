@@ -48,8 +48,13 @@ def recommend(rows: list[dict], *, verified: dict[str, dict], quantization: dict
     host = host or detect_host()
     ok = [r for r in rows if r.get("status") == "ok" and r.get("p50_ms")]
     flags = [flag for r in ok if (flag := _slow_int8(r, ok, quantization, host))]
-    shippable = [r for r in ok if r["format"] in verified and _kernel_set_passed(r, verified[r["format"]])]
+    shippable = [r for r in ok if r["format"] in verified and _kernel_set_passed(r, verified[r["format"]])
+                 and _verified_here(r["format"], verified[r["format"]], host)]
     result: dict = {"host_target": host, "among": sorted({r["format"] for r in shippable}), "flags": flags}
+    elsewhere = sorted({r["format"] for r in ok if r["format"] in verified
+                        and not _verified_here(r["format"], verified[r["format"]], host)})
+    if elsewhere:
+        result["verified_elsewhere"] = elsewhere
     if not shippable:
         result["note"] = ("no measured export has a passing verify entry for its current file; run "
                           "`featx-edge verify RUN` and bench again" if ok else "nothing was measured")
@@ -70,6 +75,13 @@ def _kernel_set_passed(row: dict, entry: dict) -> bool:
     """A row's runtime must not be a kernel set on which verify failed the file (gated or not)."""
     measured = (entry.get("kernels") or {}).get(_RUNTIME_KERNELS.get(row.get("runtime"), ""))
     return measured is None or bool(measured.get("passed"))
+
+
+def _verified_here(fmt: str, entry: dict, host: str) -> bool:
+    """An int8 file's verdict holds on the kind of CPU it was verified on (its kernels differ by CPU);
+    entries from before this was recorded are taken as verified here."""
+    spec = FORMAT_SPECS.get(fmt)
+    return not (spec and spec.int8) or entry.get("verified_on", host) == host
 
 
 def _pick(best: dict, pool: list[dict], verified: dict, *, key: str) -> dict:
@@ -125,6 +137,9 @@ def format_recommendation(rec: dict) -> list[str]:
     lines = ["", f"## What to ship on this host ({rec.get('host_target')})", ""]
     if rec.get("note"):
         lines.append(f"- {rec['note']}")
+    if rec.get("verified_elsewhere"):
+        lines.append(f"- not considered: {', '.join(rec['verified_elsewhere'])} (int8, verified on another kind "
+                     "of CPU; int8 kernels differ between CPUs: run `featx-edge verify RUN` here first)")
     for key, title in (("batch1", "lowest latency, batch 1"), ("throughput", "highest throughput")):
         pick = rec.get(key)
         if pick:
