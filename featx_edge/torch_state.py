@@ -203,16 +203,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise _Malformed(f"storage {_short(key)} is described with unexpected fields")
         storage = self._storages.setdefault(key, _Storage(key=key, type_name=storage_type.name, numel=numel))
         if (storage.type_name, storage.numel) != (storage_type.name, numel):
-            raise _Malformed(f"storage {key!r} is described twice, differently")
+            raise _Malformed(f"storage {_short(key)} is described twice, differently")
         if view_metadata is None:
             return storage
         # Legacy storage views (torch < 1.0): (view key, offset, size) within the root storage.
         if not (type(view_metadata) is tuple and len(view_metadata) == 3 and type(view_metadata[0]) is str
                 and _is_count(view_metadata[1]) and _is_count(view_metadata[2])):
-            raise _Malformed(f"storage {key!r} has an unexpected view description {_short(view_metadata)}")
+            raise _Malformed(f"storage {_short(key)} has an unexpected view description {_short(view_metadata)}")
         _, offset, size = view_metadata
         if offset + size > numel:
-            raise _Malformed(f"storage view {view_metadata[0]!r} lies outside storage {key!r}")
+            raise _Malformed(f"storage view {_short(view_metadata[0])} lies outside storage {_short(key)}")
         return _StorageView(root=storage, offset=offset, size=size)
 
 
@@ -314,20 +314,20 @@ def _read_legacy(fh: BinaryIO, budget: _Budget) -> dict[str, np.ndarray]:
     for key in keys:
         storage = storages.get(key)
         if storage is None:
-            raise _Malformed(f"storage {key!r} has data but no tensor uses it")
+            raise _Malformed(f"storage {_short(key)} has data but no tensor uses it")
         itemsize = np.dtype(_STORAGE_DTYPES[storage.type_name]).itemsize
         count_bytes = fh.read(8)
         if len(count_bytes) != 8:
-            raise _Malformed(f"the data of storage {key!r} is missing (file truncated)")
+            raise _Malformed(f"the data of storage {_short(key)} is missing (file truncated)")
         (count,) = struct.unpack(order + "q", count_bytes)
         remaining -= 8 + count * itemsize
         # Check before allocating: a corrupt count must not ask for terabytes.
         if count < 0 or remaining < 0:
-            raise _Malformed(f"storage {key!r} claims {count} elements but the file ends first (file truncated)")
+            raise _Malformed(f"storage {_short(key)} claims {count} elements but the file ends first (file truncated)")
         if count != storage.numel:
-            raise _Malformed(f"storage {key!r} holds {count} elements, the pickle says {storage.numel}")
+            raise _Malformed(f"storage {_short(key)} holds {count} elements, the pickle says {storage.numel}")
         if plan.needs(key):
-            plan.fill(key, _read_storage(fh, storage, order=order, budget=budget, what=f"storage {key!r}"))
+            plan.fill(key, _read_storage(fh, storage, order=order, budget=budget, what=f"storage {_short(key)}"))
         else:  # referenced by the pickle, but by no tensor of the state dict
             fh.seek(count * itemsize, io.SEEK_CUR)
     return plan.result()
@@ -353,12 +353,12 @@ def _read_zip(archive: zipfile.ZipFile, budget: _Budget) -> dict[str, np.ndarray
         if not plan.needs(key):
             continue
         if name not in archive.NameToInfo:
-            raise _Malformed(f"the data of storage {key!r} is missing from the archive")
+            raise _Malformed(f"the data of storage {_short(key)} is missing from the archive")
         itemsize = np.dtype(_STORAGE_DTYPES[storage.type_name]).itemsize
         # The pickle's numel counts elements of the typed storage; the member may be padded.
         # file_size is only the archive's claim: the read stops at numel * itemsize anyway.
         if archive.getinfo(name).file_size < storage.numel * itemsize:
-            raise _Malformed(f"storage {key!r} is shorter than its {storage.numel} elements")
+            raise _Malformed(f"storage {_short(key)} is shorter than its {storage.numel} elements")
         with _open_member(archive, name) as member:
             plan.fill(key, _read_storage(member, storage, order=order, budget=budget, what=f"storage {_short(name)}"))
     return plan.result()
@@ -465,7 +465,7 @@ class _Plan:
     def result(self) -> dict[str, np.ndarray]:
         for tensor in self._tensors:
             if tensor.name not in self._arrays:
-                raise _Malformed(f"storage {tensor.key!r} is used by tensor {tensor.name!r} but its data is missing")
+                raise _Malformed(f"storage {_short(tensor.key)} is used by tensor {_short(tensor.name)} but its data is missing")
         return {t.name: self._arrays[t.name] for t in self._tensors}
 
 
@@ -477,7 +477,7 @@ def _check_record(name: Any, ref: Any) -> _Tensor:
     storage, offset, size, stride = ref.storage, ref.offset, ref.size, ref.stride
     if not (type(storage) in (_Storage, _StorageView) and _is_count(offset) and _counts(size)
             and _counts(stride) and len(size) == len(stride) <= _MAX_DIMS):
-        raise _Malformed(f"tensor {name!r} is described with unexpected arguments (storage a "
+        raise _Malformed(f"tensor {_short(name)} is described with unexpected arguments (storage a "
                          f"{type(storage).__name__.strip('_')}, offset {_short(offset)}, size {_short(size)}, "
                          f"stride {_short(stride)}; a storage and non-negative integers expected)")
     view = storage if type(storage) is _StorageView else None
@@ -496,10 +496,10 @@ def _check_extent(tensor: _Tensor, data: np.ndarray) -> None:
         return
     last = tensor.offset + sum((n - 1) * s for n, s in zip(tensor.size, tensor.stride, strict=True))
     if last >= data.size:
-        raise _Malformed(f"tensor {tensor.name!r} lies outside its storage (it reaches element {last:,} of "
+        raise _Malformed(f"tensor {_short(tensor.name)} lies outside its storage (it reaches element {last:,} of "
                          f"{data.size:,})")
     if numel > data.size:
-        raise _Malformed(f"tensor {tensor.name!r} has more elements than its storage ({numel:,} > {data.size:,}): "
+        raise _Malformed(f"tensor {_short(tensor.name)} has more elements than its storage ({numel:,} > {data.size:,}): "
                          "repeated (stride-0) elements, which a model's state dict does not hold")
 
 
@@ -524,7 +524,7 @@ def _copy(tensor: _Tensor, data: np.ndarray, *, budget: _Budget) -> np.ndarray:
     """The tensor copied once out of ``data`` (its extent already checked) into a C-contiguous array."""
     size, offset = tensor.size, tensor.offset
     numel = math.prod(size)
-    budget.charge(numel * data.itemsize, what=f"tensor {tensor.name!r}")
+    budget.charge(numel * data.itemsize, what=f"tensor {_short(tensor.name)}")
     if numel == 0:
         return np.zeros(size, dtype=data.dtype)
     if _contiguous(tensor):

@@ -292,6 +292,27 @@ def test_the_limit_is_stated():
 # The real checkpoints still load, each tensor materialized once.
 
 
+def test_big_endian_and_bfloat16_storages_are_read_in_place(tmp_path):
+    # The storage buffer is byte-swapped in place and bfloat16 widened once; a strided tensor of
+    # a shared storage is copied, the sole whole-storage tensor is handed the buffer.
+    values = np.array([1.5, -2.0, 3.25, 0.0, 1e-3, 7.0], np.float32)
+    bf16 = (values.view(np.uint32) >> 16).astype(">u2")
+    pkl = _state(a=_tensor("0", 6, 0, (2, 3), (3, 1)), t=_tensor("0", 6, 0, (3, 2), (1, 3)),
+                 b=_tensor("1", 6, 0, (6,), (1,), storage_type="BFloat16Storage"))
+    path = tmp_path / "big.pth"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pkl)
+        archive.writestr("archive/byteorder", "big")
+        archive.writestr("archive/data/0", values.astype(">f4").tobytes())
+        archive.writestr("archive/data/1", bf16.tobytes())
+    got = read_state_dict(path)
+    np.testing.assert_array_equal(got["a"], values.reshape(2, 3))
+    np.testing.assert_array_equal(got["t"], values.reshape(2, 3).T)
+    np.testing.assert_array_equal(got["b"], (bf16.astype(np.uint32) << 16).view(np.float32))
+    assert all(a.dtype.isnative and a.flags.c_contiguous and a.flags.writeable for a in got.values())
+    assert not np.shares_memory(got["a"], got["t"])
+
+
 @pytest.mark.parametrize("variant", ["lite0", "lite1", "lite2"])
 def test_real_checkpoints_load_with_one_copy(variant):
     from featx_edge.efficientnet_lite import checkpoint_path
