@@ -133,10 +133,11 @@ def _cmd_run(args) -> int:
     from featx_edge.formats import merge_overrides
     from featx_edge.report import report_after_run
     from featx_edge.rundir import VERIFY, locked, read_manifest
-    from featx_edge.train import train_run
+    from featx_edge.train import check_destination, train_run
     from featx_edge.verify import format_table, verify_run
 
     config = _config_from_args(args)
+    check_destination(config, args.out)  # before the lock below creates any folder
     # Parsed before training (a typo must not cost a training run) and recorded with the run,
     # so a later `featx-edge verify RUN` applies the same thresholds.
     overrides = _thresholds(args)
