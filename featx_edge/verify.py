@@ -7,6 +7,11 @@ collected, written to ``RUN/verify.json``, then raised as one VerificationError 
 failing format with the measured value and the threshold. Each image's top-1 class and its
 probability, of the reference and of every format that ran, go to ``RUN/verify_predictions.json``
 (with the sha256 of each model), for the report's confusion matrices and disagreement gallery.
+
+A NaN or an Inf is never a probability (argmax would "agree" on it): a format whose outputs hold
+one fails, with the count of such test images (``nonfinite`` in its entry), and a reference that
+gives one fails the whole verify in one line. An export passes only with its own self-test file
+(``export/selftest/``, what ``selftest`` and ``bundle`` use), never one written for an older export.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ import numpy as np
 
 from featx_edge.data import iter_batches
 from featx_edge.errors import ModelFileError, VerificationError
-from featx_edge.fidelity import check, compare
-from featx_edge.formats import Thresholds, get_format, merge_overrides, thresholds_for
+from featx_edge.fidelity import broken_reference, check, compare
+from featx_edge.formats import Thresholds, get_format, merge_overrides, parse_formats, thresholds_for
 from featx_edge.intervals import wilson
 from featx_edge.progress import bar
 from featx_edge.run import Run
 from featx_edge.rundir import VERIFY, locked, write_json
+from featx_edge.runtime.predictor import nonfinite_rows
+from featx_edge.runtime.selftest import golden_path, read_golden, written_for
 
 log = logging.getLogger(__name__)
 
@@ -51,73 +58,39 @@ def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
 
 
 def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None) -> dict:
-    from featx_edge.runtime import load
-
     manifest = run.manifest
     # The run's own [verify] settings, then this call's.
     overrides = merge_overrides(manifest.get("config", {}).get("verify", {}), overrides)
-    formats = tuple(formats) if formats else run.exported()
+    formats = parse_formats(formats) if formats is not None else run.exported()  # an empty list is refused
     if not formats:
         raise VerificationError(f"`{run.path}` has no exported models; run `featx-edge export {run.path}` first.")
     splits = run.splits()
     labels = splits.labels("test")
-    entries: dict[str, dict] = {}
-    limits: dict[str, Thresholds] = {}
-    problems: dict[str, list[str]] = {}
-    predictors, outputs, seconds = {}, {}, {}
-    for fmt in formats:
-        limits[fmt] = thresholds_for(fmt, overrides)
-        entries[fmt] = {"thresholds": dataclasses.asdict(limits[fmt])}
-        problems[fmt] = run.artifact_problems(fmt)
-        if problems[fmt]:
-            continue
-        # What was measured, so a later reader (bench, report) can tell a stale entry.
-        entries[fmt]["sha256"] = manifest["artifacts"][fmt]["sha256"]
-        entries[fmt]["compared_with"] = f"the run's float Keras reference ({manifest['reference']['path']})"
-        try:
-            predictor = load(run.artifact_path(fmt))
-        except ModelFileError as err:
-            problems[fmt].append(str(err))
-            continue
-        if predictor.labels != run.labels:
-            problems[fmt].append(f"labels in the model {predictor.labels} differ from the run's")
-            continue
-        predictors[fmt], outputs[fmt], seconds[fmt] = predictor, [], 0.0
-
-    model = run.reference().model
+    entries, limits, problems, predictors = _prepare(run, formats, overrides)
     log.info("verifying %d export(s) against the Keras reference on %d test images ...", len(formats), len(labels))
-    reference = []
-    batches = bar(iter_batches(splits.root, splits.test, size=run.size, batch_size=BATCH),
-                  total=-(-len(labels) // BATCH), desc="verifying", unit="batch")
-    for batch in batches:
-        reference.append(model(batch.astype(np.float32), training=False).numpy())
-        for fmt in list(predictors):
-            t0 = time.perf_counter()
-            try:
-                outputs[fmt].append(predictors[fmt].predict_pixels(batch))
-            except (ModelFileError, VerificationError) as err:
-                problems[fmt].append(str(err))
-                del predictors[fmt]
-            else:
-                seconds[fmt] += time.perf_counter() - t0
-    reference = np.concatenate(reference) if reference else np.zeros((0, len(run.labels)), np.float32)
-    reference_right = int(np.sum(reference.argmax(1) == labels))
+    reference, outputs, seconds = _run_models(run, splits, predictors, problems)
+    finite = np.isfinite(reference).all(axis=1) if reference.size else np.ones(len(reference), bool)
+    reference_right = int(np.sum(finite & (reference.argmax(1) == labels)))  # a NaN row is never right
     report: dict = {"run": str(run.path), "images": len(labels),
                     "reference_accuracy": reference_right / max(len(labels), 1),
                     "reference_accuracy_ci95": list(wilson(reference_right, len(labels))),
-                    "reference_sha256": manifest["reference"]["sha256"], "formats": entries}
+                    "reference_sha256": manifest["reference"]["sha256"],
+                    "reference_nonfinite": int(np.sum(~finite)), "formats": entries}
+    if report["reference_nonfinite"]:
+        _refuse_broken_reference(run, report, problems=problems, outputs=outputs)
     failures: list[str] = []
     predictions = {"schema": PREDICTIONS_SCHEMA, "images": list(splits.test), "labels": labels.tolist(),
                    "reference": {"sha256": manifest["reference"]["sha256"], **top1(reference)}, "formats": {}}
     for fmt in formats:
         entry = entries[fmt]
-        if fmt in predictors:
-            probs = np.concatenate(outputs[fmt])
-            predictions["formats"][fmt] = {"sha256": entry["sha256"], **top1(probs)}
+        if fmt in outputs:
+            probs = outputs[fmt]
             try:
                 problems[fmt] += _check_format(run, fmt, entry, probs, reference, labels, limits=limits[fmt])
             except (ModelFileError, VerificationError) as err:
                 problems[fmt].append(str(err))
+            if not entry.get("nonfinite"):  # the report's per-image predictions hold numbers only
+                predictions["formats"][fmt] = {"sha256": entry["sha256"], **top1(probs)}
             entry["seconds"] = round(seconds[fmt], 3)
         entry["passed"] = not problems[fmt]
         entry["failures"] = problems[fmt]
@@ -131,17 +104,111 @@ def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None
     write_json(run.path / VERIFY, report)
     log.info("wrote %s", run.path / VERIFY)
     if failures:
-        remedy = ""
-        if any(get_format(f.split(":")[0]).int8 for f in failures):
-            remedy = (f"\nFor int8: try `featx-edge export {run.path} --int8-budget 1.0 --qat-epochs 2` (tries the "
-                      "selective and QAT variants, keeps the first within budget), ship tflite-float16 or "
-                      "tflite-dynamic instead, or accept a looser limit knowingly with "
-                      "`--threshold FORMAT.METRIC=VALUE`. README \"int8\" lists what moves int8 fidelity.")
-        raise VerificationError(
-            f"{len(failures)} check(s) failed on {len(labels)} test images (details in {run.path / VERIFY}):\n  "
-            + "\n  ".join(failures) + remedy
-        )
+        _raise_failures(run, failures, images=len(labels))
     return report
+
+
+def _prepare(run: Run, formats: tuple[str, ...], overrides: dict) -> tuple[dict, dict, dict, dict]:
+    """Per format: its verify.json entry, its thresholds, the problems found before it runs, and its
+    predictor (none for a format whose file is unusable: its problems say why)."""
+    from featx_edge.runtime import load
+
+    manifest = run.manifest
+    entries: dict[str, dict] = {}
+    limits: dict[str, Thresholds] = {}
+    problems: dict[str, list[str]] = {}
+    predictors: dict = {}
+    for fmt in formats:
+        limits[fmt] = thresholds_for(fmt, overrides)
+        entries[fmt] = {"thresholds": dataclasses.asdict(limits[fmt])}
+        problems[fmt] = run.artifact_problems(fmt)
+        if problems[fmt]:
+            continue
+        # What was measured, so a later reader (bench, report) can tell a stale entry.
+        entries[fmt]["sha256"] = manifest["artifacts"][fmt]["sha256"]
+        entries[fmt]["compared_with"] = f"the run's float Keras reference ({manifest['reference']['path']})"
+        problems[fmt] += _golden_problems(run, fmt)
+        try:
+            predictor = load(run.artifact_path(fmt))
+        except ModelFileError as err:
+            problems[fmt].append(str(err))
+            continue
+        if predictor.labels != run.labels:
+            problems[fmt].append(f"labels in the model {predictor.labels} differ from the run's")
+            continue
+        predictors[fmt] = predictor
+    return entries, limits, problems, predictors
+
+
+def _golden_problems(run: Run, fmt: str) -> list[str]:
+    """An export passes only with its own self-test file: `selftest` and `bundle` refuse one written
+    for another (older) export, so verify must not call that export good."""
+    path = golden_path(run.artifact_path(fmt))
+    fix = f"re-export it: `featx-edge export {run.path} --formats {fmt}`"
+    try:
+        golden = read_golden(path)
+    except ModelFileError:
+        return [f"its self-test file `{path}` is missing or damaged, so `featx-edge selftest` and `bundle` would "
+                f"refuse it; {fix}"]
+    if not written_for(golden, fmt=fmt, sha256=run.manifest["artifacts"][fmt]["sha256"]):
+        return [f"its self-test file `{path}` was written for an older export (another format or sha256), so "
+                f"`featx-edge selftest` and `bundle` would refuse it; {fix}"]
+    return []
+
+
+def _run_models(run: Run, splits, predictors: dict, problems: dict) -> tuple[np.ndarray, dict, dict]:
+    """The reference's outputs on the test split, and each model's with its seconds. Each batch is decoded
+    once and run through every model; a model that fails is dropped, its problem recorded."""
+    model = run.reference().model
+    reference: list[np.ndarray] = []
+    outputs: dict[str, list[np.ndarray]] = {fmt: [] for fmt in predictors}
+    seconds = dict.fromkeys(predictors, 0.0)
+    running = dict(predictors)
+    batches = bar(iter_batches(splits.root, splits.test, size=run.size, batch_size=BATCH),
+                  total=-(-len(splits.test) // BATCH), desc="verifying", unit="batch")
+    for batch in batches:
+        reference.append(model(batch.astype(np.float32), training=False).numpy())
+        for fmt in list(running):
+            t0 = time.perf_counter()
+            try:  # NaN/Inf outputs are kept: verify counts them per image and fails the format
+                outputs[fmt].append(running[fmt].predict_pixels(batch, allow_nonfinite=True))
+            except (ModelFileError, VerificationError) as err:
+                problems[fmt].append(str(err))
+                del running[fmt]
+            else:
+                seconds[fmt] += time.perf_counter() - t0
+    empty = np.zeros((0, len(run.labels)), np.float32)
+    finished = {fmt: np.concatenate(outputs[fmt]) if outputs[fmt] else empty for fmt in running}
+    return (np.concatenate(reference) if reference else empty), finished, seconds
+
+
+def _refuse_broken_reference(run: Run, report: dict, *, problems: dict, outputs: dict) -> None:
+    """A reference with NaN/Inf outputs fails the whole verify in one line: every comparison with it is
+    meaningless. verify.json says so (nothing stale may pass), and no per-image predictions are kept."""
+    for fmt, entry in report["formats"].items():
+        if fmt in outputs:
+            entry["nonfinite"] = nonfinite_rows(outputs[fmt])
+        entry["passed"] = False
+        entry["failures"] = problems[fmt] + ["not compared: the Keras reference model gives NaN/Inf outputs"]
+    report["passed"] = False
+    (run.path / PREDICTIONS).unlink(missing_ok=True)
+    write_json(run.path / VERIFY, report)
+    raise broken_reference(run.path, weights=run.path / run.manifest["reference"]["path"],
+                           bad=report["reference_nonfinite"], total=report["images"])
+
+
+def _raise_failures(run: Run, failures: list[str], *, images: int) -> None:
+    """One VerificationError listing every failure, with the int8 remedies when an int8 format missed."""
+    remedy = ""
+    if any(get_format(f.split(":")[0]).int8 for f in failures):
+        remedy = (f"\nFor int8: try `featx-edge export {run.path} --int8-budget 1.0 --qat-epochs 2` (tries the "
+                  "selective and QAT variants, keeps the first within budget), ship tflite-float16 or "
+                  "tflite-dynamic instead, or accept a looser limit knowingly with "
+                  "`--threshold FORMAT.METRIC=VALUE`. README \"int8\" lists what moves int8 fidelity.")
+    raise VerificationError(
+        f"{len(failures)} check(s) failed on {images} test images (details in {run.path / VERIFY}):\n  "
+        + "\n  ".join(failures) + remedy
+    )
 
 
 def top1(probs: np.ndarray) -> dict[str, list]:
@@ -161,6 +228,9 @@ def _check_format(run: Run, fmt: str, entry: dict, probs: np.ndarray, reference:
     from featx_edge.runtime.metadata import read_tflite
 
     spec = get_format(fmt)
+    entry["nonfinite"] = nonfinite_rows(probs)
+    if entry["nonfinite"]:  # argmax "agrees" on NaN and every metric would be NaN: count, never compare
+        return [f"{entry['nonfinite']} of {len(probs)} test images gave NaN/Inf outputs"]
     entry.update(compare(probs, reference, labels))
     problems = check(entry, limits)
     path = run.artifact_path(fmt)
