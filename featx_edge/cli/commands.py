@@ -140,11 +140,11 @@ def _cmd_run(args) -> int:
     from featx_edge.verify import format_table, verify_run
 
     config = _config_from_args(args)
-    check_destination(config, args.out)  # before the lock below creates any folder
     # Parsed before training (a typo must not cost a training run) and recorded with the run,
     # so a later `featx-edge verify RUN` applies the same thresholds.
     overrides = _thresholds(args)
     config = dataclasses.replace(config, verify=merge_overrides(config.verify, overrides))
+    check_destination(config, args.out)  # before the lock below creates any folder
     if not is_chief(config.train.strategy):  # a multi-worker helper: trains in step, exports nothing
         train_run(config, args.out, overwrite=args.overwrite, resume=args.resume)
         return 0
