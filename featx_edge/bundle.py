@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,7 +24,19 @@ from featx_edge.errors import ConfigError, ExportError, ModelFileError, RunDirEr
 from featx_edge.formats import artifact_filename, check_format, get_format
 from featx_edge.own_wheel import own_wheel
 from featx_edge.run import Run
-from featx_edge.rundir import VERIFY, atomic_path, locked, replace_run, sha256_file, write_json
+from featx_edge.ownership import ID_KEY, MARKER, owner_problem, parse_marker, read_marker, recorded_id
+from featx_edge.rundir import (
+    VERIFY,
+    atomic_path,
+    check_out,
+    locked,
+    make_staging,
+    recover_replacement,
+    remove_dead_temps,
+    replace_run,
+    sha256_file,
+    write_json,
+)
 from featx_edge.runtime.selftest import SELFTEST_DIR, golden_path, read_golden
 
 log = logging.getLogger(__name__)
@@ -57,12 +68,15 @@ def bundle_run(run: str | Path, *, fmt: str, out: str | Path, wheel: str | Path 
         'featx-edge selftest model.tflite-int8.tflite'
 
     Raises:
-        ConfigError: unknown ``fmt``; ``out`` is not a bundle (or is one, without ``overwrite``); a bad ``wheel``.
-        RunDirError: ``fmt`` was not exported, or its file or self-test files are not what the run recorded.
+        ConfigError: unknown ``fmt``; ``out`` is not a bundle featx-edge made (or is one, without ``overwrite``);
+            a bad ``wheel``.
+        RunDirError: ``out`` is empty, ``/`` or the current folder (or holds it); ``fmt`` was not exported, or its
+            file or self-test files are not what the run recorded (or are symbolic links).
         VerificationError: ``fmt`` did not pass verify on this very file (unless ``allow_unverified``).
         ExportError: the wheel could not be built, or would install TensorFlow.
     """
     fmt, out, as_zip = check_format(fmt), Path(out), Path(out).suffix.lower() == ".zip"
+    _recover_out(out, as_zip=as_zip)
     _check_out(out, as_zip=as_zip, overwrite=overwrite)
     if wheel is not None and not Path(wheel).is_file():
         raise ConfigError(f"`--wheel {wheel}`: no such file; give a featx_edge-*.whl built with `pip wheel`.")
@@ -73,7 +87,7 @@ def bundle_run(run: str | Path, *, fmt: str, out: str | Path, wheel: str | Path 
                               f"`featx-edge export {source.path} --formats {fmt}`, then `featx-edge verify`.")
         model, (status, verified) = source.artifact_path(fmt), _verify_entry(source, fmt, allow=allow_unverified)
         out.resolve().parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
+        staging = make_staging(out, kind="bundle")
         try:
             images = _copy_model(source, fmt, model, staging)
             whl, origin, version, requires = _add_wheel(staging, wheel)
@@ -89,10 +103,12 @@ def bundle_run(run: str | Path, *, fmt: str, out: str | Path, wheel: str | Path 
                     "verify": {"status": status, "allowed_unverified": status != "pass", **verified},
                     "requirements": pins, "requires_python": pythons, "selftest_images": images,
                     "wheel": {"file": whl.name, "sha256": sha256_file(whl), "built_from": origin}, "host_python": ".".join(map(str, sys.version_info[:3])),
-                    "commands": commands, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                    "commands": commands, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    ID_KEY: read_marker(staging)["id"]}  # the marker's: `--overwrite` replaces only this bundle
             readme = _readme(meta, unzip=f"unzip {out.name} && cd {out.stem}" if as_zip else "")
             (staging / "README.md").write_text(readme, encoding="utf-8")
             write_json(staging / BUNDLE_JSON, meta)
+            _check_out(out, as_zip=as_zip, overwrite=overwrite)  # again: it may have changed while bundling
             _move_into_place(staging, out, as_zip=as_zip)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -110,21 +126,61 @@ def device_commands(*, fmt: str, wheel: str) -> dict[str, str]:
 
 
 def _check_out(out: Path, *, as_zip: bool, overwrite: bool) -> None:
-    """Refuse, before any work, an ``--out`` that would replace anything but a featx-edge bundle."""
+    """Refuse, before any work, an ``--out`` that would replace anything but a bundle featx-edge made."""
+    check_out(out, folder=not as_zip)
+    if as_zip and out.stem in ("", ".", ".."):
+        raise ConfigError(f"`--out {out}`: the name before .zip becomes the bundle's folder in the zip, and "
+                          f"`{out.stem}` cannot be one; give a name like `bundle.zip`.")
     if out.exists() and out.is_dir() == as_zip:
         raise ConfigError(f"`--out {out}` exists and is not {'a .zip file' if as_zip else 'a folder'}; choose "
                           "another path (a name ending in .zip writes a zip, any other a folder).")
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
+    problem = _zip_owner_problem(out) if as_zip else owner_problem(out, kind="bundle", record=BUNDLE_JSON)
+    if problem or not overwrite:
+        raise ConfigError(f"`--out {out}` " + (f"{problem}, so it is not a featx-edge bundle; choose a new path "
+                          "(`--overwrite` replaces only bundles featx-edge made), or delete it yourself if you no "
+                          "longer need it." if problem else "already holds a bundle; pass `--overwrite` to replace "
+                          "it, or choose a new path."))
+
+
+def _zip_owner_problem(out: Path) -> str | None:
+    """None if ``out`` is a zip featx-edge wrote: one top folder holding a bundle marker and a bundle.json that
+    records its id; else what it holds (``ownership.owner_problem``'s words)."""
     try:
-        with zipfile.ZipFile(out) as zf:  # a folder raises OSError here
-            ours = any(name.split("/")[-1] == BUNDLE_JSON and name.count("/") <= 1 for name in zf.namelist())
-    except (OSError, zipfile.BadZipFile):
-        ours = (out / BUNDLE_JSON).is_file()
-    if not ours or not overwrite:
-        raise ConfigError(f"`--out {out}` " + ("already holds a bundle; pass `--overwrite` to replace it, or choose a "
-                          "new path." if ours else f"holds files and is not a featx-edge bundle (no {BUNDLE_JSON}); "
-                          "choose a new path (`--overwrite` replaces only featx-edge bundles)."))
+        with zipfile.ZipFile(out) as zf:
+            names = zf.namelist()
+            tops = {name.split("/", 1)[0] for name in names}
+            top = tops.pop() if len(tops) == 1 else None
+            marker = parse_marker(_small_entry(zf, f"{top}/{MARKER}")) if top else None
+            recorded = recorded_id(_small_entry(zf, f"{top}/{BUNDLE_JSON}")) if marker else None
+    except (OSError, zipfile.BadZipFile, RuntimeError, ValueError, EOFError, NotImplementedError):
+        return f"is {out.stat().st_size} bytes and not a zip file featx-edge wrote"
+    held = f"holds {len(names)} entr{'y' if len(names) == 1 else 'ies'}"
+    if marker is None:
+        return f"{held} and no `{MARKER}` marker in one top folder"
+    if marker["kind"] != "bundle" or recorded != marker["id"]:
+        return f"{held} and a `{MARKER}` marker that is not its bundle's"
+    return None
+
+
+def _small_entry(zf: zipfile.ZipFile, name: str, *, limit: int = 16 << 20) -> bytes:
+    """An entry's bytes, read no further than ``limit`` (a declared size can lie); empty if absent or larger."""
+    try:
+        with zf.open(name) as fh:
+            data = fh.read(limit + 1)
+    except KeyError:
+        return b""
+    return data if len(data) <= limit else b""
+
+
+def _recover_out(out: Path, *, as_zip: bool) -> None:
+    """What a killed bundle left at ``--out``: a folder replacement to finish or roll back, its staging
+    folder, and a zip's temporary file (each only if its command's process is gone)."""
+    if as_zip:
+        remove_dead_temps(out.resolve().parent, name=out.name, recursive=False)
+    else:
+        recover_replacement(out, lock_held=False)
 
 
 def _verify_entry(run: Run, fmt: str, *, allow: bool) -> tuple[str, dict]:
@@ -167,9 +223,21 @@ def _copy_model(run: Run, fmt: str, model: Path, staging: Path) -> int:
     if sha256_file(shutil.copyfile(model, staging / model.name)) != run.manifest["artifacts"][fmt]["sha256"]:
         raise RunDirError(f"`{model}` changed while it was being bundled; bundle again.")
     for name in (*golden.images, golden_file.name):
+        _refuse_links(golden_file.parent, name, fix=fix)
         (staging / SELFTEST_DIR / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(golden_file.parent / name, staging / SELFTEST_DIR / name)
+        shutil.copyfile(golden_file.parent / name, staging / SELFTEST_DIR / name, follow_symlinks=False)
     return len(golden.images)
+
+
+def _refuse_links(selftest: Path, name: str, *, fix: str) -> None:
+    """RunDirError if ``selftest`` or any part of ``name`` in it is a symbolic link: export writes plain files,
+    and a link could put a file from anywhere (a private key) into the bundle."""
+    path = selftest
+    for part in ("", *Path(name).parts):
+        path = path / part if part else path
+        if path.is_symlink():
+            raise RunDirError(f"`{path}` is a symbolic link; a bundle copies only the files export wrote, never what "
+                              f"a link points to. Remove the link and {fix}.")
 
 
 def _add_wheel(staging: Path, wheel: str | Path | None) -> tuple[Path, str, str, list[str]]:
@@ -221,8 +289,8 @@ def _pins(requires: list[str], *, engine: str) -> tuple[dict[str, str], dict[str
 
 def _move_into_place(staging: Path, out: Path, *, as_zip: bool) -> None:
     if not as_zip:
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; a bundle is made to be read and copied
-        replace_run(staging, out)  # renames: a reader sees the old bundle or the new one, never a mix
+        os.chmod(staging, 0o755)  # a bundle is made to be read and copied
+        replace_run(staging, out, kind="bundle", record=BUNDLE_JSON)  # journaled renames: old or new, never a mix
         return
     with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for path in sorted(p for p in staging.rglob("*") if p.is_file()):

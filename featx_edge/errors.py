@@ -37,3 +37,7 @@ class ImageError(FeatxError):
 
 class VerificationError(FeatxError):
     """One or more exported models do not match the reference model."""
+
+
+class NonFiniteOutputError(VerificationError):
+    """A model gave NaN or Inf outputs: it is broken (for example a NaN weight); never a result."""

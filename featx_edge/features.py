@@ -46,6 +46,7 @@ import numpy as np
 from featx_edge.augment import AugmentSpec, augmented_pixels
 from featx_edge.data import Splits, _pixels
 from featx_edge.errors import DataError, FeatxError
+from featx_edge.ownership import claim_folder
 from featx_edge.progress import bar
 from featx_edge.rundir import atomic_path, write_json
 from featx_edge.sample import featx_home
@@ -234,7 +235,12 @@ class FeatureCache:
         self.key, self.shard_images, self.stats = key, shard_images, CacheStats()
         self.scratch: Path | None = None  # set by open_cache when the cache is off: removed by close()
         try:
-            (self.dir / "shards").mkdir(parents=True, exist_ok=True)
+            # Shards are deleted (damaged) and replaced here: only in a folder featx-edge made (ownership).
+            if problem := claim_folder(self.dir, kind="feature-cache"):
+                raise DataError(f"the feature cache folder `{self.dir}` {problem}; featx-edge writes and deletes only "
+                                "in cache folders it made. Delete it yourself if it is an earlier featx-edge's cache "
+                                "(it is rebuilt), or pass another `--feature-cache DIR`.")
+            (self.dir / "shards").mkdir(exist_ok=True)
             (self.dir / "sets").mkdir(exist_ok=True)
         except OSError as err:
             raise DataError(f"cannot create the feature cache `{self.dir}` ({err.strerror or err}); pass a "

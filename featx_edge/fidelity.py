@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featx_edge.errors import VerificationError
+from featx_edge.errors import NonFiniteOutputError, VerificationError
 from featx_edge.formats import Thresholds
 from featx_edge.intervals import paired_difference, wilson
 
@@ -100,3 +100,14 @@ def check(metrics: dict, limits: Thresholds) -> list[str]:
     if limits.min_sqnr_db is not None and metrics["sqnr_db"] < limits.min_sqnr_db:
         failures.append(f"SQNR {metrics['sqnr_db']:.1f} dB < {limits.min_sqnr_db}")
     return failures
+
+
+def broken_reference(run, *, weights: str, bad: int, total: int) -> NonFiniteOutputError:
+    """The one-line error for a Keras reference that gives NaN/Inf on ``bad`` of ``total`` test images:
+    nothing can be judged against it (argmax "agrees" on NaN), so the run must be trained again."""
+    return NonFiniteOutputError(
+        f"the Keras reference model `{weights}` gives NaN/Inf outputs on {bad} of {total} test images: it is broken "
+        "(for example a NaN weight, or non-finite features in training), so no export can be judged against it; "
+        f"train the run again (`featx-edge train --out {run} --overwrite` with its --data and settings), then "
+        "export and verify."
+    )

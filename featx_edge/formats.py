@@ -10,6 +10,7 @@ export machine's (self-test tolerance).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from featx_edge.errors import ConfigError
@@ -225,6 +226,9 @@ def parse_threshold(text: str) -> tuple[str, str, float]:
         ) from None
     if metric not in fields:
         raise ConfigError(f"unknown threshold `{metric}` in `{text}`; allowed: {', '.join(fields)}.")
+    if not math.isfinite(number):  # every comparison with NaN is false: a NaN limit would pass everything
+        raise ConfigError(f"`--threshold` needs a finite number; received `{value.strip()}` in `{text}`. "
+                          "Pass e.g. tflite-int8.min_agreement=0.95.")
     check_format(fmt)
     return fmt, metric, number
 

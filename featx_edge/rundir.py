@@ -7,16 +7,20 @@ interrupted command never leaves a half-written model or report.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
+import logging
 import os
-import shutil
+import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from featx_edge.errors import RunDirError
+from featx_edge.ownership import is_leftover_ours, mark, owner_problem, read_marker, remove_owned
 
 try:
     import fcntl
@@ -31,9 +35,15 @@ VERIFY = "verify.json"
 INT8_LAYERS = "int8_layers.json"
 LOCK_SUFFIX = ".featx-edge.lock"
 EXPORT_JOURNAL = ".export-journal.json"
+REPLACE_JOURNAL = ".featx-edge.replace"
+"""Beside the run (``.RUNNAME.featx-edge.replace``) while ``replace_run`` swaps it for a new one."""
+TMP_PREFIX = ".tmp-"
 MANIFEST_VERSION = 2
 """Version of the manifest layout; a run written with another layout is refused, not guessed at.
 (2: EfficientNet-Lite, the affine preprocessing layer, bias-corrected int8, verify intervals.)"""
+
+log = logging.getLogger(__name__)
+_TMP_NAME = re.compile(r"\.tmp-(\d+)-")
 
 # Top-level manifest entries every command relies on, and their JSON types.
 _REQUIRED = {"labels": list, "backbone": dict, "input": dict, "data": dict, "reference": dict,
@@ -42,11 +52,15 @@ _REQUIRED = {"labels": list, "backbone": dict, "input": dict, "data": dict, "ref
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The temporary name carries the writer's pid (``.tmp-PID-...``): one a killed command left is
+    removed by the next command that locks the run (``remove_dead_temps``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same ending as the target: some writers pick the file format from the name (.weights.h5).
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{path.name}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=f"-{path.name}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -56,6 +70,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_dead_temps(folder: Path, *, name: str = "", recursive: bool = True) -> None:
+    """Delete the ``atomic_path`` temporary files in ``folder`` (ending in ``-name``, if given) whose
+    writer is dead: a kill leaves them behind. Links and folders of that name are left alone."""
+    for root, dirs, files in os.walk(folder) if recursive else [(str(folder), [], _names(folder))]:
+        dirs[:] = [d for d in dirs if not d.startswith(TMP_PREFIX)]  # never walk into a folder being made
+        for filename in files:
+            match = _TMP_NAME.match(filename)
+            if not match or (name and not filename.endswith(f"-{name}")) or not _dead(int(match.group(1))):
+                continue
+            path = Path(root) / filename
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    path.unlink()
+                    log.info("removed %s: a temporary file of a command that was killed", path)
+
+
+def _names(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
 
 
 _held: dict[str, int] = {}
@@ -82,22 +119,48 @@ def locked(run: str | Path, *, command: str, create: bool = False) -> Iterator[N
     within one process (``run`` takes it, then train/export/verify inside take it again).
     ``create``: the folder may not exist yet (``train``); otherwise a missing folder is an
     error. Where ``fcntl`` does not exist (Windows) commands are not locked.
+
+    Taking the lock first finishes what a killed command left: a replacement of the run
+    (``recover_replacement``) and the temporary files of its atomic writes (``remove_dead_temps``).
     """
     run = Path(run)
     if create:
         run.resolve().parent.mkdir(parents=True, exist_ok=True)
-    elif not run.is_dir():
-        raise RunDirError(f"`{run}` is not a featx-edge run directory (no such folder). "
-                          "Create one with `featx-edge train --data DIR --out RUN` or `featx-edge run`.")
+    elif not run.is_dir() and not replacement_pending(run):
+        raise _no_such_run(run)
     key = str(run.resolve())
-    if key in _held or fcntl is None:
-        _held[key] = _held.get(key, 0) + 1
+    if key in _held:
+        _held[key] += 1
         try:
             yield
         finally:
             _held[key] -= 1
             if not _held[key]:
                 del _held[key]
+        return
+    with _flock(run, command=command):
+        _held[key] = 1
+        try:
+            recover_replacement(run, lock_held=True)
+            if not create and not run.is_dir():
+                raise _no_such_run(run)
+            if run.is_dir() and read_marker(run) is not None:  # only in a folder featx-edge made
+                remove_dead_temps(run)
+            yield
+        finally:
+            del _held[key]
+
+
+def _no_such_run(run: Path) -> RunDirError:
+    return RunDirError(f"`{run}` is not a featx-edge run directory (no such folder). "
+                       "Create one with `featx-edge train --data DIR --out RUN` or `featx-edge run`.")
+
+
+@contextlib.contextmanager
+def _flock(run: Path, *, command: str) -> Iterator[None]:
+    """The OS lock on ``run``'s lock file, saying who holds it (a no-op without ``fcntl``)."""
+    if fcntl is None:
+        yield
         return
     try:
         fd = os.open(lock_path(run), os.O_RDWR | os.O_CREAT, 0o644)
@@ -113,81 +176,191 @@ def locked(run: str | Path, *, command: str, create: bool = False) -> Iterator[N
                           "finish, or work in another run folder.") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"`featx-edge {command}`, pid {os.getpid()}".encode(), 0)
-    _held[key] = 1
     try:
         yield
     finally:
-        del _held[key]
         os.ftruncate(fd, 0)  # no stale "held by" text once released
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
 
-def prepare_out(out: Path, *, overwrite: bool, data_root: Path) -> Path:
-    """Check that ``out`` can take a new run, before any work; returns an empty staging folder.
+def check_out(out: str | Path, *, data_root: str | Path | None = None, folder: bool = True,
+              flag: str = "--out") -> Path:
+    """``out`` resolved, if it can name what featx-edge writes and replaces as a whole; RunDirError otherwise.
 
-    Refused: a file; a folder inside the data (or holding it); an existing non-empty folder
-    unless ``overwrite`` and it is a featx-edge run (a folder of other files is never replaced);
-    a parent folder that cannot be written (read-only, no permission).
+    Only the path is judged (nothing is created): refused are an empty value, ``/``, the current
+    folder or one holding it, a file (where ``folder``), and a folder that is (or is inside, or
+    holds) the data folder ``data_root``.
     """
-    out, data = out.resolve(), Path(data_root).resolve()
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"`--out {out}` is a file; give a folder for the run.")
-    if out == data or data in out.parents or out in data.parents:
-        raise RunDirError(f"`--out {out}` and the data folder `{data}` overlap; put the run outside the "
-                          "images (e.g. `runs/NAME`).")
+    if not str(out):
+        raise RunDirError(f"`{flag}` is empty; give the folder to write, e.g. `{flag} runs/NAME`.")
+    resolved, cwd = Path(out).resolve(), Path.cwd().resolve()
+    if resolved == Path(resolved.anchor):
+        raise RunDirError(f"`{flag} {out}` is the root folder; give a folder of its own, e.g. `{flag} runs/NAME`.")
+    if resolved == cwd or resolved in cwd.parents:
+        raise RunDirError(f"`{flag} {out}` is the current folder or holds it ({resolved}); featx-edge replaces "
+                          f"that folder as a whole, so give one of its own, e.g. `{flag} runs/NAME`.")
+    if folder and resolved.exists() and not resolved.is_dir():
+        raise RunDirError(f"`{flag} {resolved}` is a file; give a folder.")
+    if data_root is not None:
+        data = Path(data_root).resolve()
+        if resolved == data or data in resolved.parents or resolved in data.parents:
+            raise RunDirError(f"`{flag} {resolved}` and the data folder `{data}` overlap; put the run outside the "
+                              "images (e.g. `runs/NAME`).")
+    return resolved
+
+
+def prepare_out(out: Path, *, overwrite: bool, data_root: Path) -> Path:
+    """Check that ``out`` can take a new run, before any work; returns an empty, marked staging folder.
+
+    Refused: what ``check_out`` refuses; an existing non-empty folder unless ``overwrite`` and
+    featx-edge made it as a run (``ownership``: a folder of other files, or a run of an earlier
+    version without the marker, is never replaced); a parent folder that cannot be written.
+    """
+    out = check_out(out, data_root=data_root)
     if out.is_dir() and any(out.iterdir()):
-        if not (out / MANIFEST).is_file():
-            raise RunDirError(f"`--out {out}` holds files and is not a featx-edge run; choose a new folder "
-                              "(`--overwrite` replaces only featx-edge runs).")
+        if problem := owner_problem(out, kind="run", record=MANIFEST):
+            raise RunDirError(f"`--out {out}` {problem}, so it is not a featx-edge run (or is one of an earlier "
+                              "version); `--overwrite` replaces only runs featx-edge made. Choose a new folder, or "
+                              f"delete it yourself if you no longer need it (`rm -r {out}`).")
         if not overwrite:
             raise RunDirError(f"`--out {out}` already holds a run; pass `--overwrite` to replace it as a whole "
                               "(its exports and reports go with it), or choose a new folder.")
-    _remove_dead_staging(out)
+    return make_staging(out, kind="run")
+
+
+def make_staging(out: Path, *, kind: str) -> Path:
+    """``.NAME.partial-PID`` beside ``out``, new and marked as a ``kind`` (a killed command's are removed first)."""
+    out = Path(out).resolve()
+    _remove_dead_leftovers(out, "partial")
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if staging.exists() and is_leftover_ours(staging):  # this process's own, from an earlier failed call
+        remove_owned(staging)
     try:
         staging.mkdir()
-    except FileExistsError:
-        shutil.rmtree(staging)
-        staging.mkdir()
+        mark(staging, kind=kind)
     except OSError as err:
         raise RunDirError(f"cannot write in `{out.parent}` ({err.strerror}); choose a writable place for "
                           "`--out`.") from err
     return staging
 
 
-def _remove_dead_staging(out: Path) -> None:
-    """Staging folders of trainings that were killed (their process is gone)."""
-    for leftover in out.parent.glob(f".{out.name}.partial-*"):
+def _remove_dead_leftovers(out: Path, what: str) -> None:
+    """``.NAME.<what>-PID`` folders of commands that were killed (their process is gone), if featx-edge's."""
+    for leftover in out.parent.glob(f".{glob.escape(out.name)}.{what}-*"):
         pid = leftover.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(leftover, ignore_errors=True)
+        if pid.isdigit() and _dead(int(pid)) and leftover.is_dir() and is_leftover_ours(leftover):
+            remove_owned(leftover)
 
 
-def _alive(pid: int) -> bool:
+def _dead(pid: int) -> bool:
+    """Whether ``pid`` is no running process (never this one)."""
+    if pid == os.getpid():
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
-    return True
+    except (PermissionError, OverflowError, ValueError):
+        return False
+    return False
 
 
-def replace_run(staging: Path, out: Path) -> None:
-    """Move a complete run from ``staging`` onto ``out``, replacing an old run as a whole."""
-    out = out.resolve()
-    if not out.exists():
-        os.rename(staging, out)
+def replace_run(staging: Path, out: Path, *, kind: str = "run", record: str = MANIFEST) -> None:
+    """Move a complete run (or bundle: ``kind``, ``record``) from ``staging`` onto ``out``, replacing the old
+    one as a whole, journaled: a kill at any point leaves the old or the new one, or a journal from which the
+    next command (``recover_replacement``) puts one of them back under ``out``'s name."""
+    out = Path(out).resolve()
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        os.rename(staging, out)  # onto an empty folder too; fails if it is no longer empty
         return
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if problem := owner_problem(out, kind=kind, record=record):  # changed since prepare_out checked it
+        raise RunDirError(f"`{out}` {problem} now, so it is not replaced; the new {kind} is not kept.")
+    old, journal = out.parent / f".{out.name}.old-{os.getpid()}", beside(out, REPLACE_JOURNAL)
+    write_json(journal, {"pid": os.getpid(), "old": old.name, "new": Path(staging).name})
     os.rename(out, old)
     try:
         os.rename(staging, out)
     except OSError:
         os.rename(old, out)  # put the old run back
+        journal.unlink()
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    remove_owned(old)
+    journal.unlink()
+
+
+def replacement_pending(out: Path) -> bool:
+    """Whether a killed replacement of ``out`` left a journal or an old folder to put back."""
+    out = Path(out).resolve()
+    return beside(out, REPLACE_JOURNAL).exists() or any(out.parent.glob(f".{glob.escape(out.name)}.old-*"))
+
+
+def recover_replacement(out: Path, *, lock_held: bool) -> None:
+    """Finish or roll back a replacement of ``out`` that was killed (see ``replace_run``).
+
+    New run in place: delete the old one. Old run moved aside, new one not in place: move the old
+    one back (the command did not complete, so the previous state stays). Without ``lock_held``
+    (a bundle's ``--out``), a journal whose writer is alive is left to it. Staging folders of
+    killed commands go too (``.NAME.partial-PID`` of a dead PID, if featx-edge's).
+    """
+    out = Path(out).resolve()
+    journal = beside(out, REPLACE_JOURNAL)
+    remove_dead_temps(out.parent, name=journal.name, recursive=False)
+    entry = _read_journal(journal, out)
+    if entry is None:
+        _recover_unjournaled(out)
+        _remove_dead_leftovers(out, "partial")  # a staging folder killed before it was journaled
+        return
+    if not lock_held and not _dead(entry["pid"]):
+        return
+    old, new = out.parent / entry["old"], out.parent / entry["new"]
+    if not out.exists() and old.is_dir():
+        _put_back(old, out)
+    for leftover in (old, new):
+        if leftover.is_dir() and is_leftover_ours(leftover):
+            remove_owned(leftover)
+    journal.unlink(missing_ok=True)
+
+
+def _read_journal(journal: Path, out: Path) -> dict | None:
+    """The journal's entry, if it is one: a pid and two names beside ``out`` in featx-edge's own forms."""
+    try:
+        entry = json.loads(journal.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        entry = None
+    prefix = f".{out.name}."
+    valid = (isinstance(entry, dict) and isinstance(entry.get("pid"), int)
+             and all(isinstance(entry.get(k), str) and entry[k].startswith(prefix) and "/" not in entry[k]
+                     and re.fullmatch(r"(old|partial)-\d+", entry[k][len(prefix):]) for k in ("old", "new")))
+    if not valid:
+        log.warning("ignored %s: not a featx-edge replacement journal; delete it by hand", journal)
+        return None
+    return entry
+
+
+def _recover_unjournaled(out: Path) -> None:
+    """``.NAME.old-PID`` left without a journal by a killed command: featx-edge's own is deleted once the run
+    is in place; if the run is missing, the one old folder (of an earlier featx-edge too) is put back."""
+    olds = [p for p in out.parent.glob(f".{glob.escape(out.name)}.old-*")
+            if p.name.rsplit("-", 1)[-1].isdigit() and _dead(int(p.name.rsplit("-", 1)[-1])) and p.is_dir()]
+    if not out.exists() and len(olds) == 1:
+        _put_back(olds[0], out)
+        return
+    for old in olds if out.exists() else []:
+        if is_leftover_ours(old):
+            remove_owned(old)
+
+
+def _put_back(old: Path, out: Path) -> None:
+    """Move the run that a killed replacement had moved aside back under its name."""
+    try:
+        os.rename(old, out)
+    except OSError as err:
+        raise RunDirError(f"replacing `{out}` was interrupted and its previous version, `{old}`, cannot be moved "
+                          f"back ({err.strerror or err}); rename it to `{out.name}` by hand.") from err
+    log.warning("put back %s from %s: replacing it was interrupted (the new one, if any, is discarded)", out, old.name)
 
 
 def _umask() -> int:

@@ -27,8 +27,9 @@ from featx_edge.checkpoints import Checkpoints, StageCheckpoint, note_resumable,
 from featx_edge.config import RunConfig, TrainConfig
 from featx_edge.data import map_batches, scan_folder, split_folder
 from featx_edge.distribute import auto_shard_by_data, configure_logical_cpus, is_chief, make_placement
-from featx_edge.errors import ConfigError
+from featx_edge.errors import ConfigError, DataError
 from featx_edge.features import feature_key, open_cache, predict_table, split_features
+from featx_edge.ownership import ID_KEY, read_marker
 from featx_edge.progress import native_output
 from featx_edge.progress import verbose as progress_verbose
 from featx_edge.rundir import (
@@ -37,6 +38,7 @@ from featx_edge.rundir import (
     SPLITS,
     WEIGHTS,
     atomic_path,
+    check_out,
     locked,
     prepare_out,
     replace_run,
@@ -300,8 +302,8 @@ def train_run(config: RunConfig, out: str | Path, *, overwrite: bool = False, re
         ...                 model=ModelConfig(backbone="efficientnet_lite0", image_size=96))
         >>> manifest = train_run(cfg, "runs/demo")  # doctest: +SKIP
     """
+    data_root, _ = check_destination(config, out)
     out = Path(out)
-    data_root = resolve_data(config.data.path, part="all")
     if not is_chief(config.train.strategy):  # no lock: the chief, maybe on this host, holds `out`'s
         scratch = Path(tempfile.mkdtemp(prefix="featx-edge-worker-"))
         try:
@@ -321,6 +323,16 @@ def train_run(config: RunConfig, out: str | Path, *, overwrite: bool = False, re
                 shutil.rmtree(staging, ignore_errors=True)
         remove_checkpoints(out)
         return manifest
+
+
+def check_destination(config: RunConfig, out: str | Path) -> tuple[Path, Path]:
+    """The data folder and ``out`` of a training, both resolved and checked before any folder or lock is
+    made (``rundir.check_out``): a missing ``--data`` must not be created as ``--out``'s parent."""
+    data_root = resolve_data(config.data.path, part="all")
+    if not data_root.is_dir():
+        raise DataError(f"data folder `{data_root}` does not exist or is not a folder. Pass a folder with one "
+                        "sub-folder per class (e.g. data/cat/1.jpg, data/dog/2.jpg), or `--data sample`.")
+    return data_root, check_out(out, data_root=data_root)
 
 
 def _summary(stage: StageResult) -> str:
@@ -425,5 +437,7 @@ def _train_run(config: RunConfig, out: Path, *, data_root: Path, run_dir: Path, 
         "config": config.to_dict(),
         "artifacts": {},
     }
+    if (marker := read_marker(out)) is not None:  # the staging folder's: the run is featx-edge's to replace
+        manifest[ID_KEY] = marker["id"]
     write_json(out / MANIFEST, manifest)
     return manifest

@@ -7,6 +7,11 @@ collected, written to ``RUN/verify.json``, then raised as one VerificationError 
 failing format with the measured value and the threshold. Each image's top-1 class and its
 probability, of the reference and of every format that ran, go to ``RUN/verify_predictions.json``
 (with the sha256 of each model), for the report's confusion matrices and disagreement gallery.
+
+A NaN or an Inf is never a probability (argmax would "agree" on it): a format whose outputs hold
+one fails, with the count of such test images (``nonfinite`` in its entry), and a reference that
+gives one fails the whole verify in one line. An export passes only with its own self-test file
+(``export/selftest/``, what ``selftest`` and ``bundle`` use), never one written for an older export.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ import numpy as np
 
 from featx_edge.data import iter_batches
 from featx_edge.errors import ModelFileError, VerificationError
-from featx_edge.fidelity import check, compare
+from featx_edge.fidelity import broken_reference, check, compare
 from featx_edge.formats import (
     KERNEL_SETS,
     Thresholds,
     get_format,
     merge_overrides,
+    parse_formats,
     parse_kernel_sets,
     thresholds_for,
     tie_margin,
@@ -34,8 +40,10 @@ from featx_edge.formats import (
 from featx_edge.intervals import wilson
 from featx_edge.progress import bar
 from featx_edge.run import Run
-from featx_edge.targets import detect_host
 from featx_edge.rundir import VERIFY, atomic_path, locked, sha256_file, write_json
+from featx_edge.runtime.predictor import nonfinite_rows
+from featx_edge.runtime.selftest import golden_path, read_golden, written_for
+from featx_edge.targets import detect_host
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +94,7 @@ def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None
     manifest = run.manifest
     # The run's own [verify] settings, then this call's.
     overrides = merge_overrides(manifest.get("config", {}).get("verify", {}), overrides)
-    formats = tuple(formats) if formats else run.exported()
+    formats = parse_formats(formats) if formats is not None else run.exported()  # an empty list is refused
     if not formats:
         raise VerificationError(f"`{run.path}` has no exported models; run `featx-edge export {run.path}` first.")
     splits = run.splits()
@@ -97,12 +105,16 @@ def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None
     runners = [r for fmt in formats if not problems[fmt] for r in _open_runners(run, fmt, entries[fmt], problems[fmt])]
     log.info("verifying %d export(s) against the Keras reference on %d test images ...", len(formats), len(labels))
     reference = _run_test_split(run, splits, runners)
-    reference_right = int(np.sum(reference.argmax(1) == labels))
+    finite = np.isfinite(reference).all(axis=1) if reference.size else np.ones(len(reference), bool)
+    reference_right = int(np.sum(finite & (reference.argmax(1) == labels)))  # a NaN row is never right
     report: dict = {"run": str(run.path), "images": len(labels),
                     "reference_accuracy": reference_right / max(len(labels), 1),
                     "reference_accuracy_ci95": list(wilson(reference_right, len(labels))),
-                    "reference_sha256": manifest["reference"]["sha256"], "kernel_sets_gated": list(kernels),
+                    "reference_sha256": manifest["reference"]["sha256"],
+                    "reference_nonfinite": int(np.sum(~finite)), "kernel_sets_gated": list(kernels),
                     "formats": entries}
+    if report["reference_nonfinite"]:
+        _refuse_broken_reference(run, report, problems=problems, runners=runners)
     predictions = {"schema": PREDICTIONS_SCHEMA, "images": list(splits.test), "labels": labels.tolist(),
                    "reference": {"sha256": manifest["reference"]["sha256"], **top1(reference)}, "formats": {}}
     failures: list[str] = []
@@ -110,7 +122,7 @@ def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None
         mine = [r for r in runners if r.fmt == fmt]
         failures += _judge_format(run, fmt, entries[fmt], mine, reference, labels, limits=limits[fmt],
                                   problems=problems[fmt], kernels=kernels)
-        if mine and mine[0].error is None:
+        if mine and mine[0].error is None and not entries[fmt].get("nonfinite"):  # numbers only
             predictions["formats"][fmt] = {"sha256": entries[fmt]["sha256"], **top1(np.concatenate(mine[0].outputs))}
     report["passed"] = not failures
     report["reference_outputs"] = _save_reference(run, reference)
@@ -138,6 +150,7 @@ def _open_runners(run: Run, fmt: str, entry: dict, problems: list[str]) -> list[
     # What was measured, so a later reader (bench, report) can tell a stale entry.
     entry["sha256"] = manifest["artifacts"][fmt]["sha256"]
     entry["compared_with"] = f"the run's float Keras reference ({manifest['reference']['path']})"
+    problems += _golden_problems(run, fmt)
     # int8 kernels differ between CPUs: bench recommends an int8 file only where it was verified.
     entry["verified_on"] = detect_host()
     runners = []
@@ -154,6 +167,38 @@ def _open_runners(run: Run, fmt: str, entry: dict, problems: list[str]) -> list[
     return runners
 
 
+def _golden_problems(run: Run, fmt: str) -> list[str]:
+    """An export passes only with its own self-test file: `selftest` and `bundle` refuse one written
+    for another (older) export, so verify must not call that export good."""
+    path = golden_path(run.artifact_path(fmt))
+    fix = f"re-export it: `featx-edge export {run.path} --formats {fmt}`"
+    try:
+        golden = read_golden(path)
+    except ModelFileError:
+        return [f"its self-test file `{path}` is missing or damaged, so `featx-edge selftest` and `bundle` would "
+                f"refuse it; {fix}"]
+    if not written_for(golden, fmt=fmt, sha256=run.manifest["artifacts"][fmt]["sha256"]):
+        return [f"its self-test file `{path}` was written for an older export (another format or sha256), so "
+                f"`featx-edge selftest` and `bundle` would refuse it; {fix}"]
+    return []
+
+
+def _refuse_broken_reference(run: Run, report: dict, *, problems: dict, runners: list[_Runner]) -> None:
+    """A reference with NaN/Inf outputs fails the whole verify in one line: every comparison with it is
+    meaningless. verify.json says so (nothing stale may pass), and no per-image predictions are kept."""
+    for fmt, entry in report["formats"].items():
+        mine = next((r for r in runners if r.fmt == fmt and r.error is None and r.outputs), None)
+        if mine is not None:
+            entry["nonfinite"] = nonfinite_rows(np.concatenate(mine.outputs))
+        entry["passed"] = False
+        entry["failures"] = problems[fmt] + ["not compared: the Keras reference model gives NaN/Inf outputs"]
+    report["passed"] = False
+    (run.path / PREDICTIONS).unlink(missing_ok=True)
+    write_json(run.path / VERIFY, report)
+    raise broken_reference(run.path, weights=run.path / run.manifest["reference"]["path"],
+                           bad=report["reference_nonfinite"], total=report["images"])
+
+
 def _run_test_split(run: Run, splits, runners: list[_Runner]) -> np.ndarray:
     """Decode each test batch once; run it through the reference and every runner still working."""
     model = run.reference().model
@@ -167,14 +212,15 @@ def _run_test_split(run: Run, splits, runners: list[_Runner]) -> np.ndarray:
                 continue
             t0 = time.perf_counter()
             try:
-                runner.outputs.append(runner.predictor.predict_pixels(batch))
+                # NaN/Inf outputs are kept: verify counts them per image and fails the format
+                runner.outputs.append(runner.predictor.predict_pixels(batch, allow_nonfinite=True))
             except (ModelFileError, VerificationError) as err:
                 runner.error = str(err)
             runner.seconds += time.perf_counter() - t0
     return np.concatenate(reference) if reference else np.zeros((0, len(run.labels)), np.float32)
 
 
-_KERNEL_KEPT = ("images", "accuracy", "accuracy_change_points", "accuracy_change_ci95_points", "top1_agreement",
+_KERNEL_KEPT = ("nonfinite", "images", "accuracy", "accuracy_change_points", "accuracy_change_ci95_points", "top1_agreement",
                 "top1_agreement_ci95", "disagreements", "near_ties", "tie_margin", "near_tie_images",
                 "judged_top1_agreement", "judged_top1_agreement_ci95", "judged_accuracy_change_points",
                 "judged_accuracy_change_ci95_points", "max_abs_diff", "sqnr_db")
@@ -269,6 +315,9 @@ def _check_format(run: Run, fmt: str, entry: dict, probs: np.ndarray, reference:
     from featx_edge.runtime.metadata import read_tflite
 
     spec = get_format(fmt)
+    entry["nonfinite"] = nonfinite_rows(probs)
+    if entry["nonfinite"]:  # argmax "agrees" on NaN and every metric would be NaN: count, never compare
+        return [f"{entry['nonfinite']} of {len(probs)} test images gave NaN/Inf outputs"]
     entry.update(compare(probs, reference, labels, tie_margin=tie_margin(fmt, limits)))
     problems = check(entry, limits)
     path = run.artifact_path(fmt)

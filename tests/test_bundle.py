@@ -93,7 +93,7 @@ def test_a_bundle_holds_the_model_its_selftest_pins_and_the_wheel_only(fake_run,
     bundle = bundle_run(fake_run, fmt=fmt, out=out, wheel=wheel)
     model = artifact_filename(fmt)
     assert _files(out) == {model, f"selftest/{model}.json", "selftest/images/00.png", "selftest/images/01.png",
-                           "requirements.txt", wheel.name, "README.md", BUNDLE_JSON}
+                           "requirements.txt", wheel.name, "README.md", BUNDLE_JSON, ".featx-edge"}  # its marker
     assert sha256_file(out / model) == sha256_file(fake_run / "export" / model)
     lines = [line for line in (out / "requirements.txt").read_text().splitlines() if not line.startswith("#")]
     other = ({"ai-edge-litert", "onnxruntime"} - {ENGINE[fmt]}).pop()

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "featx_edge"
 # Layers, lowest first. A module may import from its own layer or below, never above.
 LAYERS = [
     {"featx_edge", "errors", "intervals", "progress", "_tf", "formats", "torch_state", "sample", "targets",
-     "own_wheel", "versions"},
+     "own_wheel", "versions", "ownership"},
     {"rundir"},
     {"runtime", "macs", "fidelity"},
     {"config", "backbones", "efficientnet_lite", "weights", "data", "model", "augment", "features"},

@@ -19,6 +19,13 @@ def _write(tmp_path, manifest) -> str:
     return str(tmp_path)
 
 
+def _write_owned(run, manifest) -> str:
+    """A run as featx-edge makes it: with its ownership marker, recorded in the manifest."""
+    from featx_edge.ownership import ID_KEY, mark
+
+    return _write(run, manifest | {ID_KEY: mark(run, kind="run")})
+
+
 def test_a_complete_manifest_reads(tmp_path):
     assert read_manifest(_write(tmp_path, GOOD))["labels"] == ["a", "b"]
 
@@ -122,7 +129,7 @@ def test_out_checks_before_any_work(tmp_path):
     (other / "notes.txt").write_text("mine")
     run = tmp_path / "run"
     run.mkdir()
-    _write(run, GOOD)
+    _write_owned(run, GOOD)
     for out, overwrite, message in ((tmp_path / "file", False, "is a file"),
                                     (data / "runs" / "x", False, "overlap"),
                                     (tmp_path, False, "overlap"),
@@ -132,7 +139,8 @@ def test_out_checks_before_any_work(tmp_path):
             prepare_out(out, overwrite=overwrite, data_root=data)
     assert (other / "notes.txt").read_text() == "mine"
     staging = prepare_out(run, overwrite=True, data_root=data)
-    assert staging.is_dir() and not any(staging.iterdir()) and staging.parent == run.parent
+    assert staging.is_dir() and staging.parent == run.parent
+    assert [p.name for p in staging.iterdir()] == [".featx-edge"]  # empty but for its ownership marker
 
 
 def _data_and_run(tmp_path):
@@ -141,7 +149,7 @@ def _data_and_run(tmp_path):
     (data / "a").mkdir(parents=True)
     run = tmp_path / "run"
     run.mkdir()
-    _write(run, GOOD)
+    _write_owned(run, GOOD)
     return data, run
 
 
@@ -173,7 +181,7 @@ def test_an_interrupted_training_leaves_the_old_run_as_it_was(tmp_path, monkeypa
 
     monkeypatch.setattr(train, "_train_run", completes)
     train.train_run(RunConfig(data=DataConfig(path=str(data))), run, overwrite=True)
-    assert sorted(p.name for p in run.iterdir()) == ["manifest.json", "splits.json"]  # nothing old mixed in
+    assert sorted(p.name for p in run.iterdir()) == [".featx-edge", "manifest.json", "splits.json"]  # nothing old
     assert read_manifest(run)["labels"] == ["new"]
     assert not list(tmp_path.glob(".run.old-*"))
 

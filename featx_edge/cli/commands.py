@@ -32,7 +32,8 @@ def _export_overrides(config, args):
     from featx_edge.config import override
     from featx_edge.formats import parse_formats
 
-    formats = parse_formats(args.formats) if getattr(args, "formats", None) else None
+    # `--formats ""` is refused (naming the formats), never read as "the default: all".
+    formats = parse_formats(args.formats) if getattr(args, "formats", None) is not None else None
     return override(config, "export", formats=formats, int8_budget=getattr(args, "int8_budget", None),
                     onnx_calibration=getattr(args, "onnx_calibration", None), target=getattr(args, "target", None))
 
@@ -86,6 +87,7 @@ def _cmd_export(args) -> int:
     from featx_edge.config import override
     from featx_edge.errors import VerificationError
     from featx_edge.export import budget_failure, export_run
+    from featx_edge.formats import parse_formats
 
     def change(config):  # recorded in the run when the export succeeds: the manifest says how it was made
         config = override(config, "train", qat_epochs=args.qat_epochs)
@@ -94,7 +96,8 @@ def _cmd_export(args) -> int:
 
     changed = (args.qat_epochs is not None or args.int8_budget is not None or args.onnx_calibration
                or args.target)
-    manifest = export_run(args.run, formats=args.formats, settings=change if changed else None)
+    formats = parse_formats(args.formats) if args.formats is not None else None  # before the run is locked
+    manifest = export_run(args.run, formats=formats, settings=change if changed else None)
     missed = budget_failure(manifest)
     if missed:
         raise VerificationError(missed)
@@ -107,7 +110,7 @@ def _cmd_verify(args) -> int:
     from featx_edge.rundir import VERIFY, read_manifest
     from featx_edge.verify import format_table, verify_run
 
-    formats = parse_formats(args.formats) if args.formats else None
+    formats = parse_formats(args.formats) if args.formats is not None else None  # `--formats ""` is refused
     kernels = parse_kernel_sets(args.kernels) if args.kernels is not None else None
     try:
         report = verify_run(args.run, formats=formats, overrides=_thresholds(args), kernels=kernels)
@@ -134,7 +137,7 @@ def _cmd_run(args) -> int:
     from featx_edge.formats import merge_overrides, parse_kernel_sets
     from featx_edge.report import report_after_run
     from featx_edge.rundir import VERIFY, locked, read_manifest
-    from featx_edge.train import train_run
+    from featx_edge.train import check_destination, train_run
     from featx_edge.verify import format_table, verify_run
 
     config = _config_from_args(args)
@@ -143,6 +146,7 @@ def _cmd_run(args) -> int:
     overrides = _thresholds(args)
     config = dataclasses.replace(config, verify=merge_overrides(config.verify, overrides))
     kernels = parse_kernel_sets(args.kernels) if args.kernels is not None else None
+    check_destination(config, args.out)  # before the lock below creates any folder
     if not is_chief(config.train.strategy):  # a multi-worker helper: trains in step, exports nothing
         train_run(config, args.out, overwrite=args.overwrite, resume=args.resume)
         return 0
@@ -202,7 +206,7 @@ def _cmd_predict(args) -> int:
             print(f"error: {printable(str(err))}", file=sys.stderr)
             continue
         if args.json:  # json.dumps escapes control characters (\u001b) itself
-            print(json.dumps({"path": str(path), **pred.to_dict()}))
+            print(json.dumps({"path": str(path), **pred.to_dict()}, allow_nan=False))  # never NaN: not JSON
         else:  # labels come from the model file: escape what a terminal would act on
             pairs = "\t".join(f"{printable(label)}\t{score:.4f}" for label, score in pred.top_k)
             print(f"{printable(str(path))}\t{pairs}")

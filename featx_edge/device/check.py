@@ -94,7 +94,7 @@ def device_check(targets: list[str], *, arch: str = "arm64", cpus: str | None = 
     cores = parse_cores(target_arch, cpus)
     if isinstance(images, bool) or not isinstance(images, int) or images < 1:
         raise ConfigError(f"`--images` must be an integer >= 1; received `{images!r}`.")
-    wanted = parse_formats(formats) if formats else None
+    wanted = parse_formats(formats) if formats is not None else None  # `--formats ""` is refused
     if not targets:
         raise ConfigError("`featx-edge device-check` needs at least one run folder or model file.")
     targets = list(dict.fromkeys(str(t) for t in targets))  # each once
@@ -104,8 +104,9 @@ def device_check(targets: list[str], *, arch: str = "arm64", cpus: str | None = 
         for run in runs:
             stack.enter_context(locked(run, command="device-check"))
         jobs = [job for t in targets for job in _jobs(t, images=images, formats=wanted)]
-        env = ensure_environment(target_arch, qemu=qemu)
+        # The host first: a model that gives NaN/Inf here is refused before the slow guest environment.
         host = {job.model: _host_outputs(job, threads=threads) for job in jobs}
+        env = ensure_environment(target_arch, qemu=qemu)
         guests = _run_cores(env, qemu=qemu, cores=cores, jobs=jobs, threads=threads)
         rows = [_row(job, core, guests[core], host[job.model]) for job in jobs for core in cores]
         result = CheckResult(rows=rows)
@@ -175,6 +176,7 @@ def _model_job(model: Path, *, target: str, run: Path | None, images: int,
 
 
 def _host_outputs(job: Job, *, threads: int):
+    """This host's probabilities on the check images; NonFiniteOutputError (one line) for NaN/Inf."""
     from featx_edge.runtime import load
 
     return load(job.model, threads=threads).predict_proba(list(job.images))

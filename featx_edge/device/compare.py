@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from featx_edge.runtime.predictor import nonfinite_rows
+
 SPEED_NOTE = "emulated cores: agreement only, not speed"
 
 
@@ -36,6 +38,7 @@ class Row:
     selftest_top1: int = 0
     max_diff_export: float | None = None
     over_host: int = 0  # check images whose |dprob| versus the host exceeds the tolerance
+    nonfinite: int = 0  # images (check and self-test) whose guest outputs hold a NaN or an Inf
     error: str | None = None
 
     @property
@@ -43,9 +46,13 @@ class Row:
         if self.error is not None:
             return [self.error]
         found = []
+        if self.nonfinite:  # one reason, with the count: the max |dprob| of a NaN says nothing more
+            found.append(f"{self.nonfinite} of {self.images + self.selftest_images} images gave NaN/Inf outputs "
+                         f"(not finite) on {self.core}")
         for what, value in (("the host", self.max_diff_host), ("the export-time outputs", self.max_diff_export)):
             if value is None:
-                found.append(f"outputs that are not finite numbers (versus {what})")
+                if not self.nonfinite:
+                    found.append(f"outputs that are not finite numbers (versus {what})")
             elif value > self.tolerance:
                 where = f" (on {self.over_host}/{self.images} images)" if what == "the host" else ""
                 found.append(f"max |dprob| versus {what} {value:.3g} exceeds the tolerance {self.tolerance}{where}")
@@ -88,7 +95,7 @@ def compare_outputs(*, target: str, fmt: str, core: str, tolerance: float, guest
                top1_host=int(np.sum(g_test.argmax(1) == h_test.argmax(1))), max_diff_host=_max_diff(g_test, h_test),
                over_host=int(np.sum(~(np.abs(g_test - h_test) <= tolerance).all(1))) if g_test.size else 0,
                selftest_images=len(g_self), selftest_top1=int(np.sum(g_self.argmax(1) == reference.argmax(1))),
-               max_diff_export=_max_diff(g_self, e_self))
+               max_diff_export=_max_diff(g_self, e_self), nonfinite=nonfinite_rows(g_test) + nonfinite_rows(g_self))
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float | None:

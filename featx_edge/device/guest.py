@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     results = serve(request)
     tmp = f"{args.out}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(results, fh)
+        json.dump(results, fh, allow_nan=False)  # the runtime refuses NaN/Inf outputs: none can be here
     os.replace(tmp, args.out)
     return 0
 

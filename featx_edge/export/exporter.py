@@ -63,7 +63,7 @@ def export_run(run: str | Path, *, formats: tuple[str, ...] | str | None = None,
             opened.config = settings(recorded)  # used now, recorded only if every export succeeds
         exporter = Exporter(opened)
         config = opened.config
-        chosen = parse_formats(formats) if formats else config.export.formats
+        chosen = parse_formats(formats) if formats is not None else config.export.formats  # "" is refused
         done = False
         try:
             for fmt in bar(chosen, total=len(chosen), desc="exporting", unit="format"):
@@ -157,6 +157,7 @@ class Exporter:
         """Make ``fmt``'s artifact, record it in the manifest, write its golden file; returns the entry."""
         spec = get_format(fmt)
         t0 = time.perf_counter()
+        self.golden.chosen()  # the reference on the test split, once: a NaN reference stops before any conversion
         path = self.run.path / EXPORT_DIR / artifact_filename(fmt)
         log.info("exporting %s ...", fmt)
         with atomic_path(path) as tmp:  # same folder and ending; renamed onto `path` on success

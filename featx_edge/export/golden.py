@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from featx_edge.data import load_images
+from featx_edge.fidelity import broken_reference
 from featx_edge.rundir import EXPORT_DIR, atomic_path
+from featx_edge.runtime.predictor import nonfinite_rows
 from featx_edge.train import predict_probs
 
 
@@ -34,6 +36,10 @@ class GoldenImages:
             run, splits = self._run, self._run.splits()
             # Probabilities streamed over the test split; only the chosen images are kept.
             probs = predict_probs(run.reference().model, splits.root, splits.test, size=run.size)
+            bad = nonfinite_rows(probs)
+            if bad:  # a broken reference: nothing exported from it can be right, nor a golden file of NaN
+                raise broken_reference(run.path, weights=run.path / run.manifest["reference"]["path"], bad=bad,
+                                       total=len(probs))
             top2 = np.sort(probs, axis=1)[:, -2:]
             chosen = np.argsort(-(top2[:, 1] - top2[:, 0]), kind="stable")[: min(self._count, len(probs))]
             pixels = load_images(splits.root, [splits.test[i] for i in chosen], size=run.size)

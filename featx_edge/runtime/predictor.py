@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx_edge.errors import ConfigError, ModelFileError
+from featx_edge.errors import ConfigError, ModelFileError, NonFiniteOutputError
 from featx_edge.runtime.backends import MAX_TENSOR_BYTES, LiteRTBackend, OnnxRuntimeBackend
 from featx_edge.runtime.image import ImageInput, load_pixels
 from featx_edge.runtime.metadata import check_onnx_header, parse_onnx_metadata, read_tflite
@@ -51,18 +51,32 @@ class Predictor:
         """Decode, convert to RGB and resize as in training: uint8 (N, H, W, 3)."""
         return np.stack([load_pixels(img, height=self.height, width=self.width) for img in images])
 
-    def predict_pixels(self, pixels: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
-        """Probabilities for already-resized uint8 pixels (N, H, W, 3): float32 (N, classes)."""
+    def predict_pixels(self, pixels: np.ndarray, *, batch_size: int = 32, allow_nonfinite: bool = False) -> np.ndarray:
+        """Probabilities for already-resized uint8 pixels (N, H, W, 3): float32 (N, classes).
+
+        Raises:
+            NonFiniteOutputError: an output is NaN or Inf (a broken model), unless ``allow_nonfinite``
+                (for callers that count and report such images themselves: verify, the self-test).
+        """
         if pixels.ndim != 4 or pixels.shape[1:] != (self.height, self.width, 3):
             raise ModelFileError(
                 f"pixels must have shape (N, {self.height}, {self.width}, 3); received {pixels.shape}. "
                 "Use `predict` to resize images."
             )
         out = [self.backend.run(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
+        probs = np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
+        bad = nonfinite_rows(probs)
+        if bad and not allow_nonfinite:  # argmax "agrees" on NaN: a NaN must never pass as a class
+            raise NonFiniteOutputError(
+                f"{self.path}: the model gave NaN/Inf outputs on {bad} of {len(probs)} image(s): it is broken "
+                "(for example a NaN weight) and its answers mean nothing; re-export it from a run that passes "
+                "`featx-edge verify`."
+            )
+        return probs
 
-    def predict_proba(self, images: Sequence[ImageInput], *, batch_size: int = 32) -> np.ndarray:
-        return self.predict_pixels(self.preprocess(images), batch_size=batch_size)
+    def predict_proba(self, images: Sequence[ImageInput], *, batch_size: int = 32,
+                      allow_nonfinite: bool = False) -> np.ndarray:
+        return self.predict_pixels(self.preprocess(images), batch_size=batch_size, allow_nonfinite=allow_nonfinite)
 
     def predict(self, images: Sequence[ImageInput] | ImageInput, *, top_k: int = 3,
                 batch_size: int = 32) -> list[Prediction]:
@@ -73,6 +87,10 @@ class Predictor:
         return [self.decode(row, top_k=top_k) for row in probs]
 
     def decode(self, probs: np.ndarray, *, top_k: int = 3) -> Prediction:
+        """One image's probabilities as its best ``top_k`` labels; NonFiniteOutputError for a NaN or an Inf."""
+        if nonfinite_rows(np.reshape(probs, (1, -1))):
+            raise NonFiniteOutputError(f"{self.path}: the model gave NaN/Inf outputs: it is broken (for example a NaN "
+                                       "weight); re-export it from a run that passes `featx-edge verify`.")
         k = max(1, min(top_k, len(self.labels)))
         order = np.argsort(-probs, kind="stable")[:k]
         pairs = [(self.labels[i], float(probs[i])) for i in order]
@@ -112,6 +130,14 @@ def load(path: str | Path, *, threads: int | None = None, provider: str = "CPUEx
         raise ModelFileError(f"{path}: unknown model type `{suffix or '(none)'}`; pass a .tflite or .onnx file")
     _check_contract(path, backend, metadata)
     return Predictor(backend, metadata, path)
+
+
+def nonfinite_rows(outputs: np.ndarray) -> int:
+    """How many rows (images) of ``outputs`` hold a NaN or an Inf."""
+    outputs = np.asarray(outputs)
+    if not outputs.size:
+        return 0
+    return int(np.sum(~np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1)))
 
 
 def check_threads(threads) -> None:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from featx_edge.errors import ImageError, ModelFileError, VerificationError
+from featx_edge.errors import ImageError, ModelFileError, NonFiniteOutputError, VerificationError
 from featx_edge.formats import FORMAT_SPECS
 from featx_edge.rundir import inside, sha256_file
+from featx_edge.runtime.predictor import nonfinite_rows
 
 SELFTEST_DIR = "selftest"
 
@@ -88,6 +89,12 @@ def run_selftest(model_path: str | Path, *, threads: int | None = None) -> Selft
         found = f"it has {golden.expected.shape[1]} outputs per image, the model {len(predictor.labels)} classes"
         raise _damaged(golden_file, [f"{found}: it belongs to another model"])
     local = _local_outputs(predictor, golden_file, golden.images)
+    bad = nonfinite_rows(local)
+    if bad:  # NaN compares unequal to everything, but its argmax is still a class: name it, never pass it
+        raise NonFiniteOutputError(
+            f"{model_path}: self-test failed: {bad} of {len(local)} self-test images gave NaN/Inf outputs: the model "
+            f"is broken (for example a NaN weight); re-export it and copy it with its `{SELFTEST_DIR}/` folder again."
+        )
     result = SelftestResult(
         model=str(model_path), format=golden.format, images=len(golden.images),
         max_abs_diff=float(np.abs(local - golden.expected).max()),
@@ -132,6 +139,11 @@ def read_golden(path: Path) -> Golden:
     return Golden(format=fmt, images=tuple(images), reference=arrays["reference"], expected=arrays["expected"],
                   model_sha256=model_sha256)
 
+
+def written_for(golden: Golden, *, fmt: str, sha256: str) -> bool:
+    """Whether ``golden`` was recorded for this export: its format, and its model's sha256 (a file
+    from before golden files recorded one is taken on trust)."""
+    return golden.format == fmt and golden.model_sha256 in (None, sha256)
 
 
 def _read_json(path: Path):
@@ -186,7 +198,7 @@ def _finite(x: float) -> bool:
 def _local_outputs(predictor, golden_file: Path, images: tuple[str, ...]) -> np.ndarray:
     """This device's probabilities for the golden images; an unreadable image is a damaged copy."""
     try:
-        return predictor.predict_proba([golden_file.parent / name for name in images])
+        return predictor.predict_proba([golden_file.parent / name for name in images], allow_nonfinite=True)
     except ImageError as err:
         raise ModelFileError(
             f"{golden_file}: a self-test image is unreadable ({err}). Copy the `{SELFTEST_DIR}/` folder that "
@@ -203,9 +215,21 @@ def _damaged(path: Path, problems: list[str]) -> ModelFileError:
 
 def write_golden(model_path: Path, *, fmt: str, images: list[str], reference: np.ndarray,
                  expected: np.ndarray) -> Path:
-    """Write the golden file for one model (images already written under ``selftest/``)."""
+    """Write the golden file for one model (images already written under ``selftest/``).
+
+    Raises:
+        NonFiniteOutputError: ``reference`` or ``expected`` holds a NaN or an Inf (a broken model:
+            a golden file of NaN would be invalid JSON and could never pass).
+    """
     from featx_edge.rundir import write_json
 
+    for what, outputs in (("the Keras reference", reference), (f"the {fmt} export", expected)):
+        bad = nonfinite_rows(outputs)
+        if bad:
+            raise NonFiniteOutputError(
+                f"{model_path}: {what} gave NaN/Inf outputs on {bad} of {len(outputs)} self-test images, so no "
+                "self-test file was written: the model is broken (for example a NaN weight); train the run again."
+            )
     return write_json(golden_path(model_path), {
         "format": fmt, "images": images, "model_sha256": sha256_file(model_path),
         "reference": np.round(reference.astype(np.float64), 7).tolist(),
