@@ -17,6 +17,7 @@ gives one fails the whole verify in one line. An export passes only with its own
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 import time
@@ -132,6 +133,33 @@ def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None
     if failures:
         _raise_failures(run, failures, images=len(labels))
     return report
+
+
+def read_reference_outputs(run: Run) -> np.ndarray:
+    """The Keras reference's test-split probabilities recorded by the last verify (for device-check).
+
+    RunDirError naming the fix when verify has not run, ran with an earlier reference, or the file
+    was changed since.
+    """
+    from featx_edge.errors import RunDirError
+
+    fix = f"run `featx-edge verify {run.path}` first (device-check judges against the outputs it records)"
+    try:
+        report = json.loads((run.path / VERIFY).read_text(encoding="utf-8"))
+        record = report["reference_outputs"]
+        path = run.path / REFERENCE_OUTPUTS
+        current = report.get("reference_sha256") == run.manifest["reference"]["sha256"]
+        if not current or sha256_file(path) != record["sha256"]:
+            raise RunDirError(f"`{path}` is stale (an earlier reference model, or changed since verify); {fix}.")
+        outputs = np.load(path, allow_pickle=False)
+    except RunDirError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise RunDirError(f"`{run.path}` has no usable reference outputs from verify ({type(err).__name__}); "
+                          f"{fix}.") from err
+    if outputs.shape != (len(run.splits().test), len(run.labels)):
+        raise RunDirError(f"`{run.path / REFERENCE_OUTPUTS}` has shape {outputs.shape}, not the test split's; {fix}.")
+    return outputs
 
 
 def _save_reference(run: Run, reference: np.ndarray) -> dict:

@@ -228,6 +228,14 @@ def tiny_run(tmp_path) -> Path:
         "manifest_version": MANIFEST_VERSION, "labels": ["red", "green", "blue"], "backbone": {"name": "tiny"},
         "input": {"height": 32, "width": 32}, "data": {"splits": "splits.json"},
         "reference": {"path": "model.weights.h5", "sha256": "0" * 64}, "config": {}, "artifacts": artifacts}))
+    # What verify records: the reference's test-split outputs (the tiny float32 model stands in for Keras).
+    from featx_edge.runtime import load
+    from featx_edge.verify import REFERENCE_OUTPUTS
+
+    reference = load(MODELS["tflite-float32"]).predict_proba([data / name for name in names])
+    np.save(run / REFERENCE_OUTPUTS, reference.astype(np.float32))
+    (run / "verify.json").write_text(json.dumps({"reference_sha256": "0" * 64, "reference_outputs": {
+        "path": REFERENCE_OUTPUTS, "sha256": sha256_file(run / REFERENCE_OUTPUTS), "shape": list(reference.shape)}}))
     return run
 
 
@@ -243,7 +251,8 @@ def test_the_tiny_models_pass_on_two_emulated_cores(arm64_env, tiny_run, tmp_pat
     report = json.loads(out.read_text())
     assert report["passed"] and [t["target"] for t in report["targets"]] == [str(tiny_run), str(MODELS["onnx-float32"])]
     assert report["targets"][0] == run_report
-    assert run_report["images"] == {"count": 6, "source": "test split, evenly spaced"}
+    assert run_report["images"]["count"] == 6
+    assert run_report["images"]["source"].startswith("the test split (6 of 9 images, evenly spaced) (fewer than 200")
     assert {(r["format"], r["core"]) for r in run_report["results"]} == {
         (fmt, core) for fmt in MODELS for core in ("cortex-a53", "cortex-a72")}
     for target in report["targets"]:
@@ -252,6 +261,10 @@ def test_the_tiny_models_pass_on_two_emulated_cores(arm64_env, tiny_run, tmp_pat
             assert row["passed"] and row["problems"] == [], row
             assert row["top1_host"] == row["images"] == 6 and row["selftest_top1"] == row["selftest_images"] == 6
             assert row["max_diff_host"] <= row["tolerance"] and row["max_diff_export"] <= row["tolerance"]
+            if target["target"] == str(tiny_run):  # a run: judged against the Keras reference, as verify does
+                assert row["gate"]["judged_top1_agreement"] == 1.0 and row["gate"]["failures"] == [], row
+            else:
+                assert row["gate"] is None
         for core, part in (("cortex-a53", "0xd03"), ("cortex-a72", "0xd08")):
             guest = target["guest"][core]
             assert guest["machine"] == "aarch64" and guest["cpuinfo"] == part
@@ -286,3 +299,31 @@ def test_a_wrong_result_on_the_emulated_core_fails_the_check(arm64_env, tmp_path
     assert "max |dprob| versus the host 0.001 exceeds the tolerance 0.0001 (on 6/6 images)" in bad["problems"]
     assert good["passed"]  # only the perturbed format fails
     assert f"FAIL {MODELS['tflite-float32']} tflite-float32 on cortex-a72" in text
+
+
+@needs_qemu
+def test_a_run_is_judged_against_the_reference_not_the_host(arm64_env, tiny_run, capsys, monkeypatch):
+    """Outputs 0.04 away from the host's on every image (beyond int8's 0.03 self-test tolerance) but
+    with the reference's top-1 classes: the run passes (the host's |dp| is information); a bare
+    model file, which has no reference, still fails on it. Moved far enough to change classes, the
+    run fails verify's gate on that core."""
+    monkeypatch.setenv(PERTURB_ENV, "tflite-int8=0.04")
+    assert main(["device-check", str(tiny_run), "--formats", "tflite-int8", "--cpu", "cortex-a72", "--quiet"]) == 0
+    row = json.loads((tiny_run / "device_check.json").read_text())["results"][0]
+    assert row["passed"] and row["max_diff_host"] > row["tolerance"] and row["gate"]["failures"] == []
+    assert main(["device-check", str(MODELS["tflite-int8"]), "--cpu", "cortex-a72", "--quiet"]) == 1
+    capsys.readouterr()
+
+    monkeypatch.setenv(PERTURB_ENV, "tflite-int8=1.0")  # class 0 wins everywhere: 6 of 9 images change
+    assert main(["device-check", str(tiny_run), "--formats", "tflite-int8", "--cpu", "cortex-a72", "--quiet"]) == 1
+    text = capsys.readouterr().out
+    row = json.loads((tiny_run / "device_check.json").read_text())["results"][0]
+    assert row["gate"]["judged_top1_agreement"] == pytest.approx(3 / 9)
+    assert "top-1 agreement 0.3333 < 0.97 (against the Keras reference on cortex-a72)" in text
+
+
+def test_a_run_without_verify_outputs_is_refused_with_the_fix(tiny_run, capsys):
+    (tiny_run / "verify_reference.npy").unlink()
+    assert main(["device-check", str(tiny_run), "--cpu", "cortex-a72"]) == 2
+    err = capsys.readouterr().err
+    assert f"run `featx-edge verify {tiny_run}` first" in err and "Traceback" not in err

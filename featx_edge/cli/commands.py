@@ -254,11 +254,11 @@ def _cmd_bundle(args) -> int:
 
 def _cmd_device_check(args) -> int:
     from featx_edge.config import check_flag
-    from featx_edge.device.check import DEFAULT_IMAGES, device_check
+    from featx_edge.device.check import device_check
 
     check_flag("--threads", args.threads)
     check_flag("--images", args.images)
-    result = device_check(args.targets, arch=args.arch, cpus=args.cpu, images=args.images or DEFAULT_IMAGES,
+    result = device_check(args.targets, arch=args.arch, cpus=args.cpu, images=args.images,
                           formats=args.formats, threads=args.threads or 1, out=args.out)
     print(result.table)
     return 0 if result.passed else 1

@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="arm64", help="target architecture (default: arm64, the only one for now)")
     p.add_argument("--cpu", help="comma-separated named cores (default: cortex-a53,cortex-a72,cortex-a76; also "
                                  "cortex-a35, cortex-a57, neoverse-n1)")
-    p.add_argument("--images", type=int, help="test images per run to compare (default: 64)")
+    p.add_argument("--images", type=int, help="test images per run to judge (default: the whole test split; a model file: its "
+                        "self-test images, up to 64)")
     p.add_argument("--formats", help="comma-separated formats of a run to check (default: every exported one)")
     p.add_argument("--threads", type=int, help="inference threads on host and guest, >= 1 (default: 1)")
     p.add_argument("--out", help="also write every target's report to this JSON file (default: none)")

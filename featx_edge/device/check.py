@@ -5,11 +5,15 @@ Example:
     >>> result = device_check(["runs/demo"], cpus="cortex-a53,cortex-a72", images=64)  # doctest: +SKIP
     >>> print(result.table); result.passed  # doctest: +SKIP
 
-For a run, the check images are its test split (``--images`` of them, evenly spaced so every
-class is in) and the report goes to ``RUN/device_check.json``; for a bare model file they are
-the images of its ``selftest/`` folder and the report is printed (or written to ``--out``).
-The host computes its own outputs with ``featx_edge.runtime``; each core runs one guest Python
-that loads each model once (``featx_edge.device.guest``).
+For a run, the check images are its whole test split (or ``--images`` of them, evenly spaced so
+every class is in) and each format on each core is judged as verify judges it: against the Keras
+reference's outputs that verify recorded (``verify_reference.npy``), with the format's thresholds,
+intervals and tie rule; the differences from this host's outputs are reported beside, as
+information. The report goes to ``RUN/device_check.json``. For a bare model file the check images
+are those of its ``selftest/`` folder, judged against the host and the export-time outputs, and the
+report is printed (or written to ``--out``). The host computes its own outputs with
+``featx_edge.runtime``; each core runs one guest Python that loads each model once
+(``featx_edge.device.guest``).
 """
 
 from __future__ import annotations
@@ -37,16 +41,20 @@ from featx_edge.device.emulator import (
 )
 from featx_edge.device.env import Environment, ensure_environment
 from featx_edge.errors import ConfigError, ModelFileError, RunDirError
-from featx_edge.formats import parse_formats
+from featx_edge.formats import parse_formats, thresholds_for, tie_margin
 from featx_edge.progress import verbose
 from featx_edge.rundir import locked, sha256_file, write_json
 from featx_edge.runtime.selftest import Golden, golden_path, read_golden, tolerance_for
+from featx_edge.verify import read_reference_outputs
 from featx_edge.versions import installed_versions
 
 log = logging.getLogger(__name__)
 
 REPORT = "device_check.json"
 DEFAULT_IMAGES = 64
+"""Self-test images compared for a bare model file (a run uses its whole test split by default)."""
+GATE_MIN_IMAGES = 200
+"""Fewer test images than this and the report says the gate's intervals are wide."""
 SCHEMA = 1
 _ENGINES = ("numpy", "pillow", "onnxruntime", "ai-edge-litert")
 
@@ -63,6 +71,7 @@ class Job:
     golden: Golden
     selftest_images: tuple[str, ...]
     images: tuple[str, ...]
+    gate: dict | None = None  # for a run: {"reference", "labels", "limits", "tie_margin"} on ``images``
 
 
 @dataclass
@@ -79,7 +88,7 @@ class CheckResult:
 
 
 def device_check(targets: list[str], *, arch: str = "arm64", cpus: str | None = None,
-                 images: int = DEFAULT_IMAGES, formats: str | None = None, threads: int = 1,
+                 images: int | None = None, formats: str | None = None, threads: int = 1,
                  out: str | Path | None = None) -> CheckResult:
     """Check ``targets`` (run folders or model files) on emulated ``cpus`` of ``arch``.
 
@@ -92,7 +101,7 @@ def device_check(targets: list[str], *, arch: str = "arm64", cpus: str | None = 
     """
     target_arch = parse_arch(arch)
     cores = parse_cores(target_arch, cpus)
-    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+    if images is not None and (isinstance(images, bool) or not isinstance(images, int) or images < 1):
         raise ConfigError(f"`--images` must be an integer >= 1; received `{images!r}`.")
     wanted = parse_formats(formats) if formats is not None else None  # `--formats ""` is refused
     if not targets:
@@ -125,20 +134,20 @@ def device_check(targets: list[str], *, arch: str = "arm64", cpus: str | None = 
     return result
 
 
-def _jobs(target: str, *, images: int, formats: tuple[str, ...] | None) -> list[Job]:
+def _jobs(target: str, *, images: int | None, formats: tuple[str, ...] | None) -> list[Job]:
     path = Path(target)
     if path.is_dir():
         return _run_jobs(path, images=images, formats=formats)
     if not path.is_file():
         raise ConfigError(f"`{target}` is neither a run folder nor a model file; pass a folder made by "
                           "`featx-edge run` or an exported .tflite / .onnx file with its selftest/ folder.")
-    job = _model_job(path, target=target, run=None, images=images)
+    job = _model_job(path, target=target, run=None, images=images or DEFAULT_IMAGES)
     if formats is not None and job.format not in formats:
         raise ConfigError(f"`{target}` is a {job.format} model, which `--formats` leaves out.")
     return [job]
 
 
-def _run_jobs(path: Path, *, images: int, formats: tuple[str, ...] | None) -> list[Job]:
+def _run_jobs(path: Path, *, images: int | None, formats: tuple[str, ...] | None) -> list[Job]:
     from featx_edge.run import Run
 
     run = Run.open(path)
@@ -156,14 +165,25 @@ def _run_jobs(path: Path, *, images: int, formats: tuple[str, ...] | None) -> li
     test = [os.path.abspath(splits.root / rel) for rel in splits.test]  # the guest runs in another folder
     if not test:
         raise RunDirError(f"`{path}`: the test split is empty; nothing to compare on.")
-    step = len(test) / min(images, len(test))  # evenly spaced: every class, whatever the split's order
-    picked = tuple(test[int(i * step)] for i in range(min(images, len(test))))
-    return [_model_job(run.artifact_path(fmt), target=str(path), run=path, images=images, test=picked)
-            for fmt in chosen]
+    count = min(images or len(test), len(test))
+    step = len(test) / count  # evenly spaced: every class, whatever the split's order
+    rows = [int(i * step) for i in range(count)]
+    picked = tuple(test[i] for i in rows)
+    reference = read_reference_outputs(run)[rows]
+    labels = splits.labels("test")[rows]
+    overrides = run.manifest.get("config", {}).get("verify", {})
+    jobs = []
+    for fmt in chosen:
+        limits = thresholds_for(fmt, overrides)
+        gate = {"reference": reference, "labels": labels, "limits": limits, "tie_margin": tie_margin(fmt, limits),
+                "split_images": len(test)}
+        jobs.append(_model_job(run.artifact_path(fmt), target=str(path), run=path, images=count, test=picked,
+                               gate=gate))
+    return jobs
 
 
 def _model_job(model: Path, *, target: str, run: Path | None, images: int,
-               test: tuple[str, ...] | None = None) -> Job:
+               test: tuple[str, ...] | None = None, gate: dict | None = None) -> Job:
     golden_file = golden_path(model)
     golden = read_golden(golden_file)
     sha = sha256_file(model)
@@ -172,7 +192,7 @@ def _model_job(model: Path, *, target: str, run: Path | None, images: int,
                              f"`{model}`); copy the model and its selftest/ folder from the same export, or re-export.")
     selftest = tuple(str((golden_file.parent / name).resolve()) for name in golden.images)
     return Job(target=target, run=run, format=golden.format, model=model.resolve(), sha256=sha, golden=golden,
-               selftest_images=selftest, images=test if test is not None else selftest[:images])
+               selftest_images=selftest, images=test if test is not None else selftest[:images], gate=gate)
 
 
 def _host_outputs(job: Job, *, threads: int):
@@ -226,7 +246,7 @@ def _row(job: Job, core: str, guest: dict, host) -> Row:
                    error=f"the runtime failed on {core}: {why}")
     return compare_outputs(**base, guest_test=entry["outputs"]["test"], host_test=host,
                            guest_selftest=entry["outputs"]["selftest"], reference=job.golden.reference,
-                           expected=job.golden.expected)
+                           expected=job.golden.expected, gate=job.gate)
 
 
 def _context(env: Environment, *, qemu: str, cores: tuple[str, ...], guests: dict, threads: int) -> dict:
@@ -241,7 +261,12 @@ def _context(env: Environment, *, qemu: str, cores: tuple[str, ...], guests: dic
 
 def _report(target: str, jobs: list[Job], rows: list[Row], context: dict) -> dict:
     first = jobs[0]
-    source = "test split, evenly spaced" if first.run is not None else "the model's selftest/ images"
+    source = "the model's selftest/ images"
+    if first.run is not None:
+        source = f"the test split ({len(first.images)} of {first.gate['split_images']} images, evenly spaced)"
+        if len(first.images) < GATE_MIN_IMAGES:
+            source += (f" (fewer than {GATE_MIN_IMAGES} images: the gate's intervals are wide; one image moves "
+                       f"agreement {100 / max(len(first.images), 1):.1f} points)")
     return {"schema": SCHEMA, "note": SPEED_NOTE, "featx_edge": __version__, "target": target,
             "proves": "the exported models' kernels and numerics on these emulated cores (instruction set and core "
                       "model); not speed, and not a real device's drivers, NPU or GPU delegates",

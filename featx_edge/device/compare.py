@@ -1,7 +1,11 @@
 """Host-side judgement of one format on one emulated core: agreement, |Δp|, pass or fail.
 
-Two comparisons, both against the format's self-test tolerance (``FormatSpec.selftest_tolerance``,
-never loosened here):
+For a run, the verdict is verify's gate on the device: the core's outputs on the test split
+against the Keras reference's (top-1 agreement and accuracy change with their intervals, the
+format's thresholds and tie rule, ``fidelity.compare``/``check``). The comparison with this host
+is then information: a quantized model may round differently on another core and still match the
+original model. Without a reference (a bare model file) the verdict is the two comparisons below,
+both against the format's self-test tolerance (``FormatSpec.selftest_tolerance``, never loosened):
 
 - with the host: the same model and images through the host's runtime. Max |Δp| must stay within
   the tolerance. Top-1 agreement is reported but not gated separately: with |Δp| within the
@@ -18,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from featx_edge.fidelity import check, compare
 from featx_edge.runtime.predictor import nonfinite_rows
 
 SPEED_NOTE = "emulated cores: agreement only, not speed"
@@ -40,6 +45,7 @@ class Row:
     over_host: int = 0  # check images whose |dprob| versus the host exceeds the tolerance
     nonfinite: int = 0  # images (check and self-test) whose guest outputs hold a NaN or an Inf
     error: str | None = None
+    gate: dict | None = None  # a run's verdict against the Keras reference: metrics and ``failures``
 
     @property
     def problems(self) -> list[str]:
@@ -49,6 +55,8 @@ class Row:
         if self.nonfinite:  # one reason, with the count: the max |dprob| of a NaN says nothing more
             found.append(f"{self.nonfinite} of {self.images + self.selftest_images} images gave NaN/Inf outputs "
                          f"(not finite) on {self.core}")
+        if self.gate is not None:  # verify's gate decides; the host and export-time |dp| are information
+            return found + [f"{f} (against the Keras reference on {self.core})" for f in self.gate["failures"]]
         for what, value in (("the host", self.max_diff_host), ("the export-time outputs", self.max_diff_export)):
             if value is None:
                 if not self.nonfinite:
@@ -71,9 +79,11 @@ class Row:
 
 
 def compare_outputs(*, target: str, fmt: str, core: str, tolerance: float, guest_test, host_test,
-                    guest_selftest, reference, expected) -> Row:
+                    guest_selftest, reference, expected, gate: dict | None = None) -> Row:
     """Judge the guest's probabilities: ``*_test`` on the check images, ``guest_selftest`` on the golden
     images (``reference``: the Keras model's outputs, ``expected``: the exported model's, at export time).
+    ``gate`` (a run): the Keras reference's outputs on the check images, their labels, the format's
+    ``limits`` and ``tie_margin``; the row then passes or fails on verify's gate.
 
     Example:
         >>> p = [[0.9, 0.1], [0.2, 0.8]]
@@ -95,7 +105,21 @@ def compare_outputs(*, target: str, fmt: str, core: str, tolerance: float, guest
                top1_host=int(np.sum(g_test.argmax(1) == h_test.argmax(1))), max_diff_host=_max_diff(g_test, h_test),
                over_host=int(np.sum(~(np.abs(g_test - h_test) <= tolerance).all(1))) if g_test.size else 0,
                selftest_images=len(g_self), selftest_top1=int(np.sum(g_self.argmax(1) == reference.argmax(1))),
-               max_diff_export=_max_diff(g_self, e_self), nonfinite=nonfinite_rows(g_test) + nonfinite_rows(g_self))
+               max_diff_export=_max_diff(g_self, e_self), nonfinite=nonfinite_rows(g_test) + nonfinite_rows(g_self),
+               gate=_gate(g_test, gate))
+
+
+_GATE_KEPT = ("images", "judged_top1_agreement", "judged_top1_agreement_ci95", "judged_accuracy_change_points",
+              "judged_accuracy_change_ci95_points", "top1_agreement", "accuracy", "near_ties", "tie_margin")
+
+
+def _gate(guest: np.ndarray, gate: dict | None) -> dict | None:
+    """verify's gate on the core's outputs; None without a reference (a bare model file)."""
+    if gate is None or nonfinite_rows(guest):
+        return None if gate is None else {"failures": []}  # NaN/Inf: reported once, as non-finite
+    metrics = compare(guest, np.asarray(gate["reference"], dtype=np.float64), np.asarray(gate["labels"]),
+                      tie_margin=gate["tie_margin"])
+    return {**{key: metrics[key] for key in _GATE_KEPT}, "failures": check(metrics, gate["limits"])}
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -107,11 +131,13 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> float | None:
 
 def format_table(rows: list[Row], *, title: str) -> str:
     """The rows as a fixed-width table with ``title`` and the speed note above it."""
-    head = ("target", "format", "core", "top-1 vs host", "self-test top-1", "max|dp| host", "max|dp| export",
-            "tolerance", "result")
+    head = ("target", "format", "core", "agreement vs Keras", "top-1 vs host", "self-test top-1", "max|dp| host",
+            "max|dp| export", "tolerance", "result")
     lines = [head]
     for r in rows:
-        lines.append((r.target, r.format, r.core, f"{r.top1_host}/{r.images}" if r.error is None else "-",
+        agreement = "-" if not (r.gate and "judged_top1_agreement" in r.gate) else (
+            f"{r.gate['judged_top1_agreement']:.4f} ({r.gate['judged_accuracy_change_points']:+.2f} pt)")
+        lines.append((r.target, r.format, r.core, agreement, f"{r.top1_host}/{r.images}" if r.error is None else "-",
                       f"{r.selftest_top1}/{r.selftest_images}" if r.error is None else "-",
                       _num(r.max_diff_host, r), _num(r.max_diff_export, r), f"{r.tolerance:g}",
                       "PASS" if r.passed else "FAIL"))
