@@ -1,6 +1,7 @@
 """The int8 evidence matrix: backbones x datasets x seeds, every int8 path under every kernel set.
 
-Each cell trains a run, exports ``tflite-int8`` and ``onnx-int8`` with the int8 settings under
+Each cell trains a run, exports ``tflite-int8``, ``onnx-int8`` and ``tflite-int16x8`` (int16
+activations, int8 weights: for where int8 cannot reach the gate) with the int8 settings under
 test (``--bias-correction auto|on|off``) and verifies them against the run's float Keras
 reference on its held-out test split, at the DEFAULT thresholds, with the tie-aware gate and
 under each kernel set (XNNPACK and LiteRT's reference kernels for tflite-int8; onnxruntime's
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from datasets import fashion_folder, inverted_copy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-FORMATS = ("tflite-int8", "onnx-int8")
+FORMATS = ("tflite-int8", "onnx-int8", "tflite-int16x8")
 BACKBONES = ("lite0", "mnv2-digits")
 DATASETS = ("sample", "sample-inverted", "fashion")
 BIAS = {"auto": "auto", "on": True, "off": False}
@@ -80,12 +81,12 @@ def _config(backbone: str, data: Path, *, seed: int, bias, weights: Path | None)
         config = load_config(ROOT / "examples" / "digits_pretrained.toml")
         config = override(config, "model", image_size=64, weights=str(weights))
     config = override(config, "data", path=str(data))
-    config = override(config, "export", formats=FORMATS, bias_correction=bias)
+    config = override(config, "export", bias_correction=bias)
     return dataclasses.replace(config, seed=seed)
 
 
-def _cell(config, run: Path) -> tuple[dict, float]:
-    from featx_edge.errors import VerificationError
+def _cell(config, run: Path, formats: tuple[str, ...]) -> tuple[dict, float]:
+    from featx_edge.errors import FeatxError, VerificationError
     from featx_edge.export import export_run
     from featx_edge.rundir import VERIFY, read_manifest
     from featx_edge.train import train_run
@@ -93,18 +94,28 @@ def _cell(config, run: Path) -> tuple[dict, float]:
 
     t0 = time.perf_counter()
     train_run(config, run)
-    export_run(run)
+    failed = {}
+    for fmt in formats:
+        try:
+            export_run(run, formats=(fmt,))
+        except FeatxError as err:  # e.g. a kernel cannot prepare the model: recorded, not fatal
+            failed[fmt] = str(err)
     try:
         verify_run(run)
     except VerificationError:
         pass  # recorded per format in verify.json
-    return {"verify": json.loads((run / VERIFY).read_text()),
+    return {"verify": json.loads((run / VERIFY).read_text()), "export_failed": failed,
             "int8_choice": read_manifest(run).get("int8_choice")}, time.perf_counter() - t0
 
 
-def _rows(backbone: str, dataset: str, seed: int, cell: dict) -> list[dict]:
+def _rows(backbone: str, dataset: str, seed: int, cell: dict, formats: tuple[str, ...]) -> list[dict]:
     report, rows = cell["verify"], []
-    for fmt in FORMATS:
+    for fmt in formats:
+        if fmt in cell["export_failed"]:
+            rows.append({"backbone": backbone, "dataset": dataset, "seed": seed, "format": fmt, "kernels": "-",
+                         "passed": False, "failures": [cell["export_failed"][fmt]], "agreement": None,
+                         "change_points": None, "images": report["images"]})
+            continue
         entry = report["formats"][fmt]
         for kernels, sub in (entry.get("kernels") or {"default": entry}).items():
             rows.append({
@@ -133,6 +144,8 @@ def markdown(rows: list[dict]) -> str:
         change = "; ".join(f"{r['change_points']:+.2f}" for r in cell if r["change_points"] is not None)
         goal = sum(1 for r in cell if r["agreement"] is not None and r["agreement"] >= 0.99
                    and r["change_points"] >= -0.5)
+        if key[3] == "-":
+            agree = "export failed: " + "; ".join(sorted({str(r["failures"][0])[:120] for r in cell}))
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {agree} | {change} | "
                      f"{sum(bool(r['passed']) for r in cell)}/{len(cell)} | {goal}/{len(cell)} |")
     return "\n".join(lines)
@@ -145,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (split, head initialisation)")
     parser.add_argument("--bias-correction", choices=tuple(BIAS), default="auto")
+    parser.add_argument("--formats", default=",".join(FORMATS))
     args = parser.parse_args(argv)
 
     from featx_edge.bench import machine_info
@@ -152,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     from featx_edge.rundir import write_json
 
     backbones = [b for b in args.backbones.split(",") if b]
+    formats = tuple(f for f in args.formats.split(",") if f)
     datasets = [d for d in args.datasets.split(",") if d]
     work = Path(tempfile.mkdtemp(prefix="featx-int8-matrix-"))
     rows: list[dict] = []
@@ -163,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                 for seed in parse_int_list("seeds", args.seeds):
                     config = _config(backbone, data, seed=seed, bias=BIAS[args.bias_correction], weights=weights)
                     run = work / f"{backbone}-{dataset}-{seed}"
-                    cell, seconds = _cell(config, run)
+                    cell, seconds = _cell(config, run, formats)
                     shutil.rmtree(run, ignore_errors=True)
-                    for row in _rows(backbone, dataset, seed, cell):
+                    for row in _rows(backbone, dataset, seed, cell, formats):
                         rows.append({**row, "cell_seconds": round(seconds, 1)})
                         print(json.dumps(rows[-1]), flush=True)
     finally:

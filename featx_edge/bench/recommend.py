@@ -16,7 +16,8 @@ from featx_edge.rundir import VERIFY
 from featx_edge.targets import detect_host
 
 FLOAT_SIBLING = {"tflite-int8": "tflite-float32", "tflite-int8-selective": "tflite-float32",
-                 "tflite-int8-qat": "tflite-float32", "tflite-dynamic": "tflite-float32",
+                 "tflite-int8-qat": "tflite-float32", "tflite-int16x8": "tflite-float32",
+                 "tflite-dynamic": "tflite-float32",
                  "onnx-int8": "onnx-float32"}
 
 

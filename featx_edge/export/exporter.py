@@ -17,6 +17,7 @@ import numpy as np
 
 from featx_edge import __version__
 from featx_edge.config import RunConfig
+from featx_edge.errors import ExportError, ModelFileError
 from featx_edge.export.calibration import calibration_images
 from featx_edge.export.golden import GoldenImages
 from featx_edge.formats import FormatSpec, artifact_filename, get_format, parse_formats
@@ -162,10 +163,15 @@ class Exporter:
         log.info("exporting %s ...", fmt)
         with atomic_path(path) as tmp:  # same folder and ending; renamed onto `path` on success
             self._converters[spec.converter](spec, tmp)
+            try:  # a file that cannot run on this host never takes the export's place
+                expected = self.golden.expected(tmp)
+            except ModelFileError as err:
+                raise ExportError(f"{fmt}: the converted model does not run here, so it was not written: "
+                                  f"{str(err).replace(str(tmp), str(path))}") from err
             self.run.journal(fmt, path, sha256=sha256_file(tmp))
         entry = self.run.record_artifact(fmt, path)
         (self.run.path / EXPORT_JOURNAL).unlink(missing_ok=True)
-        self.golden.write(fmt, path)
+        self.golden.write(fmt, path, expected=expected)
         log.info("  wrote %s (%.2f MB, %.1f s)", entry["path"], entry["bytes"] / 1e6, time.perf_counter() - t0)
         return entry
 
@@ -181,12 +187,14 @@ class Exporter:
 
         quant = TFLiteQuantization.named(spec.quantization)
         extra: dict = {}
-        if quant.full_integer:
+        if quant.calibrated:
             source, recipe = self.int8_source()
             flatbuffer = self._int8_flatbuffer  # already converted from this source while choosing it
             if flatbuffer is None or spec.quantization != "int8":
                 flatbuffer = convert(source, size=self.run.size, quantization=quant, calibration=self.calibration)
-            extra = {"quantization": {"method": "tflite full-integer post-training", **recipe}}
+            method = ("tflite full-integer post-training" if quant.full_integer
+                      else "tflite 16x8 post-training (int16 activations, int8 weights)")
+            extra = {"quantization": {"method": method, **recipe}}
         else:
             flatbuffer = convert(self.run.reference().model, size=self.run.size, quantization=quant)
         self._write_tflite(spec, path, flatbuffer, extra)

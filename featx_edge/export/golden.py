@@ -52,10 +52,18 @@ class GoldenImages:
             self._chosen = (names, pixels, probs[chosen])
         return self._chosen
 
-    def write(self, fmt: str, path: Path) -> None:
-        """Write ``path``'s golden file: the reference's and this model's outputs on the images."""
+    def expected(self, path: Path) -> np.ndarray:
+        """The model at ``path`` on the self-test images, on this host (raises if it cannot run here)."""
         from featx_edge.runtime import load
+
+        _, pixels, _ = self.chosen()
+        return load(path).predict_pixels(pixels, allow_nonfinite=True)
+
+    def write(self, fmt: str, path: Path, *, expected: np.ndarray | None = None) -> None:
+        """Write ``path``'s golden file: the reference's and this model's outputs (``expected``, computed
+        now if not given) on the images."""
         from featx_edge.runtime.selftest import write_golden
 
-        names, pixels, reference = self.chosen()
-        write_golden(path, fmt=fmt, images=names, reference=reference, expected=load(path).predict_pixels(pixels))
+        names, _, reference = self.chosen()
+        write_golden(path, fmt=fmt, images=names, reference=reference,
+                     expected=self.expected(path) if expected is None else expected)
