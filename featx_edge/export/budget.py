@@ -33,7 +33,7 @@ class JudgingSet:
     what: str
 
 
-def judging_set(run) -> JudgingSet:
+def judging_set(run, *, train_images: int = JUDGE_TRAIN_IMAGES) -> JudgingSet:
     """Validation plus calibration-free training images (never test).
 
     Training images that calibrated the int8 models are left out: their ranges were fit on them.
@@ -43,7 +43,7 @@ def judging_set(run) -> JudgingSet:
     calibrated = set(calibration_files(splits.train, count=config.export.calibration_images, seed=config.seed))
     free = [p for p in splits.train if p not in calibrated]
     rng = np.random.default_rng([config.seed, 11])
-    free = [free[i] for i in sorted(rng.permutation(len(free))[:JUDGE_TRAIN_IMAGES])]
+    free = [free[i] for i in sorted(rng.permutation(len(free))[:train_images])]
     train_labels = np.array([splits.classes.index(label_of(p)) for p in free], dtype=np.int64)
     relpaths = (*splits.val, *free)
     reference = predict_probs(run.reference().model, splits.root, relpaths, size=run.size,

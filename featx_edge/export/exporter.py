@@ -128,7 +128,7 @@ class Exporter:
         """Convert tflite-int8 with and without bias correction; keep the better on the judging set."""
         from featx_edge.export.bias_correction import bias_corrected
         from featx_edge.export.budget import judging_set
-        from featx_edge.export.int8_choice import choose_bias_correction
+        from featx_edge.export.int8_choice import CHOICE_TRAIN_IMAGES, choose_bias_correction
         from featx_edge.export.tflite import TFLiteQuantization, convert
 
         corrected, info = bias_corrected(reference, calibration=self.calibration)
@@ -136,7 +136,7 @@ class Exporter:
         sources = {"off": reference, "on": corrected}
         flatbuffers = {name: convert(model, size=self.run.size, quantization=quant, calibration=self.calibration)
                        for name, model in sources.items()}
-        chosen, record = choose_bias_correction(flatbuffers, run=self.run, judging=judging_set(self.run))
+        chosen, record = choose_bias_correction(flatbuffers, run=self.run, judging=judging_set(self.run, train_images=CHOICE_TRAIN_IMAGES))
         self.run.manifest["int8_choice"] = record
         self._int8_flatbuffer = flatbuffers[chosen]
         choice = {"setting": "auto", "chosen": chosen, "judged_on": record["judged_on"]}

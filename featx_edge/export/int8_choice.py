@@ -22,6 +22,10 @@ from featx_edge.formats import get_format, thresholds_for, tie_margin
 
 log = logging.getLogger(__name__)
 
+CHOICE_TRAIN_IMAGES = 500
+"""Calibration-free training images that join validation to judge the choice (LiteRT's reference
+kernels are slow: every candidate runs under them too)."""
+
 
 def judge_flatbuffer(flatbuffer: bytes, *, run, judging, fmt: str = "tflite-int8") -> dict:
     """Agreement of an int8 flatbuffer with the reference on the judging set, per kernel set."""
