@@ -385,12 +385,22 @@ def load_config(path: str | Path) -> RunConfig:
         >>> cfg = load_config("examples/vgg16_seed.toml")  # doctest: +SKIP
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file `{path}` is a folder; pass a TOML file with `--config`.")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file `{path}` does not exist; check the `--config` path.") from None
+    except OSError as err:
+        raise ConfigError(f"config file `{path}` cannot be read ({err.strerror or err}); check the `--config` "
+                          "path and its permissions.") from err
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file `{path}` is not text (not UTF-8); pass a TOML file with `--config`.") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file `{path}` is not valid TOML: {err}") from err
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError(f"config file `{path}` nests arrays or tables too deeply to be a featx-edge config; "
+                          "see examples/*.toml for the layout.") from None
     return config_from_dict(raw, source=str(path))
 
 

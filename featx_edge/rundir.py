@@ -228,6 +228,8 @@ def read_manifest(run: str | Path) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RunDirError(f"`{path}` is not valid JSON ({err}); re-run `featx-edge train`.") from err
+    except RecursionError:  # arrays or objects nested thousands deep: never a manifest
+        raise RunDirError(f"`{path}` nests JSON too deeply to be a manifest; re-run `featx-edge train`.") from None
     check_manifest(manifest, path=path)
     return manifest
 
