@@ -289,7 +289,8 @@ def artifact_problems(run: str | Path, manifest: dict, fmt: str) -> list[str]:
     entry = (manifest.get("artifacts") or {}).get(fmt)
     if entry is None:
         return [f"not exported (run `featx-edge export {run} --formats {fmt}`)"]
-    if not isinstance(entry, dict) or not all(k in entry for k in ("path", "bytes", "sha256")):
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(k), kind) and not isinstance(entry.get(k), bool)
+                                              for k, kind in (("path", str), ("bytes", int), ("sha256", str))):
         return [f"the manifest's entry for {fmt} is incomplete (path, bytes, sha256); re-export it"]
     path = run / entry["path"]
     if not path.is_file():
