@@ -215,9 +215,9 @@ class StageCheckpoint:
             try:
                 self._tracker.read(str(path)).assert_existing_objects_matched()
             except (tf.errors.OpError, IndexError, ValueError, AssertionError) as err:  # TF's readers raise these
-                raise CheckpointError(f"`--resume`: the checkpoint `{path}` (its .index and .data files) is missing, "
-                                  f"truncated or damaged ({_first_line(err)}); run without `--resume` to start "
-                                  "over.") from err
+                raise CheckpointError(f"`--resume`: the checkpoint `{path}` (its .index and .data files) is "
+                                      f"missing, truncated or damaged ({_first_line(err)}); run without `--resume` "
+                                      "to start over.") from err
             log.info("%s: restored epoch %d of %d; training the remaining %d", self.name, self.start_epoch,
                      self.epochs, self.epochs - self.start_epoch)
 
@@ -279,7 +279,7 @@ def _read_state(path: Path) -> dict | None:
         problem = _state_problem(state, folder=path.parent)
     if problem:
         raise CheckpointError(f"`{path}` {problem}; run without `--resume` to start over (that replaces these "
-                          "checkpoints).")
+                              "checkpoints).")
     return state
 
 

@@ -201,7 +201,7 @@ def _check_class_name(root: Path, name: str) -> None:
     if BACKSLASH in name:
         raise DataError(
             f"class folder {name!r} in `{printable(str(root))}` has a backslash in its name; the run records "
-            f"paths with `/` only (a backslash separates folders on Windows), so it could not be exported. "
+            "paths with `/` only (a backslash separates folders on Windows), so it could not be exported. "
             f"Rename the folder, e.g. to `{name.replace(BACKSLASH, '_')}`."
         )
 

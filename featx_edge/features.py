@@ -339,7 +339,7 @@ class FeatureCache:
         """
         if path.is_dir() or (path.exists() and not path.is_file()):
             raise DataError(f"the feature shard `{path}` is a folder or a special file, not a shard this cache "
-                            f"wrote; remove it, or pass another folder with `--feature-cache DIR`.")
+                            "wrote; remove it, or pass another folder with `--feature-cache DIR`.")
         if not path.is_file():
             return False
         try:

@@ -43,14 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         if err.filename is None:  # not about a path the user gave: a bug, keep its traceback
             raise
-        print(f"error: {os_error_line(err)}", file=sys.stderr)
+        print(f"error: {_os_error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; no partial files were left behind", file=sys.stderr)
         return 130
 
 
-def os_error_line(err: OSError) -> str:
+def _os_error_line(err: OSError) -> str:
     """One line for an OSError about a path: the path(s), the system's reason and the fix."""
     from featx_edge.runtime.metadata import printable
 
