@@ -7,6 +7,7 @@ interrupted command never leaves a half-written model or report.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -328,7 +329,11 @@ def _read_journal(journal: Path, out: Path) -> dict | None:
         entry = json.loads(journal.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:  # no such journal can exist; the command names the real problem
+            return None
+        entry = None
+    except ValueError:
         entry = None
     prefix = f".{out.name}."
     valid = (isinstance(entry, dict) and isinstance(entry.get("pid"), int)
