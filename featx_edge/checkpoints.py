@@ -39,8 +39,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from featx_edge.errors import ConfigError, RunDirError
-from featx_edge.rundir import beside, write_json
+from featx_edge.errors import CheckpointError, ConfigError, RunDirError
+from featx_edge.rundir import beside, inside, write_json
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ STATE = "state.json"
 INTERRUPT_ENV = "FEATX_EDGE_TEST_INTERRUPT_AFTER_EPOCH"
 # Settings that do not change the trained weights (where features are cached is not what they are).
 _NOT_IN_KEY = {"strategy", "qat_epochs", "qat_learning_rate", "feature_cache"}
+STAGES = ("stage1", "stage2")
+"""The stages a state may record (``Checkpoints.stage``'s names): head on features, fine-tuning."""
 
 
 def resume_dir(out: str | Path) -> Path:
@@ -107,12 +109,19 @@ class Checkpoints:
 
         Raises:
             RunDirError: ``resume`` and there is nothing to resume.
+            CheckpointError: ``resume`` and ``state.json`` is damaged or edited.
             ConfigError: ``resume`` and the checkpoints were made with other settings or data.
         """
         folder = resume_dir(out)
         settings = key_settings(config_dict)
         state_file = folder / STATE
-        old = _read_state(state_file)
+        try:
+            old = _read_state(state_file)
+        except CheckpointError:
+            if resume:  # a damaged state is never resumed from
+                raise
+            log.warning("starting over: %s is damaged", state_file)
+            old = None
         if resume:
             if old is None:
                 where = "" if write else (" (a non-chief worker restores the chief's checkpoints: `--out`'s parent "
@@ -142,8 +151,8 @@ class Checkpoints:
         """
         saved = self.state["stages"].get(name, {})
         if saved and saved.get("epochs") != epochs:  # the key covers epochs; a hand-edited state is refused
-            raise RunDirError(f"`{self.folder / STATE}` records {saved.get('epochs')} epochs for {name}, not "
-                              f"{epochs}; remove `{self.folder}` and train without `--resume`.")
+            raise CheckpointError(f"`{self.folder / STATE}` records {saved.get('epochs')} epochs for {name}, not "
+                                  f"{epochs}; remove `{self.folder}` and train without `--resume`.")
         return StageCheckpoint(self, name, epochs=epochs, offset=offset)
 
     def save_state(self) -> None:
@@ -158,7 +167,10 @@ class Checkpoints:
 
 def note_resumable(out: str | Path) -> None:
     """After a failed or interrupted training of ``out``: say how to continue it, if it can be."""
-    state = _read_state(resume_dir(out) / STATE)
+    try:
+        state = _read_state(resume_dir(out) / STATE)
+    except CheckpointError:  # damaged: nothing to continue from
+        return
     if state is not None and state["stages"]:
         log.warning("checkpoints of this training (%s) are in %s: the same command with `--resume` continues "
                     "from there", _progress(state), resume_dir(out))
@@ -200,7 +212,12 @@ class StageCheckpoint:
         self._tracker = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
         if self._prefix is not None:
             path = self.checkpoints.folder / self._prefix
-            self._tracker.read(str(path)).assert_existing_objects_matched()
+            try:
+                self._tracker.read(str(path)).assert_existing_objects_matched()
+            except (tf.errors.OpError, IndexError, ValueError, AssertionError) as err:  # TF's readers raise these
+                raise CheckpointError(f"`--resume`: the checkpoint `{path}` (its .index and .data files) is "
+                                      f"missing, truncated or damaged ({_first_line(err)}); run without `--resume` "
+                                      "to start over.") from err
             log.info("%s: restored epoch %d of %d; training the remaining %d", self.name, self.start_epoch,
                      self.epochs, self.epochs - self.start_epoch)
 
@@ -225,7 +242,7 @@ class StageCheckpoint:
         """Write the state after ``epoch`` (1-based) epochs, then record it; older files go after."""
         for key, value in logs.items():
             self.history.setdefault(key, []).append(float(value))
-        prefix = f"{self.name}/epoch-{epoch:05d}"
+        prefix = _prefix(self.name, epoch)
         if not self.checkpoints.write:  # a non-chief worker saves in step with the chief, then discards it
             scratch = tempfile.mkdtemp(prefix="featx-edge-worker-ckpt-")
             try:
@@ -244,13 +261,79 @@ class StageCheckpoint:
 
 
 def _read_state(path: Path) -> dict | None:
-    if not path.is_file():
+    """The checked state in ``path``; None when there is none.
+
+    Raises:
+        CheckpointError: the file is unreadable, not JSON, or a value has the wrong type or range
+            (a hand-edited or damaged state), naming the first problem.
+    """
+    if not path.exists():
         return None
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) and isinstance(state.get("stages"), dict) else None
+    except OSError as err:
+        problem = f"cannot be read ({err.strerror or err})"
+    except (ValueError, RecursionError) as err:  # JSON and UTF-8 errors are ValueErrors
+        problem = f"is not valid JSON ({_first_line(err)})"
+    else:
+        problem = _state_problem(state, folder=path.parent)
+    if problem:
+        raise CheckpointError(f"`{path}` {problem}; run without `--resume` to start over (that replaces these "
+                              "checkpoints).")
+    return state
+
+
+def _state_problem(state: Any, *, folder: Path) -> str | None:
+    """What is wrong with a parsed ``state.json`` (None: nothing). Every value is typed and in range,
+    and every checkpoint it names lies inside ``folder``: resume reads and deletes those files."""
+    if not isinstance(state, dict):
+        return f"holds a JSON {type(state).__name__}, not an object"
+    for key, kind in (("key", str), ("settings", dict), ("stages", dict)):
+        if not isinstance(state.get(key), kind):
+            return f"is damaged: `{key}` is missing or not a JSON {'string' if kind is str else 'object'}"
+    for name, entry in state["stages"].items():
+        problem = (f"`stages` names {name!r}, not one of {', '.join(STAGES)}" if name not in STAGES
+                   else _stage_problem(name, entry, folder=folder))
+        if problem:
+            return f"is damaged: {problem}"
+    return None
+
+
+def _stage_problem(name: str, entry: Any, *, folder: Path) -> str | None:
+    """What is wrong with one stage's entry of ``state.json`` (None: nothing)."""
+    if not isinstance(entry, dict):
+        return f"`stages.{name}` is not a JSON object"
+    epochs, epoch = entry.get("epochs"), entry.get("epoch")
+    if not _is_int(epochs) or epochs < 1:
+        return f"`stages.{name}.epochs` ({epochs!r}) is not an integer >= 1"
+    if not _is_int(epoch) or not 1 <= epoch <= epochs:
+        return f"`stages.{name}.epoch` ({epoch!r}) is not an integer from 1 to its {epochs} epochs"
+    prefix, expected = entry.get("prefix"), _prefix(name, epoch)
+    # Only the name save() writes: anything else could point outside the folder (`../../x`).
+    if prefix != expected or not inside(prefix) or not (folder / prefix).resolve().is_relative_to(folder.resolve()):
+        return f"`stages.{name}.prefix` ({prefix!r}) is not `{expected}`, the checkpoint of that epoch in this folder"
+    history = entry.get("history")
+    if not isinstance(history, dict):
+        return f"`stages.{name}.history` is not a JSON object"
+    for metric, values in history.items():
+        if (not isinstance(values, list) or len(values) > epoch
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+            return f"`stages.{name}.history.{metric}` is not a list of at most {epoch} numbers"
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _prefix(stage: str, epoch: int) -> str:
+    """Where a stage's checkpoint after ``epoch`` epochs lives, relative to the checkpoint folder."""
+    return f"{stage}/epoch-{epoch:05d}"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(getattr(err, "message", None) or err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _progress(state: dict) -> str:

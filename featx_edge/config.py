@@ -329,7 +329,26 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "ex
 
 
 def config_from_dict(raw: dict[str, Any], *, source: str = "config") -> RunConfig:
-    """Build a RunConfig from nested dicts (a TOML document), rejecting unknown keys."""
+    """Build a RunConfig from nested dicts (a TOML document), rejecting unknown keys.
+
+    Raises:
+        ConfigError: one line naming ``source`` and the first bad setting (control characters in
+            received names and values are escaped, so a value cannot break the line).
+    """
+    try:
+        return _config_from_dict(raw, source=source)
+    except ConfigError as err:
+        raise ConfigError(_one_line(str(err))) from err
+
+
+def _one_line(text: str) -> str:
+    """``text`` with newlines and other control characters escaped: an error is one line."""
+    from featx_edge.runtime.metadata import printable  # lazily: the runtime needs numpy and Pillow
+
+    return printable(text)
+
+
+def _config_from_dict(raw: dict[str, Any], *, source: str) -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a config must be a table of sections; received {type(raw).__name__}.")
     kwargs: dict[str, Any] = {}
@@ -379,7 +398,10 @@ def _verify_overrides(raw: Any, *, source: str) -> dict[str, dict[str, float]]:
         if not isinstance(metrics, dict):
             raise ConfigError(f"{source}: `[verify.{fmt}]` must be a table of thresholds.")
         for metric, value in metrics.items():
-            fmt_, metric_, number = parse_threshold(f"{fmt}.{metric}={value}")
+            try:
+                fmt_, metric_, number = parse_threshold(f"{fmt}.{metric}={value}")
+            except ConfigError as err:
+                raise ConfigError(f"{source}: in `[verify.{fmt}]`: {err}") from err
             out.setdefault(fmt_, {})[metric_] = number
     return out
 
@@ -391,12 +413,22 @@ def load_config(path: str | Path) -> RunConfig:
         >>> cfg = load_config("examples/vgg16_seed.toml")  # doctest: +SKIP
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file `{path}` is a folder; pass a TOML file with `--config`.")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file `{path}` does not exist; check the `--config` path.") from None
+    except OSError as err:
+        raise ConfigError(f"config file `{path}` cannot be read ({err.strerror or err}); check the `--config` "
+                          "path and its permissions.") from err
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file `{path}` is not text (not UTF-8); pass a TOML file with `--config`.") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file `{path}` is not valid TOML: {err}") from err
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError(f"config file `{path}` nests arrays or tables too deeply to be a featx-edge config; "
+                          "see examples/*.toml for the layout.") from None
     return config_from_dict(raw, source=str(path))
 
 
@@ -416,7 +448,10 @@ def override(config: RunConfig, section: str, **values: Any) -> RunConfig:
     values = {k: v for k, v in values.items() if v is not None}
     if not values:
         return config
-    if section == "seed":
-        return dataclasses.replace(config, seed=values["seed"])
-    current = getattr(config, section)
-    return dataclasses.replace(config, **{section: dataclasses.replace(current, **values)})
+    try:
+        if section == "seed":
+            return dataclasses.replace(config, seed=values["seed"])
+        current = getattr(config, section)
+        return dataclasses.replace(config, **{section: dataclasses.replace(current, **values)})
+    except ConfigError as err:  # a command-line value may hold a newline: the error stays one line
+        raise ConfigError(_one_line(str(err))) from err

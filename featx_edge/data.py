@@ -14,7 +14,9 @@ What the walk (training's scan and ``featx-edge predict DIR`` alike) looks at:
 - Files directly in ROOT (not in a class folder) are ignored.
 - A class folder name becomes a label, printed on terminals and stored in the model: names
   with control characters (terminal escape sequences, tabs, newlines, bidirectional
-  overrides) or bytes that are not valid UTF-8 are refused.
+  overrides) or bytes that are not valid UTF-8 are refused, and so are names with a backslash
+  (a folder separator on Windows: the run records paths with ``/`` only). Image files or nested
+  folders with a backslash in their name are skipped and listed.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from featx_edge.runtime.metadata import printable, unsafe_char
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 MIN_IMAGES_PER_CLASS = 3  # one each for train, validation and test
+BACKSLASH = "\\"
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,9 @@ def _decode_all(root: Path, candidates: list[tuple[str, Path]], *,
     skipped: list[SkippedFile] = []
     for class_name, path in bar(candidates, desc="checking images", unit="img"):
         rel = path.relative_to(root).as_posix()
+        if BACKSLASH in rel:  # splits.json refuses such paths (rundir.inside): export would fail on the run
+            skipped.append(SkippedFile(rel, "a backslash in its path (a folder separator on Windows); rename it"))
+            continue
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             skipped.append(SkippedFile(rel, f"not an image file (extension `{path.suffix or '(none)'}`)"))
             continue
@@ -191,6 +197,12 @@ def _check_class_name(root: Path, name: str) -> None:
             f"class folder {name!r} in `{printable(str(root))}` has control characters in its name "
             f"({', '.join(repr(char) for char in bad)}); the name becomes a label that is printed and "
             "stored in the model. Rename the folder to plain text (letters, digits, spaces, `-`, `_`)."
+        )
+    if BACKSLASH in name:
+        raise DataError(
+            f"class folder {name!r} in `{printable(str(root))}` has a backslash in its name; the run records "
+            "paths with `/` only (a backslash separates folders on Windows), so it could not be exported. "
+            f"Rename the folder, e.g. to `{name.replace(BACKSLASH, '_')}`."
         )
 
 
@@ -320,6 +332,8 @@ def load_splits(path: str | Path) -> Splits:
         raise DataError(f"`{path}` is missing; is this a featx-edge run directory?") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"`{path}` is not valid JSON ({err}); re-run `featx-edge train`.") from err
+    except RecursionError:  # arrays or objects nested thousands deep: never a split
+        raise DataError(f"`{path}` nests JSON too deeply to be a split; re-run `featx-edge train`.") from None
     problems = []
     if not isinstance(raw, dict):
         raise DataError(f"`{path}` holds a JSON {type(raw).__name__}, not an object; re-run `featx-edge train`.")

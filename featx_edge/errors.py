@@ -23,6 +23,10 @@ class RunDirError(FeatxError):
     """A run directory is missing files or does not match its manifest."""
 
 
+class CheckpointError(RunDirError):
+    """The resume checkpoint of a training (``state.json`` or its weight files) is damaged or edited."""
+
+
 class ExportError(FeatxError):
     """A model could not be exported, or the export is not what was asked for."""
 

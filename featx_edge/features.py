@@ -8,19 +8,28 @@ the seed that drew them), input size, the backbone's preprocessing, the resize m
 ``FEATURE_VERSION``. ``key.json`` there spells the key out.
 
 Inside, ``shards/<id>.npy`` holds float32 features of up to ``shard_images`` consecutive
-images of a list; ``<id>`` digests the key, the data folder, each image's relative path, size
-and modification time (``st_mtime_ns``), and the augmented view (none for the originals). So:
+images of a list; ``<id>`` digests the key, the data folder, each image's relative path (its
+bytes, so file names that are not UTF-8 work), size, modification and status-change times
+(``st_mtime_ns``, ``st_ctime_ns``) and inode, and the augmented view (none for the originals). So:
 
 - a second run over the same files reuses every shard and embeds nothing;
-- a changed file (new size or mtime) changes its shard's id: that shard alone is recomputed;
+- a changed file (new size, mtime, ctime or inode) changes its shard's id: that shard alone is
+  recomputed;
 - new weights (another sha256) change the key: nothing is reused;
 - an interrupted pass keeps its completed shards (each written to a temporary name and renamed)
   and the next run computes only the rest.
 
-Why stat (size + mtime_ns) and not a hash of the content: a content hash reads every file on
-every run (a million files is minutes of I/O before any work), while ``stat`` costs microseconds
-and any ordinary write changes mtime. What it misses: a file rewritten with the same size and its
-old mtime restored on purpose (``touch -r``, some sync tools); delete ``<cache>/<key>`` then.
+Why stat and not a hash of the content: a content hash reads every file on every run (a
+million files is minutes of I/O before any work), while ``stat`` costs microseconds. Any
+write changes ctime, which no tool can set back (``touch -r`` and sync tools restore mtime
+only), and a file replaced by a new one has a new inode: an image rewritten with the same size
+and its old mtime is recomputed. The price: copying or moving the data folder to another
+file system (new inodes), or ``chmod``/``chown`` on the images, recomputes their shards once.
+
+Non-finite numbers never reach training: features are checked before a shard is written (a
+backbone giving NaN or infinity is refused, ``WeightsError``), and a cached shard holding NaN
+or infinity (damaged on disk) is reported in one warning line, removed and recomputed, as a
+shard of the wrong shape or a truncated one is. That check reads each reused shard once.
 ``sets/<id>.json`` indexes each list's shards (and records how augmented views were made).
 
 Memory: features are read through ``np.load(mmap_mode="r")``; only one shard being written and
@@ -45,7 +54,7 @@ import numpy as np
 
 from featx_edge.augment import AugmentSpec, augmented_pixels
 from featx_edge.data import Splits, _pixels
-from featx_edge.errors import DataError, FeatxError
+from featx_edge.errors import DataError, FeatxError, WeightsError
 from featx_edge.ownership import claim_folder
 from featx_edge.progress import bar
 from featx_edge.rundir import atomic_path, write_json
@@ -292,7 +301,7 @@ class FeatureCache:
         """Embed ``todo`` (the missing shards' images, in order) and write each shard once it is full."""
         stop_after = _stop_after_shards()
         pending: list[np.ndarray] = []
-        filled, written = 0, 0
+        filled, written, first = 0, 0, 0  # first: the index in `todo` of the shard's first image
         shard_iter = iter(shards)
         path, rows = next(shard_iter)
         for out in embed_batches(feature_model, root, todo, size=size, batch_size=batch_size, view=view, desc=desc,
@@ -303,8 +312,11 @@ class FeatureCache:
                 filled += take
                 out = out[take:]
                 if filled == rows:
-                    _write_shard(path, np.concatenate(pending))
+                    shard = np.concatenate(pending)
+                    _refuse_non_finite(shard, root=root, relpaths=todo[first : first + rows])
+                    _write_shard(path, shard)
                     written += 1
+                    first += rows
                     if stop_after is not None and written >= stop_after:
                         raise SimulatedInterrupt(f"stopped after {written} shard(s) ({STOP_AFTER_SHARDS_ENV})")
                     pending, filled = [], 0
@@ -318,23 +330,50 @@ class FeatureCache:
             except OSError as err:
                 raise DataError(f"`{root / rel}` cannot be read ({err.strerror or err}); the file changed since the "
                                 "data folder was scanned. Restore it or re-run.") from err
-            digest.update(f"\0{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+            # fsencode: a file name that is not UTF-8 (surrogate-escaped) keys on its bytes.
+            digest.update(b"\0" + os.fsencode(rel))
+            digest.update(f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}".encode())
         return digest.hexdigest()[:32]
 
     @staticmethod
     def _valid(path: Path, *, rows: int, dim: int) -> bool:
-        """A complete shard of the expected shape; a damaged one is removed (and recomputed)."""
+        """A complete shard of the expected shape holding finite numbers; a damaged one is removed
+        (and recomputed) after one warning line.
+
+        Raises:
+            DataError: the shard's path is a folder or another non-file (not ours to replace).
+        """
+        if path.is_dir() or (path.exists() and not path.is_file()):
+            raise DataError(f"the feature shard `{path}` is a folder or a special file, not a shard this cache "
+                            "wrote; remove it, or pass another folder with `--feature-cache DIR`.")
         if not path.is_file():
             return False
         try:
             array = np.load(path, mmap_mode="r")
-            ok = array.shape == (rows, dim) and array.dtype == np.float32
+            problem = (f"shape {array.shape} {array.dtype}, not ({rows}, {dim}) float32"
+                       if array.shape != (rows, dim) or array.dtype != np.float32
+                       else None if _finite(array) else "it holds NaN or infinite numbers")
         except (OSError, ValueError) as err:
-            log.warning("feature shard %s is damaged (%s); recomputing it", path, err)
-            ok = False
-        if not ok:
+            problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if problem:
+            log.warning("feature shard %s is damaged (%s); recomputing it", path, problem)
             path.unlink(missing_ok=True)
-        return ok
+        return problem is None
+
+
+def _finite(array: np.ndarray, *, rows_per_step: int = 1024) -> bool:
+    """Whether every number is finite; a few rows at a time, so a memory-mapped shard is not copied whole."""
+    return all(np.isfinite(array[s : s + rows_per_step]).all() for s in range(0, len(array), rows_per_step))
+
+
+def _refuse_non_finite(features: np.ndarray, *, root: Path, relpaths: Sequence[str]) -> None:
+    """WeightsError when the backbone gave NaN or infinity: such features must not be cached or trained on."""
+    bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+    if len(bad):
+        raise WeightsError(
+            f"the backbone gives NaN or infinite features for {len(bad)} of {len(relpaths)} images (first: "
+            f"`{root / relpaths[bad[0]]}`); its weights hold non-finite numbers or its float16 activations "
+            "overflow. Check the weights file (`--weights`), or train without `--mixed-precision`.")
 
 
 def _write_shard(path: Path, features: np.ndarray) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from featx_edge.config import RunConfig, config_from_dict
 from featx_edge.data import Splits, load_splits
-from featx_edge.errors import RunDirError
+from featx_edge.errors import ConfigError, RunDirError
 from featx_edge.formats import ordered
 from featx_edge.rundir import (
     EXPORT_JOURNAL,
@@ -93,7 +93,11 @@ class Run:
     def config(self) -> RunConfig:
         """The settings the run was made with (validated like a config file)."""
         if self._config is None:
-            self._config = config_from_dict(self.manifest["config"], source=str(self.path / MANIFEST))
+            try:
+                self._config = config_from_dict(self.manifest["config"], source=str(self.path / MANIFEST))
+            except ConfigError as err:  # the run's record is damaged, not a setting the user gave now
+                raise RunDirError(f"{str(err).rstrip('.')}; the settings recorded in the run are damaged: re-run "
+                                  "`featx-edge train`.") from err
         return self._config
 
     @config.setter

@@ -7,6 +7,7 @@ interrupted command never leaves a half-written model or report.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -328,7 +329,11 @@ def _read_journal(journal: Path, out: Path) -> dict | None:
         entry = json.loads(journal.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:  # no such journal can exist; the command names the real problem
+            return None
+        entry = None
+    except ValueError:
         entry = None
     prefix = f".{out.name}."
     valid = (isinstance(entry, dict) and isinstance(entry.get("pid"), int)
@@ -401,6 +406,8 @@ def read_manifest(run: str | Path) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RunDirError(f"`{path}` is not valid JSON ({err}); re-run `featx-edge train`.") from err
+    except RecursionError:  # arrays or objects nested thousands deep: never a manifest
+        raise RunDirError(f"`{path}` nests JSON too deeply to be a manifest; re-run `featx-edge train`.") from None
     check_manifest(manifest, path=path)
     return manifest
 
@@ -460,7 +467,8 @@ def artifact_problems(run: str | Path, manifest: dict, fmt: str) -> list[str]:
     entry = (manifest.get("artifacts") or {}).get(fmt)
     if entry is None:
         return [f"not exported (run `featx-edge export {run} --formats {fmt}`)"]
-    if not isinstance(entry, dict) or not all(k in entry for k in ("path", "bytes", "sha256")):
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(k), kind) and not isinstance(entry.get(k), bool)
+                                              for k, kind in (("path", str), ("bytes", int), ("sha256", str))):
         return [f"the manifest's entry for {fmt} is incomplete (path, bytes, sha256); re-export it"]
     path = run / entry["path"]
     if not path.is_file():

@@ -27,7 +27,7 @@ from featx_edge.checkpoints import Checkpoints, StageCheckpoint, note_resumable,
 from featx_edge.config import RunConfig, TrainConfig
 from featx_edge.data import map_batches, scan_folder, split_folder
 from featx_edge.distribute import auto_shard_by_data, configure_logical_cpus, is_chief, make_placement
-from featx_edge.errors import ConfigError, DataError
+from featx_edge.errors import CheckpointError, ConfigError, DataError
 from featx_edge.features import feature_key, open_cache, predict_table, split_features
 from featx_edge.ownership import ID_KEY, read_marker
 from featx_edge.progress import native_output
@@ -315,8 +315,9 @@ def train_run(config: RunConfig, out: str | Path, *, overwrite: bool = False, re
         try:
             manifest = _train_run(config, staging, data_root=data_root, run_dir=out, resume=resume)
             replace_run(staging, out)
-        except BaseException:  # KeyboardInterrupt too: the checkpoints outlive the staging folder
-            note_resumable(out)
+        except BaseException as err:  # KeyboardInterrupt too: the checkpoints outlive the staging folder
+            if not isinstance(err, CheckpointError):  # a damaged checkpoint cannot be continued from
+                note_resumable(out)
             raise
         finally:
             if staging.exists():

@@ -32,6 +32,7 @@ from featx_edge.macs import count_macs
 from featx_edge.progress import bar
 from featx_edge.run import Run
 from featx_edge.rundir import VERIFY, atomic_path, locked, write_json
+from featx_edge.runtime.predictor import check_threads
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ def _bench(opened: Run, *, threads: Sequence[int], batches: Sequence[int], forma
     started = time.perf_counter()
     run, manifest = opened.path, opened.manifest
     threads = positive_ints("threads", threads)
+    for count in threads:
+        check_threads(count)
     batches = positive_ints("batches", batches)
     if repeats < 1 or warmup < 0 or min_seconds < 0 or max_seconds <= 0:
         raise ConfigError(f"repeats must be >= 1, warmup >= 0, min_seconds >= 0 and max_seconds > 0; received "

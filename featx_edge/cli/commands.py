@@ -176,7 +176,11 @@ def _iter_images(items: list[str]) -> list[Path]:
     paths: list[Path] = []
     for item in items:
         path = Path(item)
-        if not path.is_dir():
+        try:
+            folder = path.is_dir()
+        except OSError:  # a name the system refuses (too long): predict reports it as an image it cannot read
+            folder = False
+        if not folder:
             paths.append(path)
             continue
         images, skipped = find_images(path)
@@ -191,8 +195,9 @@ def _cmd_predict(args) -> int:
     from featx_edge.errors import ImageError
     from featx_edge.runtime import load
     from featx_edge.runtime.metadata import printable
+    from featx_edge.runtime.predictor import check_threads
 
-    check_flag("--threads", args.threads)
+    check_threads(args.threads, name="--threads")
     check_flag("--top-k", args.top_k)
     top_k = args.top_k or (3 if args.json else 1)
     paths = _iter_images(args.images)
@@ -219,6 +224,7 @@ def _cmd_bench(args) -> int:
     from featx_edge import bench
     from featx_edge.config import parse_int_list
     from featx_edge.errors import ConfigError
+    from featx_edge.runtime.predictor import check_threads
 
     if args.compare:
         runs = ([args.run] if args.run else []) + args.compare
@@ -233,6 +239,8 @@ def _cmd_bench(args) -> int:
     for name in ("threads", "batches"):
         if getattr(args, name) is not None:
             kwargs[name] = parse_int_list(name, getattr(args, name))
+    for threads in kwargs.get("threads", ()):
+        check_threads(threads, name="--threads")
     if args.min_seconds is not None:
         kwargs["min_seconds"] = args.min_seconds
     report = bench.bench_run(args.run, **kwargs)
@@ -255,8 +263,9 @@ def _cmd_bundle(args) -> int:
 def _cmd_device_check(args) -> int:
     from featx_edge.config import check_flag
     from featx_edge.device.check import device_check
+    from featx_edge.runtime.predictor import check_threads
 
-    check_flag("--threads", args.threads)
+    check_threads(args.threads, name="--threads")
     check_flag("--images", args.images)
     result = device_check(args.targets, arch=args.arch, cpus=args.cpu, images=args.images,
                           formats=args.formats, threads=args.threads or 1, out=args.out)
@@ -265,12 +274,12 @@ def _cmd_device_check(args) -> int:
 
 
 def _cmd_selftest(args) -> int:
-    from featx_edge.config import check_flag
     from featx_edge.errors import FeatxError
     from featx_edge.runtime.metadata import printable
+    from featx_edge.runtime.predictor import check_threads
     from featx_edge.runtime.selftest import run_selftest
 
-    check_flag("--threads", args.threads)
+    check_threads(args.threads, name="--threads")
     failed = 0
     for model in args.models:
         try:

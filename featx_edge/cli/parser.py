@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                  example="featx-edge bench runs/demo --threads 1,2 --batches 1,8")
     p.add_argument("run", nargs="?", help="run directory to bench (not needed with --compare RUN_A RUN_B)")
     p.add_argument("--formats", help="comma-separated formats (default: every exported one)")
-    p.add_argument("--threads", help="comma-separated thread counts (default: 1 and every core)")
+    p.add_argument("--threads", help="comma-separated thread counts, each 1 to 4x the logical CPUs "
+                   "(default: 1 and every core)")
     p.add_argument("--batches", help="comma-separated batch sizes (default: 1,8)")
     p.add_argument("--min-seconds", type=float, help="least timing per row, seconds (default 1.0)")
     p.add_argument("--no-tensorflow", action="store_true", help="skip the Keras/TensorFlow reference rows")
@@ -172,12 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--top-k", type=int, help="labels per image, best first (default: 1; 3 with --json)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--threads", type=int, help="inference threads, >= 1 (default: the engine's)")
+    p.add_argument("--threads", type=int, help="inference threads, 1 to 4x the logical CPUs (default: the engine's)")
 
     p = _command(sub, "selftest", purpose="check that this device's runtime reproduces the exported outputs",
                  example="featx-edge selftest model.tflite-int8.tflite  # its selftest/ folder beside it")
     p.add_argument("models", nargs="+", help="model files (their selftest/ folder must sit beside them)")
-    p.add_argument("--threads", type=int, help="inference threads, >= 1 (default: the engine's)")
+    p.add_argument("--threads", type=int, help="inference threads, 1 to 4x the logical CPUs (default: the engine's)")
 
     p = _command(sub, "bundle", purpose="write what a device needs to run one verified export: model, self-test, "
                                         "pinned requirements, a featx-edge wheel, a README",
@@ -202,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, help="test images per run to judge (default: the whole test split; a model file: its "
                         "self-test images, up to 64)")
     p.add_argument("--formats", help="comma-separated formats of a run to check (default: every exported one)")
-    p.add_argument("--threads", type=int, help="inference threads on host and guest, >= 1 (default: 1)")
+    p.add_argument("--threads", type=int,
+                   help="inference threads on host and guest, 1 to 4x the logical CPUs (default: 1)")
     p.add_argument("--out", help="also write every target's report to this JSON file (default: none)")
     _quiet(p)
     _show_config_defaults(parser)

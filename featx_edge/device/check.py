@@ -44,6 +44,7 @@ from featx_edge.errors import ConfigError, ModelFileError, RunDirError
 from featx_edge.formats import parse_formats, thresholds_for, tie_margin
 from featx_edge.progress import verbose
 from featx_edge.rundir import locked, sha256_file, write_json
+from featx_edge.runtime.predictor import check_threads
 from featx_edge.runtime.selftest import Golden, golden_path, read_golden, tolerance_for
 from featx_edge.verify import read_reference_outputs
 from featx_edge.versions import installed_versions
@@ -103,6 +104,7 @@ def device_check(targets: list[str], *, arch: str = "arm64", cpus: str | None = 
     cores = parse_cores(target_arch, cpus)
     if images is not None and (isinstance(images, bool) or not isinstance(images, int) or images < 1):
         raise ConfigError(f"`--images` must be an integer >= 1; received `{images!r}`.")
+    check_threads(threads)
     wanted = parse_formats(formats) if formats is not None else None  # `--formats ""` is refused
     if not targets:
         raise ConfigError("`featx-edge device-check` needs at least one run folder or model file.")

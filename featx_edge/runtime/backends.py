@@ -159,8 +159,12 @@ class LiteRTBackend:
         self.kernels = kernels
         self.xnnpack = kernels == "xnnpack"
         self.threads = threads
-        self._input = self.interpreter.get_input_details()[0]
-        self._output = self.interpreter.get_output_details()[0]
+        try:
+            self._input = self.interpreter.get_input_details()[0]
+            self._output = self.interpreter.get_output_details()[0]
+        except UnicodeDecodeError as err:  # LiteRT decodes tensor names as UTF-8 here
+            raise ModelFileError(f"{path}: a tensor name in the model is not valid UTF-8 ({err.reason} at byte "
+                                 f"{err.start}); the file is damaged; re-export it") from err
         signature = self._input.get("shape_signature", self._input["shape"])
         self.dynamic_batch = int(signature[0]) == -1
         self._batch = None

@@ -140,10 +140,24 @@ def nonfinite_rows(outputs: np.ndarray) -> int:
     return int(np.sum(~np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1)))
 
 
-def check_threads(threads) -> None:
-    """ConfigError unless ``threads`` is None (the engine's default) or an integer >= 1."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"`threads` must be an integer >= 1 or None; received `{threads!r}`.")
+def check_threads(threads, *, name: str = "threads") -> None:
+    """ConfigError unless ``threads`` is None (the engine's default) or an integer from 1 to 4x the
+    logical CPUs. ``name``: how the error names the setting (``--threads`` on the command line).
+
+    Why a bound: engines do not check it themselves; far more threads than CPUs only slows
+    inference, and a huge count fails in them (LiteRT: a misleading XNNPACK error; onnxruntime:
+    a crash).
+    """
+    import os  # here, not at the top: this function is the only part of the module that needs it
+
+    cpus = os.cpu_count() or 1
+    if threads is None:
+        return
+    integer = isinstance(threads, int) and not isinstance(threads, bool)
+    if not integer or not 1 <= threads <= 4 * cpus:
+        shown = f"`{threads}`" if integer else f"`{threads!r}` ({type(threads).__name__})"
+        raise ConfigError(f"`{name}` must be an integer >= 1 and at most {4 * cpus} (4x the {cpus} logical CPUs "
+                          f"here); received {shown}.")
 
 
 def _check_contract(path: Path, backend, metadata: dict) -> None:
