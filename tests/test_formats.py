@@ -20,11 +20,11 @@ def test_every_format_is_described_once():
     assert set(FORMAT_SPECS) == set(ALL_FORMATS) and len(ALL_FORMATS) == len(set(ALL_FORMATS))
     assert FORMATS == ("tflite-float32", "tflite-float16", "tflite-dynamic", "tflite-int8", "onnx-float32",
                        "onnx-int8")
-    assert INT8_VARIANTS == ("tflite-int8-selective", "tflite-int8-qat")
+    assert INT8_VARIANTS == ("tflite-int8-selective", "tflite-int16x8", "tflite-int8-qat")
     for name, spec in FORMAT_SPECS.items():
         assert spec.extension == {"litert": ".tflite", "onnxruntime": ".onnx"}[spec.engine]
         assert artifact_filename(name) == f"model.{name}{spec.extension}"
-        assert spec.int8 == ("int8" in name) and (not spec.integer_only or spec.int8)
+        assert spec.int8 == ("int8" in name or "int16x8" in name) and (not spec.integer_only or spec.int8)
         assert thresholds_for(name) == spec.thresholds
     assert {n for n, s in FORMAT_SPECS.items() if s.integer_only} == {"tflite-int8", "tflite-int8-qat"}
 
