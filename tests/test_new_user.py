@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import make_class_folder
+
 from featx_edge.cli import build_parser, main
 from featx_edge.config import RunConfig
 from featx_edge.intervals import wilson
@@ -50,7 +50,7 @@ def _options(usage: str) -> list[tuple[str, str | None]]:
 def _readme_usages() -> list[tuple[str, str, str | None, bool]]:
     """(command, option, placeholder, from the table): the table's usage lines, then the options paragraph."""
     section, rows = _commands_section(), []
-    for usage in re.findall(r"^\| `featx-edge ([^`]+)` \|", section, flags=re.M):
+    for usage in re.findall(r"^\| `featx-edge ([^`]+)` \|", section, flags=re.MULTILINE):
         command = usage.split()[0]
         rows += [(command, option, value, True) for option, value in _options(usage)]
     paragraph = section[section.index("Options of `run` / `train`"):].split("\n\n")[0]
