@@ -23,8 +23,8 @@ from pathlib import Path
 from featx_edge.errors import ConfigError, ExportError, ModelFileError, RunDirError, VerificationError
 from featx_edge.formats import artifact_filename, check_format, get_format
 from featx_edge.own_wheel import own_wheel
-from featx_edge.run import Run
 from featx_edge.ownership import ID_KEY, MARKER, owner_problem, parse_marker, read_marker, recorded_id
+from featx_edge.run import Run
 from featx_edge.rundir import (
     VERIFY,
     atomic_path,
@@ -303,13 +303,14 @@ def _readme(meta: dict, *, unzip: str) -> str:
                  for m in re.findall(r">=\s*(\d+)\.(\d+)", spec)), default=None)
     python, tolerance = f"Python {floor[0]}.{floor[1]}+" if floor else "Python 3", get_format(fmt).selftest_tolerance
     name, mb, sha, images = model["file"], model["bytes"] / 1e6, model["sha256"][:16], meta["selftest_images"]
+    run = Path(meta["run"]).name  # the folder's name only: the bundle travels, the host's paths stay home
     checked = (f"verify passed on the host (top-1 agreement {verify.get('top1_agreement', float('nan')):.4f} with "
                f"the Keras reference, {verify.get('images')} test images)" if verify["status"] == "pass" else
                f"**WARNING: not verified ({verify['status']})**: bundled with `--allow-unverified`")
     return f"""# featx-edge device bundle: {fmt}
 
 `{name}` ({mb:.2f} MB, sha256 `{sha}...`), featx-edge {meta['featx_edge_version']},
-run `{meta['run']}`; {checked}. No TensorFlow needed.
+run `{run}`; {checked}. No TensorFlow needed.
 
 Needs Linux (aarch64 or x86-64), {python} with venv, and pip with access to PyPI or a mirror: pip
 picks the wheels of the pinned versions for the device's CPU (aarch64 on an ARM board). In this folder{
@@ -330,7 +331,7 @@ f' (`{unzip}` first)' if unzip else ''}, in one shell:
 {cmds['predict']}
 ```
 
-On the host, before copying: `{HOST_CHECK.format(run=meta['run'])}` runs the export with the arm64
+On the host, before copying: `{HOST_CHECK.format(run=run)}` runs the export with the arm64
 engines under user-mode qemu on emulated cores and compares the outputs with the host's: it shows that the ARM
 kernels agree, never speed, and does not replace the self-test on the board. `{BUNDLE_JSON}`: what was bundled.
 """

@@ -11,7 +11,6 @@ from featx_edge.errors import NonFiniteOutputError, VerificationError
 from featx_edge.formats import Thresholds
 from featx_edge.intervals import paired_difference, wilson
 
-
 MAX_LISTED_TIES = 50
 """Near-ties listed by image in a report (all are counted)."""
 

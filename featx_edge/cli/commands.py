@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -135,6 +136,7 @@ def _cmd_run(args) -> int:
     from featx_edge.errors import VerificationError
     from featx_edge.export import budget_failure, export_run
     from featx_edge.formats import merge_overrides, parse_kernel_sets
+    from featx_edge.progress import say
     from featx_edge.report import report_after_run
     from featx_edge.rundir import VERIFY, locked, read_manifest
     from featx_edge.train import check_destination, train_run
@@ -156,11 +158,11 @@ def _cmd_run(args) -> int:
         try:
             report = verify_run(args.out, kernels=kernels)
         except VerificationError:
-            print(format_table(json.loads((Path(args.out) / VERIFY).read_text()), read_manifest(args.out)))
+            say(format_table(json.loads((Path(args.out) / VERIFY).read_text()), read_manifest(args.out)))
             report_after_run(args.out)  # most useful when verify failed
             raise
-        print(format_table(report, read_manifest(args.out)))
-        report_after_run(args.out)
+        say(format_table(report, read_manifest(args.out)))  # `run ... | head`: a closed pipe must not stop
+        report_after_run(args.out)  # the report from being written
     missed = budget_failure(manifest)
     if missed:
         raise VerificationError(missed)
@@ -202,6 +204,7 @@ def _cmd_predict(args) -> int:
     top_k = args.top_k or (3 if args.json else 1)
     paths = _iter_images(args.images)
     predictor = load(args.model, threads=args.threads)
+    step = predictor.output_resolution  # 1/256 for a uint8 output: smaller scores read as 0
     failures = 0
     for path in paths:
         try:
@@ -210,14 +213,24 @@ def _cmd_predict(args) -> int:
             failures += 1
             print(f"error: {printable(str(err))}", file=sys.stderr)
             continue
-        if args.json:  # json.dumps escapes control characters (\u001b) itself
-            print(json.dumps({"path": str(path), **pred.to_dict()}, allow_nan=False))  # never NaN: not JSON
+        if args.json:  # json.dumps escapes control characters (\u001b) itself; never NaN (not JSON)
+            extra = {"resolution": step} if step else {}
+            line = json.dumps({"path": str(path), **pred.to_dict(), **extra}, allow_nan=False)
         else:  # labels come from the model file: escape what a terminal would act on
-            pairs = "\t".join(f"{printable(label)}\t{score:.4f}" for label, score in pred.top_k)
-            print(f"{printable(str(path))}\t{pairs}")
+            pairs = "\t".join(f"{printable(label)}\t{_score(score, step)}" for label, score in pred.top_k)
+            line = f"{printable(str(path))}\t{pairs}"
+        print(line, flush=True)  # a line at a time, so `| head -1` stops the loop (exit 141 in main)
     if failures:
         print(f"error: {failures} image(s) could not be classified", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _score(score: float, step: float | None) -> str:
+    """A probability for the text output; below a quantized output's step, ``<step`` (rounded up to
+    the 4 digits shown): it was 0 in the model's uint8 output, not an exact zero."""
+    if step and score < step:
+        return f"<{math.ceil(step * 1000) / 1000:.3f}"
+    return f"{score:.4f}"
 
 
 def _cmd_bench(args) -> int:

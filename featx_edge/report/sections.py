@@ -16,10 +16,10 @@ from featx_edge.bench.recommend import format_recommendation
 from featx_edge.bench.report import BENCH_JSON, BENCH_PNG, not_measured
 from featx_edge.errors import DataError, RunDirError
 from featx_edge.report.figures import thumbnail_png, training_curves_png
-from featx_edge.report.page import Html, img_png, join, note, prose, section, table, tag
+from featx_edge.report.page import Html, img_png, join, markdown_lines, note, prose, section, table, tag
 from featx_edge.run import Run
 from featx_edge.rundir import INT8_LAYERS, VERIFY, inside
-from featx_edge.verify import PREDICTIONS, PREDICTIONS_SCHEMA
+from featx_edge.verify import PREDICTIONS, PREDICTIONS_SCHEMA, small_split_note
 
 log = logging.getLogger(__name__)
 
@@ -224,11 +224,15 @@ def verify(src: Sources) -> Html:
                "top-1 agreement [95% CI]", "near-ties", "max |Δp|", "thresholds", "notes", "verify"]
     overall = "passed" if v.get("passed") and not any(c in ("fail", "stale") for c in classes) else (
         "FAILED" if not v.get("passed") else "stale entries")
-    return section("verify", "Verify", note(f"{v.get('images')} test images; agreement and change are against the "
-                                            f"Keras reference on the same images. Overall: {overall}."),
-                   table(headers, rows, row_classes=classes),
-                   note("stale: measured on a file other than the one exported now (or against an earlier "
-                        f"reference); {fix} to measure the current files."))
+    parts = [note(f"{v.get('images')} test images; agreement and change are against the Keras reference on the "
+                  f"same images. Overall: {overall}."), table(headers, rows, row_classes=classes)]
+    small = small_split_note(v)
+    if small:
+        parts.append(note(small, cls="warn"))
+    if any(row[-1] == "stale" for row in rows):  # the legend only where a row is marked stale
+        parts.append(note("stale: measured on a file other than the one exported now (or against an earlier "
+                          f"reference); {fix} to measure the current files."))
+    return section("verify", "Verify", *parts)
 
 
 # -- confusion matrices and the gallery (per-image predictions from verify) -------------------
@@ -410,7 +414,7 @@ def bench(src: Sources) -> Html:
         parts.append(tag("h3", "Not measured"))
         parts.append(tag("ul", *[tag("li", line) for line in not_measured(others)]))
     if isinstance(src.bench.get("recommendation"), dict):
-        parts.append(tag("pre", "\n".join(format_recommendation(src.bench["recommendation"])).strip()))
+        parts.append(markdown_lines(format_recommendation(src.bench["recommendation"])))
     png = src.run.path / BENCH_PNG
     if png.is_file():
         parts.append(img_png(png.read_bytes(), alt="accuracy against latency", cls="figure"))

@@ -194,6 +194,14 @@ class LiteRTBackend:
     def input_shape(self) -> tuple:
         return tuple(int(d) for d in self._input.get("shape_signature", self._input["shape"]))
 
+    @property
+    def output_resolution(self) -> float | None:
+        """The dequantization scale of an integer output (its smallest nonzero probability), else None."""
+        if np.dtype(self._output["dtype"]) == np.float32:
+            return None
+        scale = float(self._output["quantization"][0])
+        return scale or None
+
     def run(self, pixels: np.ndarray) -> np.ndarray:
         try:
             return self._run(pixels)

@@ -47,6 +47,12 @@ class Predictor:
         self.width = int(metadata["input"]["width"])
         self.format: str = metadata.get("format", "")
 
+    @property
+    def output_resolution(self) -> float | None:
+        """The step between the probabilities the model can output (1/256 for a uint8 output), or None
+        for a float output: a score below it was rounded to 0, not measured as 0."""
+        return getattr(self.backend, "output_resolution", None)
+
     def preprocess(self, images: Iterable[ImageInput]) -> np.ndarray:
         """Decode, convert to RGB and resize as in training: uint8 (N, H, W, 3)."""
         return np.stack([load_pixels(img, height=self.height, width=self.width) for img in images])
