@@ -79,7 +79,7 @@ def _add_verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", default=None, metavar="SET,...",
                    help="kernel sets the gate applies to: xnnpack (phones, Linux boards), reference (what "
                         "TensorFlow Lite Micro computes), builtin, default (onnxruntime); every set a format "
-                        "lists is run and recorded (default: all of them gate)")
+                        "lists is run and recorded, and when this is not given all of them gate")
 
 
 def _quiet(p: argparse.ArgumentParser) -> None:
