@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (split, head initialisation)")
     parser.add_argument("--bias-correction", choices=tuple(BIAS), default="auto")
     parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--skip", default="", help="cells already measured, e.g. lite0:sample:0,lite0:sample:1")
+    parser.add_argument("--rows", default=None, help="a JSON-lines file of rows measured before, to include")
     args = parser.parse_args(argv)
 
     from featx_edge.bench import machine_info
@@ -167,16 +169,21 @@ def main(argv: list[str] | None = None) -> int:
 
     backbones = [b for b in args.backbones.split(",") if b]
     formats = tuple(f for f in args.formats.split(",") if f)
+    skip = set(filter(None, args.skip.split(",")))
     datasets = [d for d in args.datasets.split(",") if d]
     work = Path(tempfile.mkdtemp(prefix="featx-int8-matrix-"))
     rows: list[dict] = []
+    if args.rows:  # earlier cells of the same matrix (the JSON lines this script prints)
+        rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line.startswith("{")]
     try:
         weights = _pretrained(work) if "mnv2-digits" in backbones else None
-        for backbone in backbones:
-            for dataset in datasets:
-                data = _data(dataset, backbone, work)
-                for seed in parse_int_list("seeds", args.seeds):
-                    config = _config(backbone, data, seed=seed, bias=BIAS[args.bias_correction], weights=weights)
+        for seed in parse_int_list("seeds", args.seeds):  # seeds outermost: every cell once before repeats
+            for backbone in backbones:
+                for dataset in datasets:
+                    if f"{backbone}:{dataset}:{seed}" in skip:
+                        continue
+                    config = _config(backbone, _data(dataset, backbone, work), seed=seed,
+                                     bias=BIAS[args.bias_correction], weights=weights)
                     run = work / f"{backbone}-{dataset}-{seed}"
                     cell, seconds = _cell(config, run, formats)
                     shutil.rmtree(run, ignore_errors=True)

@@ -210,3 +210,25 @@ def test_bench_recommends_int8_only_where_it_was_verified():
     there = recommend(rows, verified=verified, quantization={}, host="arm64")
     assert there["batch1"]["format"] == "onnx-float32" and there["verified_elsewhere"] == ["onnx-int8"]
     assert any("verified on another kind of CPU" in line for line in format_recommendation(there))
+
+
+def test_a_fragile_int8_model_is_caught_disagreeing_between_kernel_sets(tmp_path, sample_root, pretrained):
+    """The issue's case: a MobileNetV2 0.35 pretrained for a minute on digits 0-4, transferred to
+    5-9 at 64 px. Its int8 file gives other top-1 classes under LiteRT's reference kernels (what
+    TensorFlow Lite Micro computes) than under XNNPACK; verify records both and names the set."""
+    from conftest import TINY
+
+    from featx_edge.cli import main
+
+    run = tmp_path / "run"
+    rc = main(["run", "--data", str(sample_root / "target"), "--out", str(run), *TINY, "--weights", str(pretrained),
+               "--epochs", "10", "--formats", "tflite-int8", "--quiet"])
+    report = json.loads((run / "verify.json").read_text())
+    row = report["formats"]["tflite-int8"]
+    compared = row["kernel_sets_compared"]["xnnpack_vs_reference"]
+    assert compared["images_differing"] > 0 and compared["top1_same"] < 1.0, compared
+    xnnpack, reference = row["kernels"]["xnnpack"], row["kernels"]["reference"]
+    assert xnnpack["top1_agreement"] != reference["top1_agreement"] or xnnpack["max_abs_diff"] != reference[
+        "max_abs_diff"]
+    assert rc == (0 if row["passed"] else 2)
+    assert row["passed"] == (xnnpack["passed"] and reference["passed"])  # both gate by default

@@ -76,7 +76,7 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
 def _add_verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", action="append", default=[], metavar="FORMAT.METRIC=VALUE",
                    help="override a verify threshold, e.g. tflite-int8.min_agreement=0.95 (repeatable)")
-    p.add_argument("--kernels", default=None, metavar="SET,...",
+    p.add_argument("--kernels", default=None, metavar="LIST",
                    help="kernel sets the gate applies to: xnnpack (phones, Linux boards), reference (what "
                         "TensorFlow Lite Micro computes), builtin, default (onnxruntime); every set a format "
                         "lists is run and recorded, and when this is not given all of them gate")
