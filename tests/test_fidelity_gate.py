@@ -172,6 +172,7 @@ def test_bench_never_recommends_a_runtime_whose_kernel_set_failed_verify():
     assert picked["batch1"]["format"] == "tflite-float32" and picked["throughput"]["format"] == "tflite-float32"
 
 
+@pytest.mark.slow  # trains or converts a real model (measured with --durations: over 10 s)
 def test_bias_correction_is_chosen_per_run_on_validation_and_recorded(tmp_path):
     """`bias_correction = "auto"` (the default): both candidates judged on never-test images under
     both kernel sets; the record is in the manifest and the same run makes the same choice."""

@@ -79,6 +79,7 @@ def test_qat_ranges_start_at_the_float_models(trained_run):
     assert agree >= 0.9, agree  # fake-quant model = float model + rounding, before any training
 
 
+@pytest.mark.slow  # trains or converts a real model (measured with --durations: over 10 s)
 def test_qat_keeps_the_backbone_frozen():
     from featx_edge.config import ModelConfig
     from featx_edge.export.qat import fit_variables, qat_model, trainable_variables

@@ -116,6 +116,7 @@ def test_registry_lookup_error():
         get_backbone("resnet")
 
 
+@pytest.mark.slow  # trains or converts a real model (measured with --durations: over 10 s)
 def test_imagenet_lite0_features_transfer_far_above_a_random_backbone(sample_root):
     """Frozen features + a linear head on the sample digits: the converted ImageNet weights carry
     real features; the same network with random weights does not."""
