@@ -37,7 +37,7 @@ from featx_edge.rundir import (
     sha256_file,
     write_json,
 )
-from featx_edge.runtime.selftest import SELFTEST_DIR, golden_path, read_golden
+from featx_edge.runtime.selftest import SELFTEST_DIR, golden_path, read_golden, written_for
 
 log = logging.getLogger(__name__)
 BUNDLE_JSON = "bundle.json"
@@ -217,7 +217,7 @@ def _copy_model(run: Run, fmt: str, model: Path, staging: Path) -> int:
         golden = read_golden(golden_file)
     except ModelFileError as err:
         raise RunDirError(f"{err} The self-test files are part of the bundle; {fix}.") from err
-    if golden.format != fmt or golden.model_sha256 not in (None, run.manifest["artifacts"][fmt]["sha256"]):
+    if not written_for(golden, fmt=fmt, sha256=run.manifest["artifacts"][fmt]["sha256"]):
         raise RunDirError(f"`{golden_file}` was written for another export than `{model}` (format or sha256 "
                           f"differ), so the device self-test would fail; {fix}.")
     if sha256_file(shutil.copyfile(model, staging / model.name)) != run.manifest["artifacts"][fmt]["sha256"]:

@@ -89,6 +89,7 @@ class _Runner:
     outputs: list = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     error: str | None = None
+    probs: np.ndarray | None = None  # the outputs joined once the split is done (None after an error)
 
 
 def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None, kernels: tuple[str, ...]) -> dict:
@@ -124,7 +125,7 @@ def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None
         failures += _judge_format(run, fmt, entries[fmt], mine, reference, labels, limits=limits[fmt],
                                   problems=problems[fmt], kernels=kernels)
         if mine and mine[0].error is None and not entries[fmt].get("nonfinite"):  # numbers only
-            predictions["formats"][fmt] = {"sha256": entries[fmt]["sha256"], **top1(np.concatenate(mine[0].outputs))}
+            predictions["formats"][fmt] = {"sha256": entries[fmt]["sha256"], **top1(mine[0].probs)}
     report["passed"] = not failures
     report["reference_outputs"] = _save_reference(run, reference)
     write_json(run.path / PREDICTIONS, predictions)
@@ -215,9 +216,9 @@ def _refuse_broken_reference(run: Run, report: dict, *, problems: dict, runners:
     """A reference with NaN/Inf outputs fails the whole verify in one line: every comparison with it is
     meaningless. verify.json says so (nothing stale may pass), and no per-image predictions are kept."""
     for fmt, entry in report["formats"].items():
-        mine = next((r for r in runners if r.fmt == fmt and r.error is None and r.outputs), None)
+        mine = next((r for r in runners if r.fmt == fmt and r.probs is not None), None)
         if mine is not None:
-            entry["nonfinite"] = nonfinite_rows(np.concatenate(mine.outputs))
+            entry["nonfinite"] = nonfinite_rows(mine.probs)
         entry["passed"] = False
         entry["failures"] = problems[fmt] + ["not compared: the Keras reference model gives NaN/Inf outputs"]
     report["passed"] = False
@@ -245,41 +246,43 @@ def _run_test_split(run: Run, splits, runners: list[_Runner]) -> np.ndarray:
             except (ModelFileError, VerificationError) as err:
                 runner.error = str(err)
             runner.seconds += time.perf_counter() - t0
-    return np.concatenate(reference) if reference else np.zeros((0, len(run.labels)), np.float32)
+    empty = np.zeros((0, len(run.labels)), np.float32)
+    for runner in runners:
+        if runner.error is None:
+            runner.probs = np.concatenate(runner.outputs) if runner.outputs else empty
+    return np.concatenate(reference) if reference else empty
 
 
-_KERNEL_KEPT = ("nonfinite", "images", "accuracy", "accuracy_change_points", "accuracy_change_ci95_points", "top1_agreement",
-                "top1_agreement_ci95", "disagreements", "near_ties", "tie_margin", "near_tie_images",
+_KERNEL_KEPT = ("nonfinite", "images", "accuracy", "accuracy_change_points", "accuracy_change_ci95_points",
+                "top1_agreement", "top1_agreement_ci95", "disagreements", "near_ties", "tie_margin", "near_tie_images",
                 "judged_top1_agreement", "judged_top1_agreement_ci95", "judged_accuracy_change_points",
                 "judged_accuracy_change_ci95_points", "max_abs_diff", "sqnr_db")
 
 
 def _judge_format(run: Run, fmt: str, entry: dict, runners: list[_Runner], reference: np.ndarray,
-                  labels: np.ndarray, *, limits: Thresholds, problems: list[str], kernels: tuple[str, ...]) -> list[str]:
+                  labels: np.ndarray, *, limits: Thresholds, problems: list[str],
+                  kernels: tuple[str, ...]) -> list[str]:
     """Fill ``entry`` (the first kernel set's metrics at the top, every set under ``kernels``); its failures."""
     spec = get_format(fmt)
     gated = [k for k in spec.kernel_sets if k in kernels] or list(spec.kernel_sets[:1])
     if runners:
         entry["kernels"], entry["kernel_sets_gated"] = {}, gated
     for runner in runners:
-        mine: list[str] = [] if runner.error is None else [runner.error]
-        if runner.error is None:
-            probs = np.concatenate(runner.outputs)
-            metrics = {}
-            try:
-                mine += _check_format(run, fmt, metrics, probs, reference, labels, limits=limits)
-            except (ModelFileError, VerificationError) as err:
-                mine.append(str(err))
-            entry["kernels"][runner.kernels] = {k: metrics[k] for k in _KERNEL_KEPT if k in metrics}
-            if runner is runners[0]:
-                entry.update(metrics)
-                entry["seconds"] = round(runner.seconds, 3)
-        entry["kernels"][runner.kernels] = {**entry["kernels"].get(runner.kernels, {}), "passed": not mine,
-                                            "failures": mine, "gated": runner.kernels in gated,
+        metrics: dict = {}
+        mine = [runner.error] if runner.error is not None else _metric_problems(
+            fmt, metrics, runner.probs, reference, labels, limits=limits)
+        if runner is runners[0]:
+            entry.update(metrics)
+            entry["seconds"] = round(runner.seconds, 3)
+        entry["kernels"][runner.kernels] = {**{k: metrics[k] for k in _KERNEL_KEPT if k in metrics},
+                                            "passed": not mine, "failures": mine, "gated": runner.kernels in gated,
                                             "seconds": round(runner.seconds, 3)}
         if runner.kernels in gated:
             named = f" [{runner.kernels} kernels]" if len(runners) > 1 else ""
             problems += [f"{p}{named}" for p in mine]
+    if runners and runners[0].error is None:  # a property of the file: checked once, not per kernel set
+        first_passed = entry["kernels"][runners[0].kernels]["passed"]
+        problems += _claim_problems(run, fmt, entry, metrics_passed=first_passed)
     if len(runners) > 1 and all(r.error is None for r in runners):
         entry["kernel_sets_compared"] = _between_kernel_sets(runners)
     entry["passed"] = not problems
@@ -290,10 +293,10 @@ def _judge_format(run: Run, fmt: str, entry: dict, runners: list[_Runner], refer
 
 def _between_kernel_sets(runners: list[_Runner]) -> dict:
     """How far the kernel sets are from each other on the same file (information, not a gate)."""
-    first = np.concatenate(runners[0].outputs)
+    first = runners[0].probs
     out = {}
     for other in runners[1:]:
-        probs = np.concatenate(other.outputs)
+        probs = other.probs
         same = int(np.sum(probs.argmax(1) == first.argmax(1)))
         out[f"{runners[0].kernels}_vs_{other.kernels}"] = {
             "top1_same": same / len(first) if len(first) else 1.0,
@@ -335,29 +338,39 @@ def top1(probs: np.ndarray) -> dict[str, list]:
     return {"top1": probs.argmax(1).tolist(), "score": np.round(probs.max(1), 4).tolist()}
 
 
-def _check_format(run: Run, fmt: str, entry: dict, probs: np.ndarray, reference: np.ndarray,
-                  labels: np.ndarray, *, limits: Thresholds) -> list[str]:
-    """Fill ``entry`` with ``fmt``'s metrics; its problems against its thresholds and its int8 claim."""
+def _metric_problems(fmt: str, metrics: dict, probs: np.ndarray, reference: np.ndarray, labels: np.ndarray, *,
+                     limits: Thresholds) -> list[str]:
+    """Fill ``metrics`` with one kernel set's outputs against the reference; their problems against ``limits``."""
+    metrics["nonfinite"] = nonfinite_rows(probs)
+    if metrics["nonfinite"]:  # argmax "agrees" on NaN and every metric would be NaN: count, never compare
+        return [f"{metrics['nonfinite']} of {len(probs)} test images gave NaN/Inf outputs"]
+    try:
+        metrics.update(compare(probs, reference, labels, tie_margin=tie_margin(fmt, limits)))
+    except VerificationError as err:
+        return [str(err)]
+    return check(metrics, limits)
+
+
+def _claim_problems(run: Run, fmt: str, entry: dict, *, metrics_passed: bool) -> list[str]:
+    """The int8 claims of ``fmt``'s file (recorded in ``entry["integer"]``): integer-only TFLite (checked
+    when its metrics passed, as before), and an ONNX int8 graph that really computes in int8."""
     from featx_edge.export.tflite import integer_report
     from featx_edge.macs import onnx_quantization_report
     from featx_edge.runtime.metadata import read_tflite
 
-    spec = get_format(fmt)
-    entry["nonfinite"] = nonfinite_rows(probs)
-    if entry["nonfinite"]:  # argmax "agrees" on NaN and every metric would be NaN: count, never compare
-        return [f"{entry['nonfinite']} of {len(probs)} test images gave NaN/Inf outputs"]
-    entry.update(compare(probs, reference, labels, tie_margin=tie_margin(fmt, limits)))
-    problems = check(entry, limits)
-    path = run.artifact_path(fmt)
-    if spec.int8 and spec.engine == "litert" and not problems:
-        entry["integer"] = integer_report(read_tflite(path)[0])
-        if spec.integer_only and (entry["integer"]["float_tensors"]
-                                  or entry["integer"]["input_dtype"] not in ("uint8", "int8")):
-            problems.append("not integer-only: " + str(entry["integer"]["float_tensors"][:3]))
-    if spec.int8 and spec.engine == "onnxruntime":
-        entry["integer"] = onnx_quantization_report(path)
-        problems += _onnx_int8_problems(entry["integer"])
-    return problems
+    spec, path = get_format(fmt), run.artifact_path(fmt)
+    try:
+        if spec.int8 and spec.engine == "litert" and metrics_passed:
+            entry["integer"] = integer_report(read_tflite(path)[0])
+            if spec.integer_only and (entry["integer"]["float_tensors"]
+                                      or entry["integer"]["input_dtype"] not in ("uint8", "int8")):
+                return ["not integer-only: " + str(entry["integer"]["float_tensors"][:3])]
+        if spec.int8 and spec.engine == "onnxruntime":
+            entry["integer"] = onnx_quantization_report(path)
+            return _onnx_int8_problems(entry["integer"])
+    except (ModelFileError, VerificationError) as err:
+        return [str(err)]
+    return []
 
 
 def _onnx_int8_problems(report: dict) -> list[str]:

@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--top-k", type=int, metavar="K", help="labels per image, best first (default: 1; 3 with --json)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--threads", type=int, metavar="N", help="inference threads, 1 to 4x the logical CPUs (default: the engine's)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="inference threads, 1 to 4x the logical CPUs (default: the engine's)")
 
     p = _command(sub, "selftest", purpose="check that this device's runtime reproduces the exported outputs",
                  example="featx-edge selftest model.tflite-int8.tflite  # its selftest/ folder beside it")
@@ -209,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", metavar="LIST",
                    help="comma-separated named cores (default: cortex-a53,cortex-a72,cortex-a76; also "
                                  "cortex-a35, cortex-a57, neoverse-n1)")
-    p.add_argument("--images", type=int, help="test images per run to judge (default: the whole test split; a model file: its "
+    p.add_argument("--images", type=int,
+                   help="test images per run to judge (default: the whole test split; a model file: its "
                         "self-test images, up to 64)")
     p.add_argument("--formats", help="comma-separated formats of a run to check (default: every exported one)")
     p.add_argument("--threads", type=int,

@@ -136,7 +136,8 @@ class Exporter:
         sources = {"off": reference, "on": corrected}
         flatbuffers = {name: convert(model, size=self.run.size, quantization=quant, calibration=self.calibration)
                        for name, model in sources.items()}
-        chosen, record = choose_bias_correction(flatbuffers, run=self.run, judging=judging_set(self.run, train_images=CHOICE_TRAIN_IMAGES))
+        judging = judging_set(self.run, train_images=CHOICE_TRAIN_IMAGES)
+        chosen, record = choose_bias_correction(flatbuffers, run=self.run, judging=judging)
         self.run.manifest["int8_choice"] = record
         self._int8_flatbuffer = flatbuffers[chosen]
         choice = {"setting": "auto", "chosen": chosen, "judged_on": record["judged_on"]}
