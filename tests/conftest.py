@@ -100,6 +100,15 @@ def few_images(source: Path, dest: Path, *, per_class: int = 12) -> Path:
     return dest
 
 
+def one_line_error(capsys, *needles: str) -> str:
+    """The captured stderr, asserted to be one `error: ...` line holding every needle (no traceback)."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
 # Fixtures that train, convert or export real models: a test that uses one (directly or through
 # another fixture) is `slow`. `python -m pytest -m "not slow"` is the fast tier (well under a
 # minute); tests under tests/runtime need no TensorFlow and are also marked `runtime`.

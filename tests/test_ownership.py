@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_class_folder
+from conftest import one_line_error as _one_line_error
 from test_bundle import fake_run, wheel  # noqa: F401  (fixtures: a verified fake run, a stand-in wheel)
 
 from featx_edge.cli import main
@@ -35,13 +36,6 @@ TRAIN = ["--backbone", "mobilenet_v2", "--alpha", "0.35", "--weights", "none", "
 def data(tmp_path) -> Path:
     return make_class_folder(tmp_path / "data", {"a": 6, "b": 6}, size=32)
 
-
-def _one_line_error(capsys, *fragments: str) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 def _tree(root: Path) -> dict[str, bytes]:

@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import one_line_error as _one_line_error
 
 from featx_edge.cli import main
 from featx_edge.errors import ConfigError
@@ -25,13 +26,6 @@ IMAGES = sorted((DATA / "images").glob("*.png"))
 MAX_THREADS = 4 * (os.cpu_count() or 1)
 LONG = "x" * 300  # one path component longer than any file system's 255-byte limit
 
-
-def _one_line_error(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 # --- item 9: --threads bounded ---------------------------------------------------------------------

@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from conftest import one_line_error as _one_line_error
 from PIL import Image
 
 from featx_edge.cli import main
@@ -43,13 +44,6 @@ def _folder(tmp_path: Path, images=IMAGES[:2]) -> Path:
         shutil.copy(path, folder / path.name)
     return folder
 
-
-def _one_line_error(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 # --- predict ---------------------------------------------------------------------------------------
