@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 
 LOGGER = "featx_edge"
@@ -149,3 +150,71 @@ def native_output(what: str) -> Iterator[None]:
                 if held:
                     tail = "\n".join(held.splitlines()[-60:])
                     print(f"output of {what} (it failed):\n{tail}", file=sys.stderr, flush=True)
+
+
+class StageClock:
+    """Wall and CPU seconds per named stage of one command (``featx-edge run``'s stage times).
+
+    Stages are recorded only while a clock is started (``StageClock.started()``), so the library
+    functions that mark their stages cost nothing when called on their own. A stage entered twice
+    adds up; nested stages are recorded each under its own name (``export`` holds each
+    ``export tflite-int8``).
+    """
+
+    _current: StageClock | None = None
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, float]] = {}
+        self._since = (time.perf_counter(), time.process_time())  # where the next ``lap`` starts
+        self._start = self._since
+
+    def add(self, name: str, since: tuple[float, float]) -> None:
+        """Add the time from ``since`` (perf_counter, process_time) to now to stage ``name``."""
+        now = (time.perf_counter(), time.process_time())
+        row = self.stages.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0})
+        row["seconds"] = round(row["seconds"] + now[0] - since[0], 3)
+        row["cpu_seconds"] = round(row["cpu_seconds"] + now[1] - since[1], 3)
+        self._since = now
+
+    @classmethod
+    @contextlib.contextmanager
+    def started(cls) -> Iterator[StageClock]:
+        """Record the stages of the code inside; yields the clock (its ``stages`` fill as they end)."""
+        clock, previous = cls(), cls._current
+        cls._current = clock
+        try:
+            yield clock
+        finally:
+            cls._current = previous
+
+    def total(self) -> dict[str, float]:
+        """Wall and CPU seconds since the clock started."""
+        return {"seconds": round(time.perf_counter() - self._start[0], 3),
+                "cpu_seconds": round(time.process_time() - self._start[1], 3)}
+
+    def lines(self) -> list[str]:
+        """One line per stage: name, wall seconds, CPU seconds (every thread of this process)."""
+        return [f"  {name:<28} {row['seconds']:8.1f} s wall {row['cpu_seconds']:8.1f} s CPU"
+                for name, row in self.stages.items()]
+
+
+@contextlib.contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Time the code inside as ``name`` on the started StageClock (nothing when none is started)."""
+    clock = StageClock._current
+    if clock is None:
+        yield
+        return
+    since = (time.perf_counter(), time.process_time())
+    try:
+        yield
+    finally:
+        clock.add(name, since)
+
+
+def lap(name: str) -> None:
+    """Record the time since the last lap or stage end as ``name`` (for a long function's steps
+    without re-indenting them); nothing when no StageClock is started."""
+    clock = StageClock._current
+    if clock is not None:
+        clock.add(name, clock._since)

@@ -137,7 +137,7 @@ def _cmd_run(args) -> int:
     from featx_edge.export import budget_failure, export_run
     from featx_edge.files.lock import locked
     from featx_edge.formats.registry import merge_overrides, parse_kernel_sets
-    from featx_edge.progress import say
+    from featx_edge.progress import StageClock, say, stage
     from featx_edge.report import report_after_run
     from featx_edge.rundir.manifest import read_manifest
     from featx_edge.rundir.names import VERIFY
@@ -155,21 +155,52 @@ def _cmd_run(args) -> int:
     if not is_chief(config.train.strategy):  # a multi-worker helper: trains in step, exports nothing
         train_run(config, args.out, overwrite=args.overwrite, resume=args.resume)
         return 0
-    with locked(args.out, command="run", create=True):
-        train_run(config, args.out, overwrite=args.overwrite, resume=args.resume)
-        manifest = export_run(args.out, formats=config.export.formats)
+    with locked(args.out, command="run", create=True), StageClock.started() as clock:
         try:
-            report = verify_run(args.out, kernels=kernels)
-        except VerificationError:
-            say(format_table(json.loads((Path(args.out) / VERIFY).read_text()), read_manifest(args.out)))
-            report_after_run(args.out)  # most useful when verify failed
-            raise
-        say(format_table(report, read_manifest(args.out)))  # `run ... | head`: a closed pipe must not stop
-        report_after_run(args.out)  # the report from being written
+            train_run(config, args.out, overwrite=args.overwrite, resume=args.resume)
+            with stage("export"):
+                manifest = export_run(args.out, formats=config.export.formats)
+            try:
+                with stage("verify"):
+                    report = verify_run(args.out, kernels=kernels)
+            except VerificationError:
+                say(format_table(json.loads((Path(args.out) / VERIFY).read_text()), read_manifest(args.out)))
+                with stage("report"):
+                    report_after_run(args.out)  # most useful when verify failed
+                raise
+            say(format_table(report, read_manifest(args.out)))  # `run ... | head`: a closed pipe must not stop
+            with stage("report"):
+                report_after_run(args.out)  # the report from being written
+        finally:
+            _record_stage_times(args.out, clock)
     missed = budget_failure(manifest)
     if missed:
         raise VerificationError(missed)
     return 0
+
+
+def _record_stage_times(out: str, clock) -> None:
+    """``run``'s stage times: its last lines, and ``manifest.json``'s ``stage_times`` (when training made a
+    run; a run that stopped early records what it did). Never hides the command's own result."""
+    import logging
+
+    from featx_edge.errors import FeatxError
+    from featx_edge.training.run import Run
+
+    if not clock.stages:
+        return
+    total = clock.total()
+    log = logging.getLogger("featx_edge.cli")
+    log.info("stage times (wall and CPU seconds; `stage_times` in %s):\n%s\n  %-28s %8.1f s wall %8.1f s CPU",
+             Path(out) / "manifest.json", "\n".join(clock.lines()), "total", total["seconds"], total["cpu_seconds"])
+    try:
+        run = Run.open(out)
+        run.manifest["stage_times"] = {"stages": clock.stages, "total": total,
+                                       "note": "`export` holds each `export FORMAT`; CPU seconds count every "
+                                               "thread of the process"}
+        run.save()
+    except (FeatxError, OSError) as err:  # no run was made (training failed before it): nothing to record
+        log.debug("stage times not recorded: %s", err)
 
 
 def _iter_images(items: list[str]) -> list[Path]:

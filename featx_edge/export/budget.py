@@ -15,7 +15,6 @@ from featx_edge.export.calibration import calibration_files
 from featx_edge.fidelity.gate import compare
 from featx_edge.fidelity.intervals import wilson
 from featx_edge.formats.registry import thresholds_for
-from featx_edge.training.train import predict_probs
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +45,7 @@ def judging_set(run, *, train_images: int = JUDGE_TRAIN_IMAGES) -> JudgingSet:
     free = [free[i] for i in sorted(rng.permutation(len(free))[:train_images])]
     train_labels = np.array([splits.classes.index(label_of(p)) for p in free], dtype=np.int64)
     relpaths = (*splits.val, *free)
-    reference = predict_probs(run.reference().model, splits.root, relpaths, size=run.size,
-                              desc="reference on the judging set")
+    reference = run.reference_probs(relpaths, batch_size=64, desc="reference on the judging set")
     return JudgingSet(relpaths=relpaths, labels=np.concatenate([splits.labels("val"), train_labels]),
                       reference=reference,
                       what=f"{len(splits.val)} validation + {len(free)} calibration-free training images")

@@ -24,7 +24,7 @@ from featx_edge.files.atomic import atomic_path, sha256_file, write_bytes, write
 from featx_edge.files.lock import locked
 from featx_edge.formats.registry import FormatSpec, artifact_filename, get_format, parse_formats
 from featx_edge.formats.targets import resolve_target
-from featx_edge.progress import bar
+from featx_edge.progress import bar, stage
 from featx_edge.rundir.names import EXPORT_DIR, EXPORT_JOURNAL, INT8_LAYERS
 from featx_edge.training.run import Run
 
@@ -83,6 +83,8 @@ class Exporter:
         self._calibration: np.ndarray | None = None
         self._int8_source: tuple | None = None
         self._int8_flatbuffer: bytes | None = None  # tflite-int8 as converted while choosing its source
+        self._traces: dict[tuple[int, int | None], tuple[object, object]] = {}  # (model id, batch) -> (model, Traced)
+        self._onnx_protos: dict[int, tuple[object, object]] = {}  # model id -> (model, float32 ONNX before metadata)
         self._converters = {"tflite": self._tflite, "tflite-selective": self._tflite_selective,
                             "tflite-qat": self._tflite_qat, "onnx": self._onnx, "onnx-int8": self._onnx_int8}
 
@@ -94,6 +96,28 @@ class Exporter:
             self._calibration = calibration_images(splits.root, splits.train, size=self.run.size,
                                                    count=config.export.calibration_images, seed=config.seed)
         return self._calibration
+
+    def traced(self, model, *, batch: int | None = None):
+        """``model`` traced once for TFLite (``export.tflite.Traced``): every TFLite format of it converts
+        from this trace instead of tracing and saving the Keras model again."""
+        from featx_edge.export.tflite import trace
+
+        key = (id(model), batch)
+        if key not in self._traces:  # the model is kept beside its trace, so its id stays its own
+            self._traces[key] = (model, trace(model, size=self.run.size, batch=batch))
+        return self._traces[key][1]
+
+    def onnx_float(self, model, *, metadata: dict):
+        """A float32 ONNX of ``model`` with ``metadata``; tf2onnx runs once per model (onnx-float32 and
+        the float model onnx-int8 quantizes share it when int8 is made from the reference itself)."""
+        from featx_edge.export import onnx as onnx_export
+
+        if id(model) not in self._onnx_protos:
+            self._onnx_protos[id(model)] = (model, onnx_export.convert(model, size=self.run.size, metadata=metadata))
+        proto = type(self._onnx_protos[id(model)][1])()
+        proto.CopyFrom(self._onnx_protos[id(model)][1])
+        onnx_export.add_metadata(proto, metadata)
+        return proto
 
     def int8_source(self) -> tuple:
         """(model, recipe): what post-training int8 is converted from, and how it was prepared.
@@ -127,8 +151,8 @@ class Exporter:
         corrected, info = bias_corrected(reference, calibration=self.calibration)
         quant = TFLiteQuantization.named("int8")
         sources = {"off": reference, "on": corrected}
-        flatbuffers = {name: convert(model, size=self.run.size, quantization=quant, calibration=self.calibration)
-                       for name, model in sources.items()}
+        flatbuffers = {name: convert(self.traced(model), size=self.run.size, quantization=quant,
+                                     calibration=self.calibration) for name, model in sources.items()}
         judging = judging_set(self.run, train_images=CHOICE_TRAIN_IMAGES)
         chosen, record = choose_bias_correction(flatbuffers, run=self.run, judging=judging)
         self.run.manifest["int8_choice"] = record
@@ -150,6 +174,10 @@ class Exporter:
 
     def export(self, fmt: str) -> dict:
         """Make ``fmt``'s artifact, record it in the manifest, write its golden file; returns the entry."""
+        with stage(f"export {fmt}"):  # a shared input (calibration, int8 source) counts for the first format
+            return self._export(fmt)
+
+    def _export(self, fmt: str) -> dict:
         spec = get_format(fmt)
         t0 = time.perf_counter()
         self.golden.chosen()  # the reference on the test split, once: a NaN reference stops before any conversion
@@ -185,24 +213,26 @@ class Exporter:
             source, recipe = self.int8_source()
             flatbuffer = self._int8_flatbuffer  # already converted from this source while choosing it
             if flatbuffer is None or spec.quantization != "int8":
-                flatbuffer = convert(source, size=self.run.size, quantization=quant, calibration=self.calibration)
+                flatbuffer = convert(self.traced(source), size=self.run.size, quantization=quant,
+                                     calibration=self.calibration)
             method = ("tflite full-integer post-training" if quant.full_integer
                       else "tflite 16x8 post-training (int16 activations, int8 weights)")
             extra = {"quantization": {"method": method, **recipe}}
         else:
-            flatbuffer = convert(self.run.reference().model, size=self.run.size, quantization=quant)
+            flatbuffer = convert(self.traced(self.run.reference().model), size=self.run.size, quantization=quant)
         self._write_tflite(spec, path, flatbuffer, extra)
 
     def _tflite_selective(self, spec: FormatSpec, path: Path) -> None:
-        from featx_edge.export.tflite_int8 import convert_selective, diagnose
+        from featx_edge.export.tflite_int8 import selective
 
         source, recipe = self.int8_source()
-        layers = diagnose(source, size=self.run.size, calibration=self.calibration)
+        # One conversion and calibration serve the per-layer diagnosis and the selective model.
+        layers, keep, flatbuffer = selective(self.traced(source, batch=1), size=self.run.size,
+                                             calibration=self.calibration,
+                                             float_layers=self.run.config.export.selective_float_layers)
         write_json(self.run.path / INT8_LAYERS, {"metric": "rmse / quantization scale (about 0.29 is ideal)",
                                                  "calibration_images": len(self.calibration), "layers": layers})
-        keep = [row["tensor"] for row in layers[: self.run.config.export.selective_float_layers]]
         log.info("  keeping %d layers in float (worst rmse/scale first; see %s)", len(keep), INT8_LAYERS)
-        flatbuffer = convert_selective(source, size=self.run.size, calibration=self.calibration, keep_float=keep)
         self._write_tflite(spec, path, flatbuffer,
                            {"quantization": {"method": "tflite int8, selective", "float_layers": keep, **recipe}})
 
@@ -215,8 +245,7 @@ class Exporter:
     def _onnx(self, spec: FormatSpec, path: Path) -> None:
         from featx_edge.export import onnx as onnx_export
 
-        proto = onnx_export.convert(self.run.reference().model, size=self.run.size, metadata=self.metadata(spec))
-        onnx_export.save(proto, path)
+        onnx_export.save(self.onnx_float(self.run.reference().model, metadata=self.metadata(spec)), path)
 
     def _onnx_int8(self, spec: FormatSpec, path: Path) -> None:
         """QDQ int8 with onnxruntime, from a float32 ONNX of the int8 source made in a temporary folder."""
@@ -237,6 +266,6 @@ class Exporter:
         log.info("  onnx-int8 for target %s: %s", target.name, target.why)
         with tempfile.TemporaryDirectory(prefix="featx-onnx-") as tmp:
             float_path = Path(tmp) / "float32.onnx"
-            onnx_export.save(onnx_export.convert(source, size=self.run.size, metadata=metadata), float_path)
+            onnx_export.save(self.onnx_float(source, metadata=metadata), float_path)
             quantize(float_path, path, calibration=self.calibration, method=method, metadata=metadata,
                      activations=target.activations, reduce_range=target.reduce_range)

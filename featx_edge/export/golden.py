@@ -16,7 +16,6 @@ from featx_edge.fidelity.gate import broken_reference
 from featx_edge.files.atomic import atomic_path
 from featx_edge.rundir.names import EXPORT_DIR
 from featx_edge.runtime.predictor import nonfinite_rows
-from featx_edge.training.train import predict_probs
 
 
 class GoldenImages:
@@ -36,7 +35,7 @@ class GoldenImages:
 
             run, splits = self._run, self._run.splits()
             # Probabilities streamed over the test split; only the chosen images are kept.
-            probs = predict_probs(run.reference().model, splits.root, splits.test, size=run.size)
+            probs = run.reference_probs(splits.test, batch_size=64)  # verify's batches: it reuses them
             bad = nonfinite_rows(probs)
             if bad:  # a broken reference: nothing exported from it can be right, nor a golden file of NaN
                 raise broken_reference(run.path, weights=run.path / run.manifest["reference"]["path"], bad=bad,

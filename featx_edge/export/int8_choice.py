@@ -14,6 +14,8 @@ metadata; the same run, seed and images make the same choice.
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 from featx_edge.data.folders import map_batches
 from featx_edge.fidelity.gate import compare
@@ -28,23 +30,39 @@ kernels are slow: every candidate runs under them too)."""
 
 def judge_flatbuffer(flatbuffer: bytes, *, run, judging, fmt: str = "tflite-int8") -> dict:
     """Agreement of an int8 flatbuffer with the reference on the judging set, per kernel set."""
+    return {kernels: _judge_kernels(flatbuffer, kernels, run=run, judging=judging, fmt=fmt)
+            for kernels in get_format(fmt).kernel_sets}
+
+
+def _judge_kernels(flatbuffer: bytes, kernels: str, *, run, judging, fmt: str) -> dict:
+    """One flatbuffer under one kernel set against the reference on the judging set."""
     from featx_edge.errors import ModelFileError
     from featx_edge.runtime.backends import LiteRTBackend
 
     limits = thresholds_for(fmt, run.config.verify)
-    out = {}
-    for kernels in get_format(fmt).kernel_sets:
-        try:
-            backend = LiteRTBackend(flatbuffer, kernels=kernels)
-        except ModelFileError as err:  # this kernel set cannot run it: judged as agreeing on nothing
-            out[kernels] = {"top1_agreement": 0.0, "images_lost": len(judging.labels), "images_gained": 0,
-                            "error": str(err)}
-            continue
-        probs = map_batches(backend.run, run.splits().root, judging.relpaths, size=run.size)
-        metrics = compare(probs, judging.reference, judging.labels, tie_margin=tie_margin(fmt, limits))
-        out[kernels] = {"top1_agreement": round(metrics["judged_top1_agreement"], 6),
-                        "images_lost": metrics["images_lost"], "images_gained": metrics["images_gained"]}
-    return out
+    try:
+        backend = LiteRTBackend(flatbuffer, kernels=kernels)
+    except ModelFileError as err:  # this kernel set cannot run it: judged as agreeing on nothing
+        return {"top1_agreement": 0.0, "images_lost": len(judging.labels), "images_gained": 0, "error": str(err)}
+    probs = map_batches(backend.run, run.splits().root, judging.relpaths, size=run.size)
+    metrics = compare(probs, judging.reference, judging.labels, tie_margin=tie_margin(fmt, limits))
+    return {"top1_agreement": round(metrics["judged_top1_agreement"], 6),
+            "images_lost": metrics["images_lost"], "images_gained": metrics["images_gained"]}
+
+
+def judge_all(candidates: dict[str, bytes], *, run, judging, fmt: str = "tflite-int8") -> dict[str, dict]:
+    """``judge_flatbuffer`` of every candidate, the (candidate, kernel set) pairs side by side in threads.
+
+    LiteRT releases the GIL while it computes, so the slow reference-kernel passes of two candidates
+    share the cores; each pair sees the same images in the same batches as one after the other.
+    """
+    pairs = [(name, kernels) for name in candidates for kernels in get_format(fmt).kernel_sets]
+    workers = max(1, min(len(pairs), os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pair: pool.submit(_judge_kernels, candidates[pair[0]], pair[1], run=run, judging=judging,
+                                     fmt=fmt) for pair in pairs}
+        return {name: {kernels: futures[(name, kernels)].result() for kernels in get_format(fmt).kernel_sets}
+                for name in candidates}
 
 
 def _score(judged: dict) -> tuple[float, int]:
@@ -54,7 +72,7 @@ def _score(judged: dict) -> tuple[float, int]:
 
 def choose_bias_correction(candidates: dict[str, bytes], *, run, judging) -> tuple[str, dict]:
     """The better of ``{"off": flatbuffer, "on": flatbuffer}`` on the judging set, and the record."""
-    judged = {name: judge_flatbuffer(flatbuffer, run=run, judging=judging) for name, flatbuffer in candidates.items()}
+    judged = judge_all(candidates, run=run, judging=judging)
     # max() keeps the first of equals: "off" is listed first, so a tie keeps the uncorrected model.
     chosen = max(candidates, key=lambda name: _score(judged[name]))
     record = {"setting": "bias_correction", "chosen": chosen, "judged_on": judging.what,

@@ -53,10 +53,39 @@ class TFLiteQuantization:
         return self.full_integer or self.int16_activations
 
 
+@dataclass(frozen=True)
+class Traced:
+    """A Keras model traced once (a concrete function of images 0..255 float32 NHWC) for every TFLite
+    conversion of it: float32, float16, dynamic, int8 and the debugger all start from the same trace.
+
+    ``holder`` is a plain ``tf.Module`` that tracks the model's variables: the converter saves it as
+    a SavedModel before converting, and a bare module saves in a fraction of the time the Keras model
+    takes (no per-layer Keras functions to trace), with the same converted bytes.
+    """
+
+    concrete: object
+    holder: object
+    size: int
+    batch: int | None
+
+
+def trace(model, *, size: int, batch: int | None = None) -> Traced:
+    """Trace ``model`` (training=False) for ``batch`` images of ``size`` px (None: a dynamic batch)."""
+    from featx_edge._tf import import_tf
+
+    tf, _ = import_tf()
+    fn = tf.function(lambda image: model(image, training=False))
+    concrete = fn.get_concrete_function(tf.TensorSpec([batch, size, size, 3], tf.float32, name="image"))
+    holder = tf.Module()
+    holder.variables_of_model = list(model.variables)  # tracked, so the SavedModel can hold the weights
+    return Traced(concrete=concrete, holder=holder, size=size, batch=batch)
+
+
 def converter(model, *, size: int, quantization: TFLiteQuantization, calibration: np.ndarray | None = None,
               batch: int | None = None):
     """A TFLiteConverter for a Keras model taking images 0..255 float32 NHWC (``batch`` None: dynamic).
 
+    ``model`` may be a ``Traced`` of the same size and batch (traced once, converted many times).
     With a calibration set the converter gets it as its representative dataset (one image per
     step); ``quantization.full_integer`` also restricts the ops to int8 builtins with uint8
     input and output (pixels 0..255 map exactly onto the input scale).
@@ -64,9 +93,10 @@ def converter(model, *, size: int, quantization: TFLiteQuantization, calibration
     from featx_edge._tf import import_tf
 
     tf, _ = import_tf()
-    fn = tf.function(lambda image: model(image, training=False))
-    concrete = fn.get_concrete_function(tf.TensorSpec([batch, size, size, 3], tf.float32, name="image"))
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
+    traced = model if isinstance(model, Traced) else trace(model, size=size, batch=batch)
+    if (traced.size, traced.batch) != (size, batch):
+        raise ValueError(f"traced for {traced.size} px, batch {traced.batch}; asked for {size} px, batch {batch}")
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([traced.concrete], traced.holder)
     if quantization.optimize:
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
     if quantization.float16:
@@ -93,7 +123,8 @@ def representative(calibration: np.ndarray):
 
 def convert(model, *, size: int, quantization: TFLiteQuantization,
             calibration: np.ndarray | None = None) -> bytes:
-    """Convert a Keras model (image 0..255 float32 NHWC) to a TFLite flatbuffer, dynamic batch.
+    """Convert a Keras model (image 0..255 float32 NHWC), or its dynamic-batch ``Traced``, to a TFLite
+    flatbuffer with a dynamic batch.
 
     For full-integer int8 the result is checked: a model that kept float tensors raises
     ExportError instead of being written.
@@ -156,3 +187,44 @@ def check_integer_only(flatbuffer: bytes) -> dict:
             + ". Some layer has no int8 kernel; use tflite-dynamic or tflite-float16 for this model."
         )
     return report
+
+
+def calibrate(model, *, size: int, calibration: np.ndarray, quantization: TFLiteQuantization | None = None) -> bytes:
+    """The float model with calibration statistics (activation min/max) recorded, not yet quantized.
+
+    Calibrate once, quantize as often as needed (``quantize_calibrated``): the images run through
+    the model once. ``model`` is a Keras model or its dynamic-batch ``Traced``.
+    """
+    quantization = quantization or TFLiteQuantization.for_int8()
+    if calibration is None or len(calibration) == 0:
+        raise ExportError("TFLite calibration needs calibration images from the training split; none were given.")
+    conv = converter(model, size=size, quantization=quantization, calibration=calibration)
+    conv._experimental_calibrate_only = True  # the converter's own calibrate-once switch (what its debugger uses)
+    try:
+        with native_output("the TFLite converter (calibration)"):
+            return bytes(conv.convert())
+    except Exception as err:  # ConverterError / RuntimeError with the converter's log
+        raise ExportError(f"TFLite calibration failed: {type(err).__name__}: {err}") from err
+
+
+def quantize_calibrated(calibrated: bytes, *, quantization: TFLiteQuantization | None = None) -> bytes:
+    """Quantize a ``calibrate``d model (full-integer int8, uint8 input and output), checked integer-only.
+
+    It reads the ranges recorded in ``calibrated``: a caller may change them first (another
+    calibration method) and quantize again without converting or calibrating again.
+    """
+    from featx_edge._tf import import_tf
+
+    tf, _ = import_tf()
+    from tensorflow.lite.python.convert import mlir_quantize
+
+    quantization = quantization or TFLiteQuantization.for_int8()
+    if not quantization.full_integer:
+        raise ValueError("quantize_calibrated makes full-integer int8 models only")
+    try:
+        with native_output("the TFLite quantizer"):
+            flatbuffer = bytes(mlir_quantize(calibrated, input_data_type=tf.uint8, output_data_type=tf.uint8))
+    except Exception as err:
+        raise ExportError(f"TFLite quantization failed: {type(err).__name__}: {err}") from err
+    check_integer_only(flatbuffer)
+    return flatbuffer

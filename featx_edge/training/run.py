@@ -28,6 +28,9 @@ from featx_edge.rundir.names import EXPORT_JOURNAL, MANIFEST
 
 log = logging.getLogger(__name__)
 
+_SHARED: dict = {}
+"""This process's Keras reference (one run at a time) and its outputs by (root, images, batch size)."""
+
 
 class Run:
     """A trained run directory. Build with ``Run.open(path)``; the manifest is checked on open."""
@@ -111,25 +114,60 @@ class Run:
         return self._splits
 
     def reference(self):
-        """The run's Keras classifier (float32), rebuilt from its config with its trained weights."""
-        if self._reference is None:
-            from featx_edge.training.model import build_classifier
-            from featx_edge.training.train import setup_devices
+        """The run's Keras classifier (float32), rebuilt from its config with its trained weights.
 
-            entry = self.manifest["reference"]
-            weights = self.path / entry["path"]
-            if not weights.is_file():
-                raise RunDirError(f"`{weights}` is missing; re-run `featx-edge train`.")
-            if sha256_file(weights) != entry.get("sha256"):
-                raise RunDirError(f"`{weights}` does not match the checksum in {MANIFEST}; "
-                                  "re-run `featx-edge train`.")
-            setup_devices(mixed_precision=False)
-            model_config = dataclasses.replace(self.config.model, weights="none")
-            clf = build_classifier(num_classes=len(self.labels), config=model_config, weights_file=None,
-                                   seed=self.config.seed)
-            clf.model.load_weights(str(weights))
-            self._reference = clf
+        Built once per process for the same weights file and sha256 (``featx-edge run`` opens the
+        run for export, then for verify): a changed or retrained reference is a new key.
+        """
+        if self._reference is None:
+            key = self._reference_key()
+            if _SHARED.get("key") != key:
+                _SHARED.clear()
+                _SHARED.update(key=key, classifier=self._build_reference(), outputs={})
+            self._reference = _SHARED["classifier"]
         return self._reference
+
+    def _reference_key(self) -> tuple[str, str, str]:
+        entry = self.manifest["reference"]
+        weights = self.path / entry["path"]
+        if not weights.is_file():
+            raise RunDirError(f"`{weights}` is missing; re-run `featx-edge train`.")
+        digest = sha256_file(weights)
+        if digest != entry.get("sha256"):
+            raise RunDirError(f"`{weights}` does not match the checksum in {MANIFEST}; "
+                              "re-run `featx-edge train`.")
+        return str(weights.resolve()), digest, repr(self.config.model)
+
+    def _build_reference(self):
+        from featx_edge.training.model import build_classifier
+        from featx_edge.training.train import setup_devices
+
+        setup_devices(mixed_precision=False)
+        model_config = dataclasses.replace(self.config.model, weights="none")
+        clf = build_classifier(num_classes=len(self.labels), config=model_config, weights_file=None,
+                               seed=self.config.seed)
+        clf.model.load_weights(str(self.path / self.manifest["reference"]["path"]))
+        return clf
+
+    def reference_probs(self, relpaths, *, batch_size: int = 64, desc: str | None = None):
+        """The reference's probabilities on ``relpaths`` (decoded in batches of ``batch_size``), kept for
+        this process: verify reuses what export computed on the test split instead of a second pass."""
+        from featx_edge.training.train import predict_probs
+
+        known = self.known_reference_probs(relpaths, batch_size=batch_size)
+        if known is None:
+            known = predict_probs(self.reference().model, self.splits().root, relpaths, size=self.size,
+                                  batch_size=batch_size, desc=desc)
+            _SHARED["outputs"][(str(self.splits().root), tuple(relpaths), batch_size)] = known
+        return known
+
+    def known_reference_probs(self, relpaths, *, batch_size: int):
+        """What ``reference_probs`` computed in this process for the same images and batches, or None.
+
+        The same images in the same batches give the same numbers, so reusing them changes nothing.
+        """
+        self.reference()  # checks the weights' sha256; a new reference drops the old outputs
+        return _SHARED["outputs"].get((str(self.splits().root), tuple(relpaths), batch_size))
 
     # -- exported artifacts -----------------------------------------------------------------
     def exported(self) -> tuple[str, ...]:

@@ -32,7 +32,7 @@ from featx_edge.files.atomic import atomic_path, sha256_file, write_json
 from featx_edge.files.lock import locked
 from featx_edge.files.ownership import ID_KEY, read_marker
 from featx_edge.files.replace import check_out, replace_run
-from featx_edge.progress import native_output
+from featx_edge.progress import lap, native_output
 from featx_edge.progress import verbose as progress_verbose
 from featx_edge.rundir.manifest import MANIFEST_VERSION
 from featx_edge.rundir.names import MANIFEST, SPLITS, WEIGHTS
@@ -336,16 +336,15 @@ def _summary(stage: StageResult) -> str:
     return f"{stage.epochs} epochs in {stage.seconds:.1f} s; last epoch: {shown}"
 
 
-def _train_run(config: RunConfig, out: Path, *, data_root: Path, run_dir: Path, resume: bool) -> dict:
-    from featx_edge.training.model import build_classifier, unfreeze_top
-
-    spec = get_backbone(config.model.backbone)
-    size = config.model.input_size
+def _scan(config: RunConfig, out: Path, *, data_root: Path) -> tuple:
+    """(weights file, scanned folder, splits): the weights resolved first (cheap, may download), then
+    every image checked and split; the split is written to ``out``."""
     if config.model.weights == "none":
         log.warning("`--weights none`: the frozen backbone keeps random weights, so its features carry almost no "
                     "information and the accuracy of this run means nothing; use it for latency tests only")
-    # Cheap checks first: weights (may download) before decoding every image.
-    weights_file = resolve_weights(spec, weights=config.model.weights, alpha=config.model.alpha, size=size)
+    spec = get_backbone(config.model.backbone)
+    weights_file = resolve_weights(spec, weights=config.model.weights, alpha=config.model.alpha,
+                                   size=config.model.input_size)
     folder = scan_folder(data_root)
     for skipped in folder.skipped:
         log.info("skipped %s: %s", skipped.path, skipped.reason)
@@ -354,7 +353,16 @@ def _train_run(config: RunConfig, out: Path, *, data_root: Path, run_dir: Path, 
     write_json(out / SPLITS, splits.to_json())
     log.info("%d images in %d classes (%d train / %d val / %d test), %d skipped", folder.num_images,
              len(folder.classes), len(splits.train), len(splits.val), len(splits.test), len(folder.skipped))
+    return weights_file, folder, splits
 
+
+def _train_run(config: RunConfig, out: Path, *, data_root: Path, run_dir: Path, resume: bool) -> dict:
+    from featx_edge.training.model import build_classifier, unfreeze_top
+
+    spec = get_backbone(config.model.backbone)
+    size = config.model.input_size
+    weights_file, folder, splits = _scan(config, out, data_root=data_root)
+    lap("scan")
     devices = setup_devices(mixed_precision=config.train.mixed_precision, jit_compile=config.train.jit_compile)
     placement = make_placement(config.train.strategy, gpus=devices["gpus"])
     devices["strategy"] = placement.record()
@@ -365,6 +373,7 @@ def _train_run(config: RunConfig, out: Path, *, data_root: Path, run_dir: Path, 
     with placement.strategy.scope():  # variables mirrored on every replica
         clf = build_classifier(num_classes=len(splits.classes), config=config.model,
                                weights_file=weights_file, seed=config.seed)
+    lap("model")
     y_train, y_val, y_test = splits.labels("train"), splits.labels("val"), splits.labels("test")
     bs = config.train.batch_size
 
@@ -376,6 +385,7 @@ def _train_run(config: RunConfig, out: Path, *, data_root: Path, run_dir: Path, 
                            augment=AugmentSpec(config.train.augment, seed=config.seed), views=config.train.augment_views,
                            devices=placement.local_devices)
     metrics: dict = {"embedding_seconds": round(time.perf_counter() - t0, 3), "feature_cache": feats.record}
+    lap("embed")
     log.info("stage 1: head on cached features (%d-d, %d rows), %d epochs", feats.train.dim, len(feats.train),
              config.train.epochs)
     stage1 = train_head_on_features(clf.head_model, feats.train, feats.train_labels, config=config.train,
@@ -434,4 +444,5 @@ def _train_run(config: RunConfig, out: Path, *, data_root: Path, run_dir: Path, 
     if (marker := read_marker(out)) is not None:  # the staging folder's: the run is featx-edge's to replace
         manifest[ID_KEY] = marker["id"]
     write_json(out / MANIFEST, manifest)
+    lap("train")
     return manifest
