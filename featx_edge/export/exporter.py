@@ -148,13 +148,16 @@ class Exporter:
         from featx_edge.export.int8_choice import CHOICE_TRAIN_IMAGES, choose_bias_correction
         from featx_edge.export.tflite import TFLiteQuantization, convert
 
-        corrected, info = bias_corrected(reference, calibration=self.calibration)
+        with stage("int8 source: bias correction"):
+            corrected, info = bias_corrected(reference, calibration=self.calibration)
         quant = TFLiteQuantization.named("int8")
         sources = {"off": reference, "on": corrected}
-        flatbuffers = {name: convert(self.traced(model), size=self.run.size, quantization=quant,
-                                     calibration=self.calibration) for name, model in sources.items()}
-        judging = judging_set(self.run, train_images=CHOICE_TRAIN_IMAGES)
-        chosen, record = choose_bias_correction(flatbuffers, run=self.run, judging=judging)
+        with stage("int8 source: two int8 conversions"):
+            flatbuffers = {name: convert(self.traced(model), size=self.run.size, quantization=quant,
+                                         calibration=self.calibration) for name, model in sources.items()}
+        with stage("int8 source: judging both"):
+            judging = judging_set(self.run, train_images=CHOICE_TRAIN_IMAGES)
+            chosen, record = choose_bias_correction(flatbuffers, run=self.run, judging=judging)
         self.run.manifest["int8_choice"] = record
         self._int8_flatbuffer = flatbuffers[chosen]
         choice = {"setting": "auto", "chosen": chosen, "judged_on": record["judged_on"]}
@@ -266,6 +269,8 @@ class Exporter:
         log.info("  onnx-int8 for target %s: %s", target.name, target.why)
         with tempfile.TemporaryDirectory(prefix="featx-onnx-") as tmp:
             float_path = Path(tmp) / "float32.onnx"
-            onnx_export.save(self.onnx_float(source, metadata=metadata), float_path)
-            quantize(float_path, path, calibration=self.calibration, method=method, metadata=metadata,
-                     activations=target.activations, reduce_range=target.reduce_range)
+            with stage("onnx-int8: float32 ONNX of the int8 source"):
+                onnx_export.save(self.onnx_float(source, metadata=metadata), float_path)
+            with stage("onnx-int8: onnxruntime calibration and quantization"):
+                quantize(float_path, path, calibration=self.calibration, method=method, metadata=metadata,
+                         activations=target.activations, reduce_range=target.reduce_range)
