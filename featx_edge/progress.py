@@ -13,11 +13,13 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 
 LOGGER = "featx_edge"
 _verbose = False
+_NATIVE_LOCK = threading.RLock()
 
 
 def enabled() -> bool:
@@ -119,6 +121,14 @@ def native_output(what: str) -> Iterator[None]:
     if _verbose:
         yield
         return
+    # One thread at a time: descriptors 1 and 2 are the process's, and two threads swapping them at
+    # once would leave stdout pointing at a closed temporary file (verify's runners run in threads).
+    with _NATIVE_LOCK, _held_output(what):
+        yield
+
+
+@contextlib.contextmanager
+def _held_output(what: str) -> Iterator[None]:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()

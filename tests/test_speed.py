@@ -231,3 +231,34 @@ def test_int8_choice_judged_in_threads_as_one_after_the_other(small_run):
                   "on": read_tflite(run.artifact_path("tflite-dynamic"))[0]}
     together = judge_all(candidates, run=run, judging=judging)
     assert together == {name: judge_flatbuffer(fb, run=run, judging=judging) for name, fb in candidates.items()}
+
+
+def test_native_output_from_many_threads_leaves_stdout_where_it_was(capfd):
+    """verify's runners load and resize models in threads, each holding back LiteRT's own lines: the
+    process's stdout must still be the terminal (or file) afterwards, not a closed temporary file."""
+    import os
+    import threading
+    import time
+
+    from featx_edge.progress import native_output
+
+    before = os.fstat(1)
+    barrier = threading.Barrier(8)
+
+    def noisy(i: int) -> None:
+        barrier.wait()
+        for _ in range(50):
+            with native_output(f"thread {i}"):
+                os.write(1, b"held back\n")
+                time.sleep(0.001)  # the engine computes (GIL released) while its output is held back
+
+    threads = [threading.Thread(target=noisy, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    after = os.fstat(1)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+    os.write(1, b"still printed\n")
+    out = capfd.readouterr().out
+    assert "still printed" in out and "held back" not in out
