@@ -262,3 +262,20 @@ def test_native_output_from_many_threads_leaves_stdout_where_it_was(capfd):
     os.write(1, b"still printed\n")
     out = capfd.readouterr().out
     assert "still printed" in out and "held back" not in out
+
+
+@pytest.mark.slow
+def test_exporting_again_makes_files_with_the_same_sha256(small_run, tmp_path):
+    """The TFLite converter is deterministic, and so is what export wraps around its output (the metadata
+    zip has a fixed date): exporting the same run again gives byte-identical files. (tf2onnx is not: its
+    generated names change from process to process, so ONNX files are compared by verify's figures.)"""
+    import shutil
+
+    from featx_edge.export import export_run
+
+    copy = tmp_path / "again"
+    shutil.copytree(small_run[0], copy)
+    before = json.loads((copy / "manifest.json").read_text())["artifacts"]
+    again = export_run(copy, formats="tflite-float32,tflite-dynamic,tflite-int8")["artifacts"]
+    for fmt in ("tflite-float32", "tflite-dynamic", "tflite-int8"):
+        assert again[fmt]["sha256"] == before[fmt]["sha256"], fmt

@@ -43,8 +43,12 @@ def pack_tflite(flatbuffer: bytes, metadata: dict) -> bytes:
                                       "sha256": hashlib.sha256(flatbuffer).hexdigest()})
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
-        zf.writestr(METADATA_NAME, json.dumps(meta, indent=2))
-        zf.writestr(LABELS_NAME, "\n".join(metadata["labels"]) + "\n")
+        for name, text in ((METADATA_NAME, json.dumps(meta, indent=2)),
+                           (LABELS_NAME, "\n".join(metadata["labels"]) + "\n")):
+            # A fixed date (zip's earliest): the same model and metadata make the same file, sha256 included.
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type, info.external_attr = zipfile.ZIP_STORED, 0o600 << 16
+            zf.writestr(info, text)
     return flatbuffer + buf.getvalue()
 
 
