@@ -1,7 +1,9 @@
 """``export_run``: every requested format of a run, made by the converter its FormatSpec names.
 
 What several formats share (the reference, the calibration images, the bias-corrected int8
-source, the self-test images) is computed once, on first use. Each artifact is written
+source, the self-test images, the TFLite trace of each source model, the float32 ONNX of a model)
+is computed once, on first use: every TFLite format converts from one trace of its model
+(``Exporter.traced``), and the reference's test-split outputs stay in the process for verify. Each artifact is written
 atomically, recorded in the manifest (path, sha256, bytes) and given its golden self-test file.
 """
 
