@@ -127,9 +127,10 @@ def test_calibrate_once_quantize_twice(small_model):
     first, second = quantize_calibrated(calibrated), quantize_calibrated(calibrated)
     assert first == second
     assert check_integer_only(first)["input_dtype"] == "uint8"
-    # The converter's own int8 (calibrate and quantize in one call) computes the same numbers.
+    # The converter's own int8 (calibrate and quantize in one call) computes the same numbers. (LiteRT's
+    # reference kernels abort on this random-weight model, the converter's own int8 file included.)
     direct = convert(traced, size=SIZE, quantization=TFLiteQuantization.for_int8(), calibration=calibration)
-    for kernels in ("xnnpack", "reference"):
+    for kernels in ("xnnpack", "builtin"):
         np.testing.assert_array_equal(LiteRTBackend(first, kernels=kernels).run(calibration),
                                       LiteRTBackend(direct, kernels=kernels).run(calibration))
 
