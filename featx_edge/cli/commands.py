@@ -26,7 +26,13 @@ def _config_from_args(args: argparse.Namespace):
                       feature_cache=getattr(args, "feature_cache", None),
                       augment_views=getattr(args, "augment_views", None), augment=getattr(args, "augment", None))
     config = _export_overrides(config, args)
+    config = override(config, "mcu", enabled=getattr(args, "mcu", None),
+                      profiles=_split(getattr(args, "profile", None)), npu=_split(getattr(args, "npu", None)))
     return override(config, "seed", seed=args.seed)
+
+
+def _split(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def _export_overrides(config, args):
@@ -148,6 +154,8 @@ def _cmd_run(args) -> int:
     overrides = _thresholds(args)
     config = dataclasses.replace(config, verify=merge_overrides(config.verify, overrides))
     kernels = parse_kernel_sets(args.kernels) if args.kernels is not None else None
+    if config.mcu.wanted:  # names and the [mcu] extra checked before training, not after it
+        _check_mcu_settings(config.mcu)
     check_destination(config, args.out)  # before the lock below creates any folder
     if not is_chief(config.train.strategy):  # a multi-worker helper: trains in step, exports nothing
         train_run(config, args.out, overwrite=args.overwrite, resume=args.resume)
@@ -162,10 +170,75 @@ def _cmd_run(args) -> int:
             report_after_run(args.out)  # most useful when verify failed
             raise
         say(format_table(report, read_manifest(args.out)))  # `run ... | head`: a closed pipe must not stop
+        if config.mcu.wanted:
+            try:
+                _run_mcu(args.out, config.mcu)
+            except VerificationError:
+                report_after_run(args.out)
+                raise
         report_after_run(args.out)  # the report from being written
     missed = budget_failure(manifest)
     if missed:
         raise VerificationError(missed)
+    return 0
+
+
+def _check_mcu_settings(mcu) -> None:
+    """Unknown profile or NPU names, and a missing [mcu] extra, are refused before any work."""
+    from featx_edge.mcu.profiles import parse_profiles
+    from featx_edge.mcu.tflm import require_tflm
+    from featx_edge.mcu.vela import parse_npu, require_vela
+
+    parse_profiles(mcu.profiles)
+    require_tflm()
+    if parse_npu(mcu.npu):
+        require_vela()
+
+
+def _run_mcu(run: str, mcu) -> dict:
+    """`featx-edge mcu` inside `run`: its table on stdout (also when a model fails or does not fit)."""
+    from featx_edge.errors import VerificationError
+    from featx_edge.mcu import MCU_JSON
+    from featx_edge.mcu.check import mcu_run
+    from featx_edge.mcu.table import format_table
+    from featx_edge.progress import say
+
+    try:
+        report = mcu_run(run, profiles=mcu.profiles, npu=mcu.npu)
+    except VerificationError:
+        path = Path(run) / MCU_JSON
+        if path.is_file():
+            say(format_table(json.loads(path.read_text(encoding="utf-8"))))
+        raise
+    say(format_table(report))
+    return report
+
+
+def _cmd_mcu(args) -> int:
+    from featx_edge.errors import ConfigError, VerificationError
+    from featx_edge.mcu import MCU_JSON
+    from featx_edge.mcu.profiles import profile_table
+
+    if args.profile is not None and args.profile.strip() == "list":
+        print(profile_table())
+        return 0
+    if not args.run:
+        raise ConfigError("`featx-edge mcu` needs a run directory: `featx-edge mcu RUN` (or `featx-edge mcu "
+                          "--profile list` to see the profiles).")
+    from featx_edge.mcu.check import mcu_run
+    from featx_edge.mcu.table import format_table
+
+    def show(report: dict) -> None:
+        print(json.dumps(report, indent=2) if args.json else format_table(report))
+
+    try:
+        report = mcu_run(args.run, profiles=args.profile, npu=args.npu)
+    except VerificationError:
+        path = Path(args.run) / MCU_JSON
+        if path.is_file():  # what was measured, then the error
+            show(json.loads(path.read_text(encoding="utf-8")))
+        raise
+    show(report)
     return 0
 
 
@@ -321,4 +394,5 @@ COMMANDS = {
     "bundle": _cmd_bundle,
     "device-check": _cmd_device_check,
     "bench": _cmd_bench,
+    "mcu": _cmd_mcu,
 }
