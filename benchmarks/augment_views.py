@@ -4,7 +4,7 @@ Trains the README's main job (`examples/sample_digits.toml`: frozen EfficientNet
 all ten sample digits) once per K with `featx-edge train --augment-views K --augment LIST` (a run
 folder that already holds a finished run for that K is reused), then scores every run's Keras
 reference on the same validation and test images: accuracy with its Wilson interval, and the
-change against K=0 with the paired interval of `featx_edge.intervals` (computed from the images
+change against K=0 with the paired interval of `featx_edge.fidelity.intervals` (computed from the images
 one run gets right and the other wrong).
 
     python benchmarks/augment_views.py --views 0,2,4 --work bench-out/augment --out bench-out/augment_views.json
@@ -31,10 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from featx_edge.config import parse_int_list
-    from featx_edge.intervals import paired_difference, wilson
-    from featx_edge.run import Run
-    from featx_edge.rundir import MANIFEST, write_json
-    from featx_edge.train import predict_probs
+    from featx_edge.fidelity.intervals import paired_difference, wilson
+    from featx_edge.files.atomic import write_json
+    from featx_edge.rundir.names import MANIFEST
+    from featx_edge.training.run import Run
+    from featx_edge.training.train import predict_probs
 
     views = parse_int_list("views", args.views)
     correct: dict[int, dict[str, np.ndarray]] = {}

@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     from featx_edge.bench import bench_run, compare_runs
     from featx_edge.config import DataConfig, ExportConfig, ModelConfig, RunConfig, TrainConfig, parse_int_list
     from featx_edge.export import export_run
-    from featx_edge.rundir import write_json
-    from featx_edge.train import train_run
+    from featx_edge.files.atomic import write_json
+    from featx_edge.training.train import train_run
 
     reports = {}
     runs = []

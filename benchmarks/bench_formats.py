@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from featx_edge.bench import bench_run, compare_runs
     from featx_edge.errors import FeatxError
+    from featx_edge.files.atomic import write_json
     from featx_edge.progress import configure
-    from featx_edge.rundir import write_json
 
     configure(quiet=args.quiet)  # bench_run logs its progress and the table at INFO
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip()) if args.formats else None

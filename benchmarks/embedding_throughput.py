@@ -4,7 +4,7 @@ For each (image size, core count) a fresh subprocess pins itself to the first N 
 (``sched_setaffinity``, like ``taskset``) and sets TensorFlow's intra- and inter-op threads to N
 before TensorFlow starts, then times over the same images:
 
-- ``pipeline``: ``featx_edge.features.embed_batches``, what training runs: a tf.data pipeline
+- ``pipeline``: ``featx_edge.training.features.embed_batches``, what training runs: a tf.data pipeline
   decoding in parallel threads, overlapped with the model, the model in a ``tf.function``;
 - ``sequential``: the previous path, the reference in the same process: decode a batch with
   Pillow, then call the Keras model eagerly, one after the other;
@@ -40,13 +40,13 @@ def _worker(args) -> dict:
     tf.config.threading.set_inter_op_parallelism_threads(args.cores)
     import numpy as np
 
-    from featx_edge.backbones import get_backbone
+    from featx_edge.backbones.registry import get_backbone
+    from featx_edge.backbones.weights import resolve_weights
     from featx_edge.config import ModelConfig
-    from featx_edge.data import iter_batches, scan_folder
-    from featx_edge.features import embed_batches
-    from featx_edge.model import build_classifier
-    from featx_edge.sample import resolve_data
-    from featx_edge.weights import resolve_weights
+    from featx_edge.data.folders import iter_batches, scan_folder
+    from featx_edge.data.sample import resolve_data
+    from featx_edge.training.features import embed_batches
+    from featx_edge.training.model import build_classifier
 
     folder = scan_folder(resolve_data(args.data))
     paths = [p for c in folder.classes for p in folder.files[c]]
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from featx_edge.bench import machine_info
     from featx_edge.config import parse_int_list
-    from featx_edge.rundir import write_json
+    from featx_edge.files.atomic import write_json
 
     rows = []
     for size in parse_int_list("sizes", args.sizes):

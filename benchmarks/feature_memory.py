@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from featx_edge.bench import machine_info
     from featx_edge.config import parse_int_list
-    from featx_edge.rundir import write_json
+    from featx_edge.files.atomic import write_json
 
     counts = parse_int_list("counts", args.counts)
     work = Path(args.work or tempfile.mkdtemp(prefix="featx-feature-mem-"))

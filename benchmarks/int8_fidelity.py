@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from datasets import fashion_folder, inverted_copy  # noqa: E402
+from datasets import fashion_folder, inverted_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ("tflite-int8", "onnx-int8", "tflite-int16x8")
@@ -48,7 +48,7 @@ BIAS = {"auto": "auto", "on": True, "off": False}
 def _pretrained(work: Path) -> Path:
     """MobileNetV2 0.35 at 64 px pretrained on the sample's source digits (as tests/conftest.py does)."""
     from featx_edge.cli import main
-    from featx_edge.sample import resolve_data
+    from featx_edge.data.sample import resolve_data
 
     out = work / "mnv2_digits_64.h5"
     rc = main(["pretrain", "--data", str(resolve_data("sample", part="source")), "--out", str(out),
@@ -60,7 +60,7 @@ def _pretrained(work: Path) -> Path:
 
 
 def _data(name: str, backbone: str, work: Path) -> Path:
-    from featx_edge.sample import resolve_data
+    from featx_edge.data.sample import resolve_data
 
     part = "target" if backbone == "mnv2-digits" else "all"
     if name == "sample":
@@ -88,9 +88,10 @@ def _config(backbone: str, data: Path, *, seed: int, bias, weights: Path | None)
 def _cell(config, run: Path, formats: tuple[str, ...]) -> tuple[dict, float]:
     from featx_edge.errors import FeatxError, VerificationError
     from featx_edge.export import export_run
-    from featx_edge.rundir import VERIFY, read_manifest
-    from featx_edge.train import train_run
-    from featx_edge.verify import verify_run
+    from featx_edge.rundir.manifest import read_manifest
+    from featx_edge.rundir.names import VERIFY
+    from featx_edge.training.train import train_run
+    from featx_edge.verify.runner import verify_run
 
     t0 = time.perf_counter()
     train_run(config, run)
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from featx_edge.bench import machine_info
     from featx_edge.config import parse_int_list
-    from featx_edge.rundir import write_json
+    from featx_edge.files.atomic import write_json
 
     backbones = [b for b in args.backbones.split(",") if b]
     formats = tuple(f for f in args.formats.split(",") if f)

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from featx_edge.bench import machine_info
-    from featx_edge.rundir import write_json
+    from featx_edge.files.atomic import write_json
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="featx-int8-kernels-"))
     report = {"benchmark": "int8_kernels", "image_size": args.image_size, "machine": machine_info(), "models": {}}
@@ -58,12 +58,12 @@ def _bench_backbone(name: str, run: Path, *, size: int, rounds: int, min_seconds
     from featx_edge.config import DataConfig, ExportConfig, ModelConfig, RunConfig, TrainConfig
     from featx_edge.export import export_run
     from featx_edge.export.calibration import calibration_images
+    from featx_edge.export.macs import count_macs_onnx
     from featx_edge.export.onnx_int8 import quantize
-    from featx_edge.macs import count_macs_onnx
-    from featx_edge.run import Run
+    from featx_edge.formats.targets import TARGETS
     from featx_edge.runtime import load
-    from featx_edge.targets import TARGETS
-    from featx_edge.train import train_run
+    from featx_edge.training.run import Run
+    from featx_edge.training.train import train_run
 
     (backbone,), alpha, weights = BACKBONES[name]
     if not (run / "manifest.json").is_file():
@@ -89,7 +89,7 @@ def _bench_backbone(name: str, run: Path, *, size: int, rounds: int, min_seconds
                      reduce_range=target.reduce_range)
         paths[f"onnx-int8 {recipe}"] = path
 
-    from featx_edge.data import load_images
+    from featx_edge.data.folders import load_images
 
     test = load_images(splits.root, splits.test[:200], size=size)
     agreement = {}

@@ -35,11 +35,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from featx_edge._tf import import_tf
     from featx_edge.config import ModelConfig, TrainConfig
-    from featx_edge.data import load_images, scan_folder
-    from featx_edge.model import build_classifier
-    from featx_edge.rundir import write_json
-    from featx_edge.sample import resolve_data
-    from featx_edge.train import embed, train_head_on_features, train_head_through_graph
+    from featx_edge.data.folders import load_images, scan_folder
+    from featx_edge.data.sample import resolve_data
+    from featx_edge.files.atomic import write_json
+    from featx_edge.training.model import build_classifier
+    from featx_edge.training.train import embed, train_head_on_features, train_head_through_graph
 
     tf, keras = import_tf()
     folder = scan_folder(resolve_data(args.data))

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from featx_edge.bench import machine_info
     from featx_edge.config import parse_int_list
-    from featx_edge.rundir import write_json
+    from featx_edge.files.atomic import write_json
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="featx-verify-mem-") as tmp:

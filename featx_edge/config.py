@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from featx_edge.augment import DEFAULT_TRANSFORMS, parse_transforms
-from featx_edge.backbones import get_backbone
+from featx_edge.backbones.registry import get_backbone
+from featx_edge.data.augment import DEFAULT_TRANSFORMS, parse_transforms
 from featx_edge.errors import ConfigError
-from featx_edge.formats import FORMATS, ONNX_CALIBRATION_METHODS, parse_formats, parse_threshold
-from featx_edge.targets import TARGET_CHOICES
+from featx_edge.formats.registry import FORMATS, ONNX_CALIBRATION_METHODS, parse_formats, parse_threshold
+from featx_edge.formats.targets import TARGET_CHOICES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,7 +32,7 @@ or the cached-feature training of thousands of images can carry; past it is a ty
 MAX_SEED = 2**32 - 1  # NumPy and TensorFlow seeds are unsigned 32-bit
 
 STRATEGIES = ("auto", "default", "mirrored", "multi-worker")
-"""``train.strategy`` values (``--strategy``); see ``featx_edge.distribute``."""
+"""``train.strategy`` values (``--strategy``); see ``featx_edge.training.distribute``."""
 
 
 def _received(value: Any, *, wrong_type: bool) -> str:
@@ -185,16 +185,16 @@ class TrainConfig:
         fine_tune_learning_rate: stage-2 Adam learning rate, in (0, 1].
         mixed_precision: float16 compute on a GPU host (true or false); the output layer stays float32.
         jit_compile: compile the training steps with XLA (true or false).
-        strategy: where training runs (``featx_edge.distribute``): ``auto`` (mirrored across the
+        strategy: where training runs (``featx_edge.training.distribute``): ``auto`` (mirrored across the
             GPUs when there are several, else default), ``default``, ``mirrored`` or ``multi-worker``
             (MultiWorkerMirroredStrategy, configured by ``TF_CONFIG``).
         qat_epochs: quantization-aware training epochs for tflite-int8-qat (0: no QAT), 0 to 1000.
         qat_learning_rate: learning rate of quantization-aware training, in (0, 1].
-        feature_cache: folder of the on-disk feature cache (``featx_edge.features``); None (default):
+        feature_cache: folder of the on-disk feature cache (``featx_edge.training.features``); None (default):
             ``<featx-edge home>/features``; ``"none"``: no reuse (features go to a scratch folder
             inside the run's staging folder, removed when training ends).
         augment_views: fixed augmented views of each training image embedded and trained on besides
-            the original, 0 (none) to 64 (``featx_edge.augment``); validation and test are never augmented.
+            the original, 0 (none) to 64 (``featx_edge.data.augment``); validation and test are never augmented.
         augment: the views' transforms, from flip, crop, rotate, color (a comma-separated string or
             a list); default crop, rotate, color (no flip: a mirrored digit or letter changes class).
 
@@ -242,7 +242,7 @@ class ExportConfig:
     """Which formats to write and how to calibrate int8.
 
     Attributes:
-        formats: format names (see ``featx_edge.formats.FORMATS``): ``"all"``, a comma-separated
+        formats: format names (see ``featx_edge.formats.registry.FORMATS``): ``"all"``, a comma-separated
             string or a list.
         calibration_images: training images fed to int8 calibration, 1 to 100000.
         onnx_calibration: onnxruntime calibration method for onnx-int8: minmax, percentile, entropy.
@@ -256,7 +256,7 @@ class ExportConfig:
             the one closer to the reference on the validation split (never test), recorded in the
             manifest with the figures that chose it (``export.int8_choice``). It helped on the
             sample and hurt on other data, so no fixed value is right everywhere.
-        target: the CPU the ONNX int8 model is built for (``featx_edge.targets``): ``auto`` (this
+        target: the CPU the ONNX int8 model is built for (``featx_edge.formats.targets``): ``auto`` (this
             host), ``portable``, ``x86-64``, ``x86-64-vnni`` or ``arm64``.
     """
 
@@ -332,7 +332,7 @@ class RunConfig:
     """Every setting of a run; recorded in ``manifest.json``.
 
     ``verify`` holds threshold overrides per format, e.g. ``{"tflite-int8": {"min_agreement": 0.95}}``
-    (TOML: ``[verify.tflite-int8]``); see ``featx_edge.formats.Thresholds``. ``seed`` is an integer
+    (TOML: ``[verify.tflite-int8]``); see ``featx_edge.formats.registry.Thresholds``. ``seed`` is an integer
     from 0 to 2**32 - 1.
     """
 

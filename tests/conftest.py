@@ -33,7 +33,7 @@ def _isolated_homes(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> Path:
-    from featx_edge.sample import write_sample_data
+    from featx_edge.data.sample import write_sample_data
 
     return write_sample_data(tmp_path_factory.mktemp("sample") / "digits")
 

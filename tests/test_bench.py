@@ -223,7 +223,7 @@ def test_time_calls_stops_on_count_and_time():
 
 def test_rows_record_the_artifact_and_stale_verify_entries_are_not_reused(benched, tmp_path):
     from featx_edge.bench.plan import accuracy_lookup
-    from featx_edge.rundir import read_manifest
+    from featx_edge.rundir.manifest import read_manifest
 
     run, report = benched
     manifest = read_manifest(run)

@@ -21,11 +21,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featx_edge.bundle import BUNDLE_JSON, bundle_run
+from featx_edge.bundle.pack import BUNDLE_JSON, bundle_run
 from featx_edge.cli import main
 from featx_edge.errors import ConfigError, ExportError, RunDirError, VerificationError
-from featx_edge.formats import artifact_filename
-from featx_edge.rundir import MANIFEST_VERSION, VERIFY, sha256_file
+from featx_edge.files.atomic import sha256_file
+from featx_edge.formats.registry import artifact_filename
+from featx_edge.rundir.manifest import MANIFEST_VERSION
+from featx_edge.rundir.names import VERIFY
 
 LABELS = ["a", "b", "c"]
 BASE_REQUIRES = ["numpy<3,>=1.26", "pillow>=10.3", "onnxruntime<2,>=1.20", "ai-edge-litert<3,>=2.0",
@@ -211,7 +213,7 @@ def test_other_files_are_never_replaced(fake_run, wheel, tmp_path, name):
 
 
 def test_a_failure_while_bundling_leaves_nothing(fake_run, wheel, tmp_path, monkeypatch):
-    from featx_edge import bundle
+    from featx_edge.bundle import pack as bundle
 
     def dies(*args, **kwargs):
         raise OSError("disk full")
@@ -291,7 +293,7 @@ def test_the_built_wheel_is_the_runtime_without_tensorflow(real_bundles, trained
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["tflite-int8", "onnx-int8"])
 def test_a_bundle_installs_and_runs_on_a_fresh_python_without_tensorflow(real_bundles, trained_run, tmp_path, fmt):
-    from featx_edge.data import load_splits
+    from featx_edge.data.folders import load_splits
     from featx_edge.runtime import load
 
     folder = _unpacked(real_bundles[fmt], tmp_path)
@@ -302,7 +304,7 @@ def test_a_bundle_installs_and_runs_on_a_fresh_python_without_tensorflow(real_bu
     script = "\n".join(["set -e", install, selftest, predict.replace(" photos/ ", f" {image} ") + " --json",
                         "python -c 'import featx_edge; print(featx_edge.__file__)'",
                         # featx-edge installed from a wheel packs itself back into one (`bundle` outside a checkout)
-                        ("mkdir repacked && python -c 'from pathlib import Path; from featx_edge.own_wheel import "
+                        ("mkdir repacked && python -c 'from pathlib import Path; from featx_edge.bundle.own_wheel import "
                          "repack_installed; repack_installed(Path(\"repacked\"))'"),
                         "python -c 'import tensorflow' 2>/dev/null && echo TENSORFLOW-IMPORTABLE || true"])
     # A clean shell: this environment's bin/ (TensorFlow, featx-edge from the checkout) off PATH, and `python3`

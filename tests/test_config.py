@@ -6,7 +6,7 @@ import pytest
 
 from featx_edge.config import DataConfig, ExportConfig, ModelConfig, RunConfig, TrainConfig, load_config
 from featx_edge.errors import ConfigError
-from featx_edge.formats import FORMATS, artifact_filename, parse_formats
+from featx_edge.formats.registry import FORMATS, artifact_filename, parse_formats
 
 
 def test_defaults_are_valid_and_frozen():

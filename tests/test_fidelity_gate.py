@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from featx_edge.fidelity import check, compare
-from featx_edge.formats import get_format, parse_kernel_sets, thresholds_for, tie_margin
+from featx_edge.fidelity.gate import check, compare
+from featx_edge.formats.registry import get_format, parse_kernel_sets, thresholds_for, tie_margin
 
 
 def _probs(rows):
@@ -179,7 +179,7 @@ def test_bias_correction_is_chosen_per_run_on_validation_and_recorded(tmp_path):
     from conftest import TINY, make_class_folder
 
     from featx_edge.cli import main
-    from featx_edge.rundir import read_manifest
+    from featx_edge.rundir.manifest import read_manifest
 
     data = make_class_folder(tmp_path / "data", {"a": 12, "b": 12}, size=32)
     run = tmp_path / "run"

@@ -87,7 +87,7 @@ MANIFEST_KEYS = [*([k] for k in GOOD), ["input", "height"], ["data", "splits"], 
 @FUZZ
 @given(key=st.sampled_from(MANIFEST_KEYS), value=JSON)
 def test_any_manifest_is_opened_or_a_run_dir_error(tmp_path_factory, key, value):
-    from featx_edge.run import Run
+    from featx_edge.training.run import Run
 
     manifest = json.loads(json.dumps(GOOD))
     node = manifest
@@ -109,7 +109,7 @@ def test_any_manifest_is_opened_or_a_run_dir_error(tmp_path_factory, key, value)
 @FUZZ
 @given(key=st.sampled_from(["data_root", "classes", "train", "val", "test", "seed"]), value=JSON)
 def test_any_splits_file_is_read_or_a_data_error(tmp_path_factory, key, value):
-    from featx_edge.data import load_splits
+    from featx_edge.data.folders import load_splits
 
     splits = {"data_root": "/data", "classes": ["a", "b"], "train": ["a/1.png"], "val": ["b/2.png"],
               "test": ["a/3.png"], "seed": 0, key: value}
@@ -124,7 +124,7 @@ def test_any_splits_file_is_read_or_a_data_error(tmp_path_factory, key, value):
 
 @pytest.mark.parametrize("raw", [b"", b"\xff\xfe", b"[]", b"nul", b'{"manifest_version": 2', b"1e999999"])
 def test_unreadable_manifests(tmp_path, raw):
-    from featx_edge.run import Run
+    from featx_edge.training.run import Run
 
     (tmp_path / "manifest.json").write_bytes(raw)
     with pytest.raises(RunDirError):

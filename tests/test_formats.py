@@ -4,7 +4,7 @@
 import pytest
 
 from featx_edge.errors import VerificationError
-from featx_edge.formats import (
+from featx_edge.formats.registry import (
     ALL_FORMATS,
     FORMAT_SPECS,
     FORMATS,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from featx_edge.cli import main
-from featx_edge.rundir import read_manifest
+from featx_edge.rundir.manifest import read_manifest
 
 
 @pytest.fixture
@@ -63,8 +63,8 @@ def test_qat_exports_an_integer_model(int8_run):
 def test_qat_ranges_start_at_the_float_models(trained_run):
     from featx_edge.export.calibration import calibration_images
     from featx_edge.export.qat import init_qat_ranges, qat_model
-    from featx_edge.run import Run
-    from featx_edge.train import predict_pixels_keras
+    from featx_edge.training.run import Run
+    from featx_edge.training.train import predict_pixels_keras
 
     run = Run.open(trained_run)
     clf, splits = run.reference(), run.splits()
@@ -83,8 +83,8 @@ def test_qat_ranges_start_at_the_float_models(trained_run):
 def test_qat_keeps_the_backbone_frozen():
     from featx_edge.config import ModelConfig
     from featx_edge.export.qat import fit_variables, qat_model, trainable_variables
-    from featx_edge.model import build_classifier
-    from featx_edge.train import make_sequence
+    from featx_edge.training.model import build_classifier
+    from featx_edge.training.train import make_sequence
 
     clf = build_classifier(num_classes=3, weights_file=None,
                            config=ModelConfig(backbone="efficientnet_lite0", image_size=32, weights="none",
@@ -111,7 +111,7 @@ def test_qat_is_refused_for_mobilenet_v3():
     from featx_edge.config import ModelConfig
     from featx_edge.errors import ExportError
     from featx_edge.export.qat import qat_model
-    from featx_edge.model import build_classifier
+    from featx_edge.training.model import build_classifier
 
     clf = build_classifier(num_classes=2, weights_file=None,
                            config=ModelConfig(backbone="mobilenet_v3_small", alpha=0.75, image_size=32, weights="none"))
@@ -208,13 +208,13 @@ def test_bias_correction_shrinks_the_int8_feature_error(trained_run):
     """On the main run, the backbone's int8 features are measurably closer to the float ones when
     converted from the bias-corrected copy (measured on Zen 4: 15.5% -> 10.4% relative error)."""
     from featx_edge._tf import import_tf
-    from featx_edge.data import load_images
+    from featx_edge.data.folders import load_images
     from featx_edge.export.bias_correction import bias_corrected
     from featx_edge.export.calibration import calibration_images
     from featx_edge.export.tflite import TFLiteQuantization, convert
-    from featx_edge.run import Run
     from featx_edge.runtime.backends import LiteRTBackend
-    from featx_edge.train import predict_pixels_keras
+    from featx_edge.training.run import Run
+    from featx_edge.training.train import predict_pixels_keras
 
     _, keras = import_tf()
     run = Run.open(trained_run)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from featx_edge.fidelity import compare
-from featx_edge.intervals import paired_difference, wilson
+from featx_edge.fidelity.gate import compare
+from featx_edge.fidelity.intervals import paired_difference, wilson
 
 
 def test_wilson_matches_published_values():

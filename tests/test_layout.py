@@ -9,21 +9,23 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "featx_edge"
 
-# Layers, lowest first. A module may import from its own layer or below, never above.
+# Layers, lowest first, by top-level package (or root module). A module may import from its own
+# layer or below, never above. The flow reads bottom to top: data -> training -> export -> verify.
 LAYERS = [
-    {"featx_edge", "errors", "intervals", "progress", "_tf", "formats", "torch_state", "sample", "targets",
-     "own_wheel", "versions", "ownership"},
-    {"rundir"},
-    {"runtime", "macs", "fidelity"},
-    {"config", "backbones", "efficientnet_lite", "weights", "data", "model", "augment", "features"},
-    {"train", "pretrain", "distribute", "checkpoints"},
-    {"run"},
+    {"featx_edge", "errors", "progress", "_tf", "versions", "files"},
+    {"formats", "rundir"},
+    {"runtime", "fidelity"},
+    {"data", "backbones"},
+    {"config"},
+    {"training"},
     {"export"},
     {"verify"},
-    {"bench", "bundle", "report", "device"},
+    {"bench", "bundle", "device"},
+    {"report"},
     {"cli", "__main__"},
 ]
-RUNTIME_MAY_IMPORT = {"featx_edge", "errors", "formats", "rundir", "runtime", "progress", "versions"}
+RUNTIME_MAY_IMPORT = {"featx_edge", "errors", "formats", "files", "runtime", "progress", "versions"}
+ROOT_MODULES_AT_MOST = 10
 
 
 def _module(path: Path) -> str:
@@ -94,7 +96,7 @@ def test_runtime_imports_nothing_of_the_training_side():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras')"
             " or m.startswith('featx_edge.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "tensorflow" not in out and "keras" not in out and "featx_edge.train" not in out, out
+    assert "tensorflow" not in out and "keras" not in out and "featx_edge.training.train" not in out, out
 
 
 def test_no_module_is_a_hub():
@@ -102,3 +104,26 @@ def test_no_module_is_a_hub():
     long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500}
     assert not long, long
+
+
+def test_the_root_shows_the_flow():
+    """At most ten modules at the root; the rest live in packages named after the flow's stages."""
+    root = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(root) <= ROOT_MODULES_AT_MOST, root
+    for stage in ("data", "backbones", "training", "export", "verify", "bench", "runtime", "device", "report", "cli"):
+        assert (PACKAGE / stage / "__init__.py").is_file(), f"featx_edge/{stage}/ is not a package"
+
+
+def test_every_package_says_what_it_holds_and_may_import():
+    for init in PACKAGE.rglob("__init__.py"):
+        doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))) or ""
+        if init.parent == PACKAGE or init.parent.parent.name != "featx_edge":
+            continue  # the root, and sub-packages of a package (its docstring covers them)
+        assert "May import:" in doc, f"{init.relative_to(PACKAGE.parent)}: say what it holds and may import"
+        allowed = doc.split("May import:")[1]
+        pkg = init.parent.name
+        deps = {d.removeprefix("featx_edge.").split(".")[0] for m, ds in _graph().items()
+                if m.startswith(f"featx_edge.{pkg}.") or m == f"featx_edge.{pkg}" for d in ds}
+        deps -= {pkg, "featx_edge", "errors", "progress", "versions", "_tf"}  # the leaves
+        unnamed = [] if "every package" in allowed else sorted(d for d in deps if d not in allowed)
+        assert not unnamed, f"featx_edge/{pkg}/ imports {unnamed}, which its __init__ docstring does not allow"

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from featx_edge.backbones import BACKBONES, get_backbone
+from featx_edge.backbones.registry import BACKBONES, get_backbone
+from featx_edge.backbones.weights import resolve_weights
 from featx_edge.config import ModelConfig
 from featx_edge.errors import ConfigError, WeightsError
-from featx_edge.model import build_backbone, build_classifier, unfreeze_top
-from featx_edge.weights import resolve_weights
+from featx_edge.training.model import build_backbone, build_classifier, unfreeze_top
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))
@@ -122,8 +122,8 @@ def test_imagenet_lite0_features_transfer_far_above_a_random_backbone(sample_roo
     real features; the same network with random weights does not."""
     from sklearn.linear_model import LogisticRegression
 
-    from featx_edge.data import load_images, scan_folder, split_folder
-    from featx_edge.train import predict_pixels_keras
+    from featx_edge.data.folders import load_images, scan_folder, split_folder
+    from featx_edge.training.train import predict_pixels_keras
 
     spec = get_backbone("efficientnet_lite0")
     splits = split_folder(scan_folder(sample_root / "all"), val_fraction=0.1, test_fraction=0.2, seed=0)

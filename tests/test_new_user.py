@@ -22,8 +22,8 @@ from conftest import make_class_folder
 
 from featx_edge.cli import build_parser, main
 from featx_edge.config import RunConfig
-from featx_edge.intervals import wilson
-from featx_edge.verify import format_table, images_for_width, small_split_note
+from featx_edge.fidelity.intervals import wilson
+from featx_edge.verify.runner import format_table, images_for_width, small_split_note
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")

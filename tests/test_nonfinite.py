@@ -17,8 +17,9 @@ from conftest import make_class_folder
 
 from featx_edge.cli import main
 from featx_edge.errors import ConfigError, NonFiniteOutputError
-from featx_edge.formats import ALL_FORMATS, parse_threshold
-from featx_edge.rundir import read_manifest, sha256_file
+from featx_edge.files.atomic import sha256_file
+from featx_edge.formats.registry import ALL_FORMATS, parse_threshold
+from featx_edge.rundir.manifest import read_manifest
 
 FORMATS = "tflite-float32,onnx-float32"
 
@@ -88,7 +89,7 @@ def _poison_onnx(run: Path, value: float) -> None:
     import onnx
     from onnx import numpy_helper
 
-    from featx_edge.run import Run
+    from featx_edge.training.run import Run
 
     path = _artifact(run, "onnx-float32")
     model = onnx.load(str(path))

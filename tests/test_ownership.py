@@ -22,8 +22,8 @@ from conftest import one_line_error as _one_line_error
 from test_bundle import fake_run, wheel  # noqa: F401  (fixtures: a verified fake run, a stand-in wheel)
 
 from featx_edge.cli import main
-from featx_edge.ownership import ID_KEY, MARKER, read_marker
-from featx_edge.rundir import MANIFEST_VERSION
+from featx_edge.files.ownership import ID_KEY, MARKER, read_marker
+from featx_edge.rundir.manifest import MANIFEST_VERSION
 
 MANIFEST = {"manifest_version": MANIFEST_VERSION, "labels": ["a", "b"], "backbone": {"name": "mobilenet_v2"},
             "input": {"height": 32, "width": 32}, "data": {"splits": "splits.json"},
@@ -118,7 +118,7 @@ def test_a_run_carries_its_marker_and_overwrite_replaces_only_it(tmp_path, data,
 
 
 def test_an_empty_folder_takes_a_run_and_gets_its_marker(tmp_path, data, monkeypatch):
-    from featx_edge import train
+    from featx_edge.training import train
 
     def trains(config, out, **_):  # the staging folder's marker is what the manifest records
         (out / "manifest.json").write_text(json.dumps(MANIFEST | {ID_KEY: read_marker(out)["id"]}))
@@ -229,7 +229,7 @@ def test_bundle_copies_no_symbolic_link(fake_run, wheel, tmp_path, capsys, link)
 # -- the feature cache's folder --------------------------------------------------------------------
 
 def _key():
-    from featx_edge.features import FeatureKey
+    from featx_edge.training.features import FeatureKey
 
     return FeatureKey(backbone="mobilenet_v2", alpha=0.35, weights_sha256=None, random_weights_seed=0,
                       image_size=32, preprocessing="mobilenet", resize="bilinear")
@@ -237,7 +237,7 @@ def _key():
 
 def test_the_feature_cache_folder_is_marked_and_a_foreign_one_refused(tmp_path):
     from featx_edge.errors import DataError
-    from featx_edge.features import FeatureCache
+    from featx_edge.training.features import FeatureCache
 
     cache = FeatureCache(tmp_path / "cache", _key())
     assert read_marker(cache.dir)["kind"] == "feature-cache"
@@ -254,7 +254,7 @@ def test_the_feature_cache_folder_is_marked_and_a_foreign_one_refused(tmp_path):
 # -- item 12: a killed atomic write's 0-byte temporary file ---------------------------------------
 
 def _owned_run(run: Path) -> Path:
-    from featx_edge.ownership import mark
+    from featx_edge.files.ownership import mark
 
     run.mkdir()
     (run / "manifest.json").write_text(json.dumps(MANIFEST | {ID_KEY: mark(run, kind="run")}))
@@ -265,7 +265,7 @@ def test_a_killed_write_leaves_a_temporary_file_that_the_next_command_removes(tm
     run = _owned_run(tmp_path / "run")
     (run / "export").mkdir()
     killed = subprocess.Popen([sys.executable, "-c", (
-        "import os, sys\nfrom featx_edge.rundir import atomic_path\n"
+        "import os, sys\nfrom featx_edge.files.atomic import atomic_path\n"
         "with atomic_path(sys.argv[1]) as tmp:\n    os._exit(9)\n"), str(run / "export" / "model.tflite")],
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert killed.wait() == 9

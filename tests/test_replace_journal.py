@@ -21,8 +21,8 @@ from conftest import make_class_folder
 from test_bundle import fake_run, wheel  # noqa: F401  (fixtures: a verified fake run, a stand-in wheel)
 
 from featx_edge.cli import main
-from featx_edge.ownership import ID_KEY, mark
-from featx_edge.rundir import MANIFEST_VERSION
+from featx_edge.files.ownership import ID_KEY, mark
+from featx_edge.rundir.manifest import MANIFEST_VERSION
 
 MANIFEST = {"manifest_version": MANIFEST_VERSION, "backbone": {"name": "mobilenet_v2"},
             "input": {"height": 32, "width": 32}, "data": {"splits": "splits.json"},
@@ -34,8 +34,8 @@ MANIFEST = {"manifest_version": MANIFEST_VERSION, "backbone": {"name": "mobilene
 KILL_AT_STEP = """
 import json, os, shutil, sys
 from pathlib import Path
-from featx_edge.ownership import ID_KEY, read_marker
-from featx_edge.rundir import make_staging, replace_run
+from featx_edge.files.ownership import ID_KEY, read_marker
+from featx_edge.files.replace import make_staging, replace_run
 
 step, template, out, kind, record = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5]
 staging = make_staging(out, kind=kind)

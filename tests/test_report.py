@@ -14,9 +14,10 @@ from PIL import Image
 
 from featx_edge.report import REPORT, build_report, write_report
 from featx_edge.report import sections as report_sections
-from featx_edge.run import Run
-from featx_edge.rundir import MANIFEST_VERSION, VERIFY
-from featx_edge.verify import PREDICTIONS, PREDICTIONS_SCHEMA
+from featx_edge.rundir.manifest import MANIFEST_VERSION
+from featx_edge.rundir.names import VERIFY
+from featx_edge.training.run import Run
+from featx_edge.verify.runner import PREDICTIONS, PREDICTIONS_SCHEMA
 
 HOSTILE = "<img src=x onerror=alert(1)>&\"q'"
 FORMATS = ("tflite-float32", "tflite-int8")
@@ -186,8 +187,8 @@ def test_cli_writes_the_report_and_names_the_fix_for_a_non_run(tmp_path, capsys)
 def test_run_writes_the_report_when_verify_fails_and_still_exits_non_zero(tmp_path, monkeypatch, capsys):
     """`featx-edge run` ends with the report, also (above all) when verify fails."""
     import featx_edge.export
-    import featx_edge.train
-    import featx_edge.verify
+    import featx_edge.training.train
+    import featx_edge.verify.runner
     from featx_edge.cli import main
     from featx_edge.errors import VerificationError
 
@@ -202,10 +203,10 @@ def test_run_writes_the_report_when_verify_fails_and_still_exits_non_zero(tmp_pa
         raise VerificationError("1 check(s) failed")
 
     # Stand-ins for the stages (whatever options the CLI passes them): a trained and exported run.
-    monkeypatch.setattr(featx_edge.train, "train_run", lambda config, o, **options: shutil.copytree(made, o))
+    monkeypatch.setattr(featx_edge.training.train, "train_run", lambda config, o, **options: shutil.copytree(made, o))
     monkeypatch.setattr(featx_edge.export, "export_run",
                         lambda o, **options: json.loads((made / "manifest.json").read_text()))
-    monkeypatch.setattr(featx_edge.verify, "verify_run", fake_verify)
+    monkeypatch.setattr(featx_edge.verify.runner, "verify_run", fake_verify)
     assert main(["run", "--out", str(out), "--quiet"]) == 2
     assert "1 check(s) failed" in capsys.readouterr().err
     row = _row((out / REPORT).read_text(encoding="utf-8"), "tflite-int8")
@@ -223,7 +224,7 @@ def test_a_report_that_cannot_be_written_is_a_warning_after_run(tmp_path, caplog
 
 def test_report_holds_the_run_lock(tmp_path):
     from featx_edge.errors import RunDirError
-    from featx_edge.rundir import lock_path
+    from featx_edge.files.lock import lock_path
 
     run = make_run(tmp_path)
     script = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "

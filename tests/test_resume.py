@@ -1,7 +1,7 @@
 """--resume: an interrupted training continues from its last epoch checkpoint and ends where an
 uninterrupted one ends; a resume that cannot be done says why.
 
-The interruption is the test hook FEATX_EDGE_TEST_INTERRUPT_AFTER_EPOCH=K (featx_edge.checkpoints):
+The interruption is the test hook FEATX_EDGE_TEST_INTERRUPT_AFTER_EPOCH=K (featx_edge.training.checkpoints):
 a KeyboardInterrupt after the K-th epoch is checkpointed, as a Ctrl-C there would be.
 """
 
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from conftest import TINY, few_images, make_class_folder
 
-from featx_edge.checkpoints import INTERRUPT_ENV, resume_dir
 from featx_edge.cli import main
-from featx_edge.rundir import read_manifest
+from featx_edge.rundir.manifest import read_manifest
+from featx_edge.training.checkpoints import INTERRUPT_ENV, resume_dir
 
 SMALL = ["--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "32", "--weights", "none", "--seed", "0"]
 
@@ -105,8 +105,8 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("value", ["0", "x"])
 def test_interrupt_hook_is_checked(value, monkeypatch):
-    from featx_edge.checkpoints import interrupt_after
     from featx_edge.errors import ConfigError
+    from featx_edge.training.checkpoints import interrupt_after
 
     monkeypatch.setenv(INTERRUPT_ENV, value)
     with pytest.raises(ConfigError, match=INTERRUPT_ENV):

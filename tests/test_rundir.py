@@ -7,7 +7,8 @@ import pytest
 
 from featx_edge.cli import main
 from featx_edge.errors import RunDirError
-from featx_edge.rundir import MANIFEST_VERSION, locked, read_manifest
+from featx_edge.files.lock import locked
+from featx_edge.rundir.manifest import MANIFEST_VERSION, read_manifest
 
 GOOD = {"manifest_version": MANIFEST_VERSION, "labels": ["a", "b"], "backbone": {"name": "efficientnet_lite0"},
         "input": {"height": 96, "width": 96}, "data": {"splits": "splits.json"},
@@ -21,7 +22,7 @@ def _write(tmp_path, manifest) -> str:
 
 def _write_owned(run, manifest) -> str:
     """A run as featx-edge makes it: with its ownership marker, recorded in the manifest."""
-    from featx_edge.ownership import ID_KEY, mark
+    from featx_edge.files.ownership import ID_KEY, mark
 
     return _write(run, manifest | {ID_KEY: mark(run, kind="run")})
 
@@ -65,7 +66,7 @@ def _splits(tmp_path, **change) -> dict:
 
 
 def test_run_opens_and_gives_config_and_splits(tmp_path):
-    from featx_edge.run import Run
+    from featx_edge.training.run import Run
 
     _write(tmp_path, GOOD)
     _splits(tmp_path)
@@ -83,7 +84,7 @@ def test_run_opens_and_gives_config_and_splits(tmp_path):
 ])
 def test_splits_that_leave_the_data_folder_are_refused(tmp_path, change, message):
     from featx_edge.errors import DataError
-    from featx_edge.run import Run
+    from featx_edge.training.run import Run
 
     _write(tmp_path, GOOD)
     _splits(tmp_path, **change)
@@ -97,7 +98,7 @@ def test_one_command_at_a_time_per_run(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys, time; from featx_edge.rundir import locked\n"
+    code = ("import sys, time; from featx_edge.files.lock import locked\n"
             "with locked(sys.argv[1], command='export'):\n"
             "    print('held', flush=True); time.sleep(30)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
@@ -119,7 +120,7 @@ def test_a_missing_run_folder_is_not_created(tmp_path):
 
 
 def test_out_checks_before_any_work(tmp_path):
-    from featx_edge.rundir import prepare_out
+    from featx_edge.rundir.out import prepare_out
 
     data = tmp_path / "data"
     (data / "a").mkdir(parents=True)
@@ -154,8 +155,8 @@ def _data_and_run(tmp_path):
 
 
 def test_an_interrupted_training_leaves_the_old_run_as_it_was(tmp_path, monkeypatch):
-    from featx_edge import train
     from featx_edge.config import DataConfig, RunConfig
+    from featx_edge.training import train
 
     data, run = _data_and_run(tmp_path)
     (run / "splits.json").write_text("old split")
@@ -192,8 +193,8 @@ def test_an_export_killed_around_its_rename_is_recorded_or_forgotten(tmp_path, m
     matches the file). Killed before: the journal is dropped and the old file stays recorded."""
     import hashlib
 
-    from featx_edge.run import Run
-    from featx_edge.rundir import EXPORT_JOURNAL
+    from featx_edge.rundir.names import EXPORT_JOURNAL
+    from featx_edge.training.run import Run
 
     run = tmp_path / "run"
     (run / "export").mkdir(parents=True)

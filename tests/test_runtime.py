@@ -35,10 +35,10 @@ def test_every_input_kind_gives_the_same_answer(trained_run, sample_root, fmt):
 
 def test_predictions_match_the_reference_on_the_test_split(trained_run):
     """Runtime probabilities match the Keras model on held-out images (float32: tight)."""
-    from featx_edge.data import load_images, load_splits
-    from featx_edge.run import Run
-    from featx_edge.rundir import read_manifest
+    from featx_edge.data.folders import load_images, load_splits
+    from featx_edge.rundir.manifest import read_manifest
     from featx_edge.runtime import load
+    from featx_edge.training.run import Run
 
     splits = load_splits(trained_run / "splits.json")
     pixels = load_images(splits.root, splits.test, size=read_manifest(trained_run)["input"]["height"])
@@ -71,7 +71,7 @@ assert not [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf_kera
 
 def test_selftest_passes_for_every_export(trained_run, capsys):
     from featx_edge.cli import main
-    from featx_edge.rundir import read_manifest
+    from featx_edge.rundir.manifest import read_manifest
 
     models = [str(trained_run / e["path"]) for e in read_manifest(trained_run)["artifacts"].values()]
     assert len(list((trained_run / "export" / "selftest" / "images").glob("*.png"))) == 8

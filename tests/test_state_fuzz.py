@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from featx_edge.checkpoints import STATE, Checkpoints, key_settings, resume_dir, run_key
 from featx_edge.config import RunConfig, config_from_dict, load_config
 from featx_edge.errors import CheckpointError, ConfigError, RunDirError
+from featx_edge.training.checkpoints import STATE, Checkpoints, key_settings, resume_dir, run_key
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -134,7 +134,7 @@ MANIFEST_KEYS = [(), *((k,) for k in GOOD_MANIFEST), ("input", "height"), ("data
 @FUZZ
 @given(key=st.sampled_from(MANIFEST_KEYS), value=JSON)
 def test_any_manifest_value_is_opened_or_a_run_dir_error(tmp_path_factory, key, value):
-    from featx_edge.run import Run
+    from featx_edge.training.run import Run
 
     manifest = json.loads(json.dumps(GOOD_MANIFEST))
     if key[:2] == ("artifacts", "tflite-int8") and len(key) == 3:
@@ -153,7 +153,7 @@ def test_any_manifest_value_is_opened_or_a_run_dir_error(tmp_path_factory, key, 
 
 
 def test_a_deeply_nested_manifest_is_a_run_dir_error(tmp_path):
-    from featx_edge.run import Run
+    from featx_edge.training.run import Run
 
     (tmp_path / "manifest.json").write_text('{"labels": ' + "[" * 100_000 + "]" * 100_000 + "}")
     with pytest.raises(RunDirError) as caught:

@@ -9,7 +9,7 @@ import pytest
 
 from featx_edge.bench.recommend import recommend
 from featx_edge.errors import ConfigError
-from featx_edge.targets import TARGETS, detect_host, resolve_target
+from featx_edge.formats.targets import TARGETS, detect_host, resolve_target
 
 ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n"
 ZEN3 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"

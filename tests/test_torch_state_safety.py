@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 import featx_edge
+from featx_edge.backbones.torch_state import LEGACY_MAGIC, LEGACY_PROTOCOL, MAX_STATE_BYTES, read_state_dict
 from featx_edge.errors import WeightsError
-from featx_edge.torch_state import LEGACY_MAGIC, LEGACY_PROTOCOL, MAX_STATE_BYTES, read_state_dict
 
 # ---------------------------------------------------------------------------------------------
 # A pickle assembler: the exact opcodes torch.save writes, plus the hostile ones it never writes.
@@ -83,7 +83,7 @@ def _zip(path: Path, data_pickle: bytes, storages: dict[str, bytes]) -> Path:
 _CHILD = """
 import json, resource, sys, tracemalloc
 from featx_edge.errors import FeatxError
-from featx_edge.torch_state import read_state_dict
+from featx_edge.backbones.torch_state import read_state_dict
 
 with open("/proc/self/status") as status:
     vm = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
@@ -315,7 +315,7 @@ def test_big_endian_and_bfloat16_storages_are_read_in_place(tmp_path):
 
 @pytest.mark.parametrize("variant", ["lite0", "lite1", "lite2"])
 def test_real_checkpoints_load_with_one_copy(variant):
-    from featx_edge.efficientnet_lite import checkpoint_path
+    from featx_edge.backbones.efficientnet_lite import checkpoint_path
 
     try:
         path = checkpoint_path(variant)

@@ -3,12 +3,12 @@
 import numpy as np
 
 from featx_edge.config import ModelConfig, TrainConfig
-from featx_edge.model import build_classifier
-from featx_edge.train import embed, train_head_on_features, train_head_through_graph
+from featx_edge.training.model import build_classifier
+from featx_edge.training.train import embed, train_head_on_features, train_head_through_graph
 
 
 def test_cached_feature_head_equals_graph_trained_head(sample_root, pretrained):
-    from featx_edge.data import load_images, scan_folder, split_folder
+    from featx_edge.data.folders import load_images, scan_folder, split_folder
 
     splits = split_folder(scan_folder(sample_root / "target"), val_fraction=0.1, test_fraction=0.1, seed=0)
     rng = np.random.default_rng(0)
@@ -48,7 +48,7 @@ def test_fine_tune_stage_reports_what_it_changed_on_validation(tmp_path, capsys)
     from conftest import make_class_folder
 
     from featx_edge.cli import main
-    from featx_edge.rundir import read_manifest
+    from featx_edge.rundir.manifest import read_manifest
 
     root = make_class_folder(tmp_path / "data", {"a": 12, "b": 12}, size=40)
     run = tmp_path / "run"

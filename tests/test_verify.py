@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from featx_edge.errors import ConfigError, VerificationError
-from featx_edge.fidelity import check, compare
-from featx_edge.formats import Thresholds, parse_threshold, thresholds_for
-from featx_edge.verify import verify_run
+from featx_edge.fidelity.gate import check, compare
+from featx_edge.formats.registry import Thresholds, parse_threshold, thresholds_for
+from featx_edge.verify.runner import verify_run
 
 
 def test_metrics_on_hand_made_outputs():
@@ -55,7 +55,7 @@ def test_threshold_overrides():
 
 def test_every_export_passes_default_thresholds_on_an_imagenet_backbone(trained_run):
     """The main run's exports, int8 included, meet the DEFAULT gate; nothing was loosened."""
-    from featx_edge.rundir import read_manifest
+    from featx_edge.rundir.manifest import read_manifest
 
     assert read_manifest(trained_run)["config"]["verify"] == {}
     report = json.loads((trained_run / "verify.json").read_text())
@@ -84,7 +84,7 @@ def _path(run, fmt):
 
 def test_verify_catches_swapped_truncated_and_perturbed_models(run_copy, capsys):
     from featx_edge.cli import main
-    from featx_edge.run import Run
+    from featx_edge.training.run import Run
 
     # swapped: the float16 file replaced by the float32 one
     shutil.copy(_path(run_copy, "tflite-float32"), _path(run_copy, "tflite-float16"))
@@ -151,7 +151,7 @@ def test_standalone_verify_prints_the_table(run_copy, capsys):
 
 
 def test_a_run_with_random_backbone_weights_is_marked_not_meaningful():
-    from featx_edge.verify import format_table
+    from featx_edge.verify.runner import format_table
 
     report = {"reference_accuracy": 0.1, "reference_accuracy_ci95": [0.05, 0.2], "images": 40,
               "formats": {"tflite-float32": {"accuracy": 0.1, "accuracy_change_points": 0.0,
@@ -166,7 +166,7 @@ def test_a_run_with_random_backbone_weights_is_marked_not_meaningful():
 
 
 def test_top1_records_class_and_probability():
-    from featx_edge.verify import top1
+    from featx_edge.verify.runner import top1
 
     probs = np.array([[0.1, 0.7, 0.2], [0.55555, 0.3, 0.14445]])
     assert top1(probs) == {"top1": [1, 0], "score": [0.7, 0.5556]}
@@ -175,8 +175,8 @@ def test_top1_records_class_and_probability():
 
 def test_recorded_predictions_agree_with_verify_json(trained_run):
     """The per-image predictions (for the report) are the ones verify measured: same images, same counts."""
-    from featx_edge.rundir import read_manifest
-    from featx_edge.verify import PREDICTIONS, PREDICTIONS_SCHEMA
+    from featx_edge.rundir.manifest import read_manifest
+    from featx_edge.verify.runner import PREDICTIONS, PREDICTIONS_SCHEMA
 
     report = json.loads((trained_run / "verify.json").read_text())
     preds = json.loads((trained_run / PREDICTIONS).read_text())

@@ -21,7 +21,7 @@ there are at least ``repeats`` samples *and* ``min_seconds`` have passed (capped
 ``max_seconds``). Reports quote medians (p50) with p90/p99 and the spread (IQR, stdev).
 Throughput is ``batch / p50``.
 
-Multiply-accumulates (MACs) are counted once per model (``featx_edge.macs.count_macs``) from the
+Multiply-accumulates (MACs) are counted once per model (``featx_edge.export.macs.count_macs``) from the
 ONNX float32 graph when the run has one (``Conv``: output elements x input channels per group x
 kernel area; ``Gemm``/``MatMul``: output elements x the reduced dimension; shapes from ONNX shape
 inference, leading batch dimension excluded), otherwise from a TFLite graph (``CONV_2D``,
@@ -50,6 +50,9 @@ Modules, one concern each:
 The names above are importable from ``featx_edge.bench`` itself; each loads its module on first
 use, so importing the package (as every worker process does) loads nothing else.
 
+May import: export (MAC counting), training (``Run``), fidelity, data, rundir, files, formats,
+runtime and the leaves. Never report, device or cli.
+
 Example:
     >>> from featx_edge.bench import bench_run, format_table
     >>> report = bench_run("runs/demo", threads=(1, 4), batches=(1, 8))  # doctest: +SKIP
@@ -69,7 +72,7 @@ _EXPORTS = {
     "featx_edge.bench.report": ("format_table", "load_report", "compare_runs", "BENCH_JSON", "BENCH_MD",
                                 "BENCH_PNG", "SCHEMA"),
     "featx_edge.bench.plot": ("plot_points", "write_plot"),
-    "featx_edge.macs": ("count_macs",),
+    "featx_edge.export.macs": ("count_macs",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
@@ -93,7 +96,7 @@ if TYPE_CHECKING:
         load_report,
     )
     from featx_edge.bench.stats import latency_stats, pareto_front, time_calls
-    from featx_edge.macs import count_macs
+    from featx_edge.export.macs import count_macs
 
 
 def __getattr__(name: str):

@@ -28,11 +28,13 @@ from featx_edge.bench.recommend import current_verify_entries, passed_entries, r
 from featx_edge.bench.report import BENCH_JSON, BENCH_MD, BENCH_PNG, SCHEMA, format_table, result_row
 from featx_edge.bench.worker import run_worker, worker_env
 from featx_edge.errors import ConfigError
-from featx_edge.macs import count_macs
+from featx_edge.export.macs import count_macs
+from featx_edge.files.atomic import atomic_path, write_json
+from featx_edge.files.lock import locked
 from featx_edge.progress import bar
-from featx_edge.run import Run
-from featx_edge.rundir import VERIFY, atomic_path, locked, write_json
+from featx_edge.rundir.names import VERIFY
 from featx_edge.runtime.predictor import check_threads
+from featx_edge.training.run import Run
 
 log = logging.getLogger(__name__)
 

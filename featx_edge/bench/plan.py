@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from featx_edge.errors import ConfigError, FeatxError, RunDirError
-from featx_edge.run import Run
-from featx_edge.rundir import VERIFY, WEIGHTS, artifact_problems
+from featx_edge.rundir.manifest import artifact_problems
+from featx_edge.rundir.names import VERIFY, WEIGHTS
+from featx_edge.training.run import Run
 
 REFERENCE_FORMAT = "keras-reference"
 """The ``format`` of the TensorFlow rows: the run's Keras model (``RUN/model.weights.h5``)."""
@@ -47,7 +48,7 @@ def check_artifacts(run: Path, manifest: dict, formats) -> list[str]:
     """The formats to bench (default: every exported one), each checked against the manifest; RunDirError if not."""
     artifacts = manifest.get("artifacts") or {}
     if formats is None:
-        from featx_edge.formats import ordered
+        from featx_edge.formats.registry import ordered
 
         chosen = ordered(artifacts)
         if not chosen:
@@ -78,7 +79,7 @@ def load_inputs(run: Run, *, count: int) -> tuple[np.ndarray, dict | None, dict]
     """
     size, width = run.size, int(run.manifest["input"].get("width", run.size))
     try:
-        from featx_edge.data import load_images
+        from featx_edge.data.folders import load_images
 
         splits = run.splits()
         if not splits.test:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from featx_edge.bench.stats import pareto_front
-from featx_edge.intervals import wilson
-from featx_edge.rundir import atomic_path
+from featx_edge.fidelity.intervals import wilson
+from featx_edge.files.atomic import atomic_path
 
 _COLORS = {"litert-xnnpack": "tab:blue", "litert-builtin": "tab:cyan", "onnxruntime-cpu": "tab:orange",
            "onnxruntime-cuda": "tab:red", "onnxruntime-tensorrt": "tab:purple", "tensorflow": "tab:green"}

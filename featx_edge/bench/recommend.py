@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from featx_edge.formats import FORMAT_SPECS
-from featx_edge.rundir import VERIFY
-from featx_edge.targets import detect_host
+from featx_edge.formats.registry import FORMAT_SPECS
+from featx_edge.formats.targets import detect_host
+from featx_edge.rundir.names import VERIFY
 
 FLOAT_SIBLING = {"tflite-int8": "tflite-float32", "tflite-int8-selective": "tflite-float32",
                  "tflite-int8-qat": "tflite-float32", "tflite-int16x8": "tflite-float32",

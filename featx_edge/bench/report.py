@@ -10,7 +10,7 @@ from pathlib import Path
 from featx_edge.bench.plan import REFERENCE_FORMAT
 from featx_edge.bench.recommend import format_recommendation
 from featx_edge.errors import RunDirError
-from featx_edge.rundir import VERIFY
+from featx_edge.rundir.names import VERIFY
 
 BENCH_JSON = "bench.json"
 BENCH_MD = "bench.md"

@@ -96,7 +96,7 @@ def _row_worker(job: dict) -> dict:
             return {"status": "unavailable", "reason": str(err)}
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
-        from featx_edge.run import Run
+        from featx_edge.training.run import Run
     else:
         from featx_edge.runtime import load
         if engine == "onnxruntime":
@@ -143,7 +143,7 @@ def _row_worker(job: dict) -> dict:
               "ru_maxrss_mb": round(_ru_maxrss_mb(), 1),
               "notes": notes, **latency_stats(samples)}
     if job.get("eval"):  # after the memory reading: accuracy on the whole test split, decoded batch by batch
-        from featx_edge.data import iter_batches
+        from featx_edge.data.folders import iter_batches
 
         data = json.loads(Path(job["eval"]).read_text(encoding="utf-8"))
         labels = np.asarray(data["labels"])

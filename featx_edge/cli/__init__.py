@@ -1,6 +1,8 @@
 """Command line: argument parsing (``parser``) -> one function per command (``commands``).
 
 ``featx-edge`` and ``python -m featx_edge.cli`` both call ``main``.
+
+May import: every package (it is the top); it holds no logic of its own.
 """
 
 from __future__ import annotations

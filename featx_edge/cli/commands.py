@@ -37,7 +37,7 @@ def _split(text: str | None) -> tuple[str, ...] | None:
 
 def _export_overrides(config, args):
     from featx_edge.config import override
-    from featx_edge.formats import parse_formats
+    from featx_edge.formats.registry import parse_formats
 
     # `--formats ""` is refused (naming the formats), never read as "the default: all".
     formats = parse_formats(args.formats) if getattr(args, "formats", None) is not None else None
@@ -46,7 +46,7 @@ def _export_overrides(config, args):
 
 
 def _thresholds(args) -> dict:
-    from featx_edge.formats import parse_threshold
+    from featx_edge.formats.registry import parse_threshold
 
     overrides: dict = {}
     for text in args.threshold:
@@ -56,7 +56,7 @@ def _thresholds(args) -> dict:
 
 
 def _cmd_backbones(args) -> int:
-    from featx_edge.backbones import BACKBONES
+    from featx_edge.backbones.registry import BACKBONES
 
     print(f"{'name':<20} {'size':>5} {'preprocessing':<14} {'features':>8}  alphas")
     for spec in BACKBONES.values():
@@ -66,7 +66,7 @@ def _cmd_backbones(args) -> int:
 
 
 def _cmd_sample_data(args) -> int:
-    from featx_edge.sample import write_sample_data
+    from featx_edge.data.sample import write_sample_data
 
     root = write_sample_data(args.dir)
     print(f"wrote sample data to {root}: all/ (digits 0-9, `--data sample`), source/ (digits 0-4, for "
@@ -75,7 +75,7 @@ def _cmd_sample_data(args) -> int:
 
 
 def _cmd_pretrain(args) -> int:
-    from featx_edge.pretrain import pretrain
+    from featx_edge.training.pretrain import pretrain
 
     config = _config_from_args(args)
     pretrain(data=config.data.path, out=args.out, model=config.model, train=config.train, seed=config.seed,
@@ -84,7 +84,7 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from featx_edge.train import train_run
+    from featx_edge.training.train import train_run
 
     train_run(_config_from_args(args), args.out, overwrite=args.overwrite, resume=args.resume)
     return 0
@@ -94,7 +94,7 @@ def _cmd_export(args) -> int:
     from featx_edge.config import override
     from featx_edge.errors import VerificationError
     from featx_edge.export import budget_failure, export_run
-    from featx_edge.formats import parse_formats
+    from featx_edge.formats.registry import parse_formats
 
     def change(config):  # recorded in the run when the export succeeds: the manifest says how it was made
         config = override(config, "train", qat_epochs=args.qat_epochs)
@@ -113,9 +113,10 @@ def _cmd_export(args) -> int:
 
 def _cmd_verify(args) -> int:
     from featx_edge.errors import VerificationError
-    from featx_edge.formats import parse_formats, parse_kernel_sets
-    from featx_edge.rundir import VERIFY, read_manifest
-    from featx_edge.verify import format_table, verify_run
+    from featx_edge.formats.registry import parse_formats, parse_kernel_sets
+    from featx_edge.rundir.manifest import read_manifest
+    from featx_edge.rundir.names import VERIFY
+    from featx_edge.verify.runner import format_table, verify_run
 
     formats = parse_formats(args.formats) if args.formats is not None else None  # `--formats ""` is refused
     kernels = parse_kernel_sets(args.kernels) if args.kernels is not None else None
@@ -138,15 +139,17 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from featx_edge.distribute import is_chief
     from featx_edge.errors import VerificationError
     from featx_edge.export import budget_failure, export_run
-    from featx_edge.formats import merge_overrides, parse_kernel_sets
+    from featx_edge.files.lock import locked
+    from featx_edge.formats.registry import merge_overrides, parse_kernel_sets
     from featx_edge.progress import say
     from featx_edge.report import report_after_run
-    from featx_edge.rundir import VERIFY, locked, read_manifest
-    from featx_edge.train import check_destination, train_run
-    from featx_edge.verify import format_table, verify_run
+    from featx_edge.rundir.manifest import read_manifest
+    from featx_edge.rundir.names import VERIFY
+    from featx_edge.training.distribute import is_chief
+    from featx_edge.training.train import check_destination, train_run
+    from featx_edge.verify.runner import format_table, verify_run
 
     config = _config_from_args(args)
     # Parsed before training (a typo must not cost a training run) and recorded with the run,
@@ -245,7 +248,7 @@ def _cmd_mcu(args) -> int:
 def _iter_images(items: list[str]) -> list[Path]:
     """Files as given; folders walked as training walks them (hidden names ignored, symlinks that
     leave the folder or loop reported on stderr and not followed). DataError for a folder without images."""
-    from featx_edge.data import find_images
+    from featx_edge.data.folders import find_images
     from featx_edge.runtime.metadata import printable
 
     paths: list[Path] = []
@@ -336,7 +339,7 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_bundle(args) -> int:
-    from featx_edge.bundle import bundle_run
+    from featx_edge.bundle.pack import bundle_run
 
     bundle = bundle_run(args.run, fmt=args.format, out=args.out, wheel=args.wheel,
                         allow_unverified=args.allow_unverified, overwrite=args.overwrite)

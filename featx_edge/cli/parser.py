@@ -6,8 +6,8 @@ import argparse
 
 from featx_edge import __version__
 from featx_edge.config import STRATEGIES
-from featx_edge.formats import ONNX_CALIBRATION_METHODS
-from featx_edge.targets import TARGET_CHOICES
+from featx_edge.formats.registry import ONNX_CALIBRATION_METHODS
+from featx_edge.formats.targets import TARGET_CHOICES
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

@@ -14,4 +14,6 @@ pip and qemu.
 
 This file imports nothing: the guest imports ``featx_edge.device.guest``, which must pull in
 the runtime and nothing else.
+
+May import: verify, training (``Run``), fidelity, data, files, formats, runtime and the leaves.
 """

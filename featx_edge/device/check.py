@@ -41,12 +41,13 @@ from featx_edge.device.emulator import (
 )
 from featx_edge.device.env import Environment, ensure_environment
 from featx_edge.errors import ConfigError, ModelFileError, RunDirError
-from featx_edge.formats import parse_formats, thresholds_for, tie_margin
+from featx_edge.files.atomic import sha256_file, write_json
+from featx_edge.files.lock import locked
+from featx_edge.formats.registry import parse_formats, thresholds_for, tie_margin
 from featx_edge.progress import verbose
-from featx_edge.rundir import locked, sha256_file, write_json
 from featx_edge.runtime.predictor import check_threads
 from featx_edge.runtime.selftest import Golden, golden_path, read_golden, tolerance_for
-from featx_edge.verify import read_reference_outputs
+from featx_edge.verify.runner import read_reference_outputs
 from featx_edge.versions import installed_versions
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def _jobs(target: str, *, images: int | None, formats: tuple[str, ...] | None) -
 
 
 def _run_jobs(path: Path, *, images: int | None, formats: tuple[str, ...] | None) -> list[Job]:
-    from featx_edge.run import Run
+    from featx_edge.training.run import Run
 
     run = Run.open(path)
     exported = run.exported()

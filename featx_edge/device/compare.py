@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from featx_edge.fidelity import check, compare
+from featx_edge.fidelity.gate import check, compare
 from featx_edge.runtime.predictor import nonfinite_rows
 
 SPEED_NOTE = "emulated cores: agreement only, not speed"

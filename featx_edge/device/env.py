@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featx_edge import __version__
+from featx_edge.data.sample import featx_home
 from featx_edge.device.cores import Arch, DeviceError
 from featx_edge.device.emulator import describe_exit, make_prefix, output_tail, run_python
-from featx_edge.rundir import write_json
-from featx_edge.sample import featx_home
+from featx_edge.files.atomic import write_json
 from featx_edge.versions import installed_versions
 
 try:

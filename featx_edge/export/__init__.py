@@ -7,6 +7,9 @@ training), ``onnx.py`` (tf2onnx), ``onnx_int8.py`` (onnxruntime static QDQ). ``c
 is the one calibration source, ``bias_correction.py`` prepares the int8 source model,
 ``golden.py`` writes the self-test files and ``budget.py`` picks an int8 variant within
 ``--int8-budget``.
+
+May import: training (``Run`` and its reference), data, config, fidelity, rundir, files, formats,
+runtime and the leaves. Never verify, bench, report, device or cli.
 """
 
 from featx_edge.export.budget import budget_failure

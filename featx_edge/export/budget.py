@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featx_edge.data import label_of, map_batches
+from featx_edge.data.folders import label_of, map_batches
 from featx_edge.export.calibration import calibration_files
-from featx_edge.fidelity import compare
-from featx_edge.formats import thresholds_for
-from featx_edge.intervals import wilson
-from featx_edge.train import predict_probs
+from featx_edge.fidelity.gate import compare
+from featx_edge.fidelity.intervals import wilson
+from featx_edge.formats.registry import thresholds_for
+from featx_edge.training.train import predict_probs
 
 log = logging.getLogger(__name__)
 

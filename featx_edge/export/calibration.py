@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx_edge.data import load_images
+from featx_edge.data.folders import load_images
 
 
 def calibration_files(train: Sequence[str], *, count: int, seed: int) -> list[str]:

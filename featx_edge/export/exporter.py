@@ -20,20 +20,13 @@ from featx_edge.config import RunConfig
 from featx_edge.errors import ExportError, ModelFileError
 from featx_edge.export.calibration import calibration_images
 from featx_edge.export.golden import GoldenImages
-from featx_edge.formats import FormatSpec, artifact_filename, get_format, parse_formats
+from featx_edge.files.atomic import atomic_path, sha256_file, write_bytes, write_json
+from featx_edge.files.lock import locked
+from featx_edge.formats.registry import FormatSpec, artifact_filename, get_format, parse_formats
+from featx_edge.formats.targets import resolve_target
 from featx_edge.progress import bar
-from featx_edge.run import Run
-from featx_edge.rundir import (
-    EXPORT_DIR,
-    EXPORT_JOURNAL,
-    INT8_LAYERS,
-    atomic_path,
-    locked,
-    sha256_file,
-    write_bytes,
-    write_json,
-)
-from featx_edge.targets import resolve_target
+from featx_edge.rundir.names import EXPORT_DIR, EXPORT_JOURNAL, INT8_LAYERS
+from featx_edge.training.run import Run
 
 log = logging.getLogger(__name__)
 

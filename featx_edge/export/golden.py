@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from featx_edge.data import load_images
-from featx_edge.fidelity import broken_reference
-from featx_edge.rundir import EXPORT_DIR, atomic_path
+from featx_edge.data.folders import load_images
+from featx_edge.fidelity.gate import broken_reference
+from featx_edge.files.atomic import atomic_path
+from featx_edge.rundir.names import EXPORT_DIR
 from featx_edge.runtime.predictor import nonfinite_rows
-from featx_edge.train import predict_probs
+from featx_edge.training.train import predict_probs
 
 
 class GoldenImages:

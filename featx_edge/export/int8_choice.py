@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import logging
 
-from featx_edge.data import map_batches
-from featx_edge.fidelity import compare
-from featx_edge.formats import get_format, thresholds_for, tie_margin
+from featx_edge.data.folders import map_batches
+from featx_edge.fidelity.gate import compare
+from featx_edge.formats.registry import get_format, thresholds_for, tie_margin
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from featx_edge.errors import ExportError
+from featx_edge.files.atomic import atomic_path
 from featx_edge.progress import native_output
-from featx_edge.rundir import atomic_path
 
 OPSET = 17
 

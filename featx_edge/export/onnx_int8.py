@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from featx_edge.errors import ConfigError, ExportError
-from featx_edge.formats import ONNX_CALIBRATION_METHODS
+from featx_edge.files.atomic import atomic_path
+from featx_edge.formats.registry import ONNX_CALIBRATION_METHODS
 from featx_edge.progress import native_output
-from featx_edge.rundir import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def quantize(float_model: Path, out: Path, *, calibration: np.ndarray, method: s
 
     Args:
         method: ``minmax``, ``percentile`` or ``entropy`` (onnxruntime CalibrationMethod).
-        activations: ``int8`` (S8S8) or ``uint8`` (U8S8); weights are int8 (see ``featx_edge.targets``).
+        activations: ``int8`` (S8S8) or ``uint8`` (U8S8); weights are int8 (see ``featx_edge.formats.targets``).
         reduce_range: quantize weights to 7 bits (x86-64 without VNNI).
         metadata: featx-edge metadata for the model; its ``quantization`` entry is completed
             here. None keeps the float model's metadata_props.

@@ -182,7 +182,7 @@ def export_qat(run, *, calibration: np.ndarray) -> tuple[bytes, dict]:
 
     from featx_edge.errors import ConfigError
     from featx_edge.export.tflite import TFLiteQuantization, convert
-    from featx_edge.train import image_sequence
+    from featx_edge.training.train import image_sequence
 
     config, splits, reference = run.config, run.splits(), run.reference().model
     epochs = config.train.qat_epochs

@@ -11,6 +11,8 @@ mailed as one file.
 Modules: ``page`` (escaping HTML building blocks), ``figures`` (PNG curves and thumbnails),
 ``sections`` (one function per section).
 
+May import: bench, verify, training (``Run``), rundir, files, runtime and the leaves. Never cli.
+
 Example:
     >>> from featx_edge.report import write_report
     >>> write_report("runs/demo")  # doctest: +SKIP
@@ -25,10 +27,11 @@ from pathlib import Path
 
 from featx_edge import __version__
 from featx_edge.errors import FeatxError, RunDirError
+from featx_edge.files.atomic import write_bytes
+from featx_edge.files.lock import locked
 from featx_edge.report import sections
 from featx_edge.report.page import page
-from featx_edge.run import Run
-from featx_edge.rundir import locked, write_bytes
+from featx_edge.training.run import Run
 
 log = logging.getLogger(__name__)
 

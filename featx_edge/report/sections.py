@@ -15,11 +15,12 @@ from featx_edge.bench.plan import REFERENCE_FORMAT
 from featx_edge.bench.recommend import format_recommendation
 from featx_edge.bench.report import BENCH_JSON, BENCH_PNG, not_measured
 from featx_edge.errors import DataError, RunDirError
+from featx_edge.files.atomic import inside
 from featx_edge.report.figures import thumbnail_png, training_curves_png
 from featx_edge.report.page import Html, img_png, join, markdown_lines, note, prose, section, table, tag
-from featx_edge.run import Run
-from featx_edge.rundir import INT8_LAYERS, VERIFY, inside
-from featx_edge.verify import PREDICTIONS, PREDICTIONS_SCHEMA, small_split_note
+from featx_edge.rundir.names import INT8_LAYERS, VERIFY
+from featx_edge.training.run import Run
+from featx_edge.verify.runner import PREDICTIONS, PREDICTIONS_SCHEMA, small_split_note
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,8 @@
 """The TensorFlow-free device runtime: numpy, Pillow and one inference engine.
 
+May import: errors, formats, files, progress, versions; numpy, Pillow and one engine. Never
+TensorFlow, Keras or the training side (a device installs the base package only).
+
 Example:
     >>> from featx_edge.runtime import load
     >>> predictor = load("model.tflite-int8.tflite")  # doctest: +SKIP

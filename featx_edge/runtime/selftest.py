@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from featx_edge.errors import ImageError, ModelFileError, NonFiniteOutputError, VerificationError
-from featx_edge.formats import FORMAT_SPECS
-from featx_edge.rundir import inside, sha256_file
+from featx_edge.files.atomic import inside, sha256_file
+from featx_edge.formats.registry import FORMAT_SPECS
 from featx_edge.runtime.predictor import nonfinite_rows
 
 SELFTEST_DIR = "selftest"
@@ -221,7 +221,7 @@ def write_golden(model_path: Path, *, fmt: str, images: list[str], reference: np
         NonFiniteOutputError: ``reference`` or ``expected`` holds a NaN or an Inf (a broken model:
             a golden file of NaN would be invalid JSON and could never pass).
     """
-    from featx_edge.rundir import write_json
+    from featx_edge.files.atomic import write_json
 
     for what, outputs in (("the Keras reference", reference), (f"the {fmt} export", expected)):
         bad = nonfinite_rows(outputs)

@@ -66,8 +66,8 @@ def build(out: Path) -> None:
     from featx_edge.export import onnx as onnx_export
     from featx_edge.export import tflite as tflite_export
     from featx_edge.export.tflite_metadata import pack
-    from featx_edge.formats import get_format
-    from featx_edge.rundir import write_bytes
+    from featx_edge.files.atomic import write_bytes
+    from featx_edge.formats.registry import get_format
     from featx_edge.runtime import load
     from featx_edge.runtime.image import load_pixels
     from featx_edge.runtime.selftest import SELFTEST_DIR, write_golden

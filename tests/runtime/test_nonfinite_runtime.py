@@ -158,7 +158,7 @@ def test_device_comparison_names_how_many_images_were_not_finite():
 
 def test_device_check_refuses_a_nan_model_on_the_host_before_building_anything(tmp_path, monkeypatch, capsys):
     """The host's own outputs are checked first: one line, exit 2, and no guest environment is built."""
-    import featx_edge.device.check as check
+    from featx_edge.device import check
 
     path = _poisoned(tmp_path, "onnx-float32", np.nan)
     monkeypatch.setattr(check, "find_qemu", lambda arch: "/usr/bin/qemu-aarch64-static")

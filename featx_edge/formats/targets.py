@@ -8,7 +8,7 @@ dot-product kernels prefer int8 activations (S8S8). ``portable`` is S8S8 with fu
 weights: correct everywhere (no saturation on any CPU), the fastest only on ARM.
 
 Example:
-    >>> from featx_edge.targets import resolve_target
+    >>> from featx_edge.formats.targets import resolve_target
     >>> resolve_target("arm64").activations
     'int8'
 """

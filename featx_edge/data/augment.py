@@ -4,7 +4,7 @@
 the original features plus the K views' features (validation and test stay un-augmented). A view
 is a pure function of (augment seed, the image's relative path, view index, the transforms): the
 same run settings give the same pixels, so the views' features are cached on disk like the
-originals' (``featx_edge.features``).
+originals' (``featx_edge.training.features``).
 
 The transforms (applied in this order, on the decoded image at its own resolution, then resized
 to the model size the runtime's way, bilinear):

@@ -6,7 +6,7 @@ one with missing or mistyped entries, and paths that leave the run or the data f
 with one clear error. Commands that write into a run hold its lock (``rundir.locked``).
 
 Example:
-    >>> from featx_edge.run import Run
+    >>> from featx_edge.training.run import Run
     >>> run = Run.open("runs/demo")  # doctest: +SKIP
     >>> run.labels, run.size, run.exported()  # doctest: +SKIP
 """
@@ -19,18 +19,12 @@ import logging
 from pathlib import Path
 
 from featx_edge.config import RunConfig, config_from_dict
-from featx_edge.data import Splits, load_splits
+from featx_edge.data.folders import Splits, load_splits
 from featx_edge.errors import ConfigError, RunDirError
-from featx_edge.formats import ordered
-from featx_edge.rundir import (
-    EXPORT_JOURNAL,
-    MANIFEST,
-    artifact_problems,
-    inside,
-    read_manifest,
-    sha256_file,
-    write_json,
-)
+from featx_edge.files.atomic import inside, sha256_file, write_json
+from featx_edge.formats.registry import ordered
+from featx_edge.rundir.manifest import artifact_problems, read_manifest
+from featx_edge.rundir.names import EXPORT_JOURNAL, MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +113,8 @@ class Run:
     def reference(self):
         """The run's Keras classifier (float32), rebuilt from its config with its trained weights."""
         if self._reference is None:
-            from featx_edge.model import build_classifier
-            from featx_edge.train import setup_devices
+            from featx_edge.training.model import build_classifier
+            from featx_edge.training.train import setup_devices
 
             entry = self.manifest["reference"]
             weights = self.path / entry["path"]

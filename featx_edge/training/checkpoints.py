@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from featx_edge.errors import CheckpointError, ConfigError, RunDirError
-from featx_edge.rundir import beside, inside, write_json
+from featx_edge.files.atomic import beside, inside, write_json
 
 log = logging.getLogger(__name__)
 

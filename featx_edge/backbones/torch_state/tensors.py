@@ -1,6 +1,6 @@
 """The records a ``.pth`` pickle makes, checked and made into arrays within a memory budget.
 
-Internal to :mod:`featx_edge.torch_state`. The records are immutable and refuse a pickle BUILD,
+Internal to :mod:`featx_edge.backbones.torch_state`. The records are immutable and refuse a pickle BUILD,
 so what the reader checks once the whole pickle is read is what the pickle made; every tensor is
 then checked against the bytes of its storage and materialized once, each allocation charged to
 a :class:`Budget` first.

@@ -52,13 +52,13 @@ from pathlib import Path
 
 import numpy as np
 
-from featx_edge.augment import AugmentSpec, augmented_pixels
-from featx_edge.data import Splits, _pixels
+from featx_edge.data.augment import AugmentSpec, augmented_pixels
+from featx_edge.data.folders import Splits, _pixels
+from featx_edge.data.sample import featx_home
 from featx_edge.errors import DataError, FeatxError, WeightsError
-from featx_edge.ownership import claim_folder
+from featx_edge.files.atomic import atomic_path, write_json
+from featx_edge.files.ownership import claim_folder
 from featx_edge.progress import bar
-from featx_edge.rundir import atomic_path, write_json
-from featx_edge.sample import featx_home
 
 log = logging.getLogger(__name__)
 

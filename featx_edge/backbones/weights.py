@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from featx_edge.backbones import BackboneSpec
+from featx_edge.backbones.registry import BackboneSpec
 from featx_edge.errors import WeightsError
 from featx_edge.progress import native_output
 
@@ -68,7 +68,7 @@ def _from_package(spec: BackboneSpec) -> Path:
 
     The cache name carries the checkpoint's sha256 prefix, so another checkpoint never reuses it.
     """
-    from featx_edge.efficientnet_lite import checkpoint_path, convert_checkpoint, get_variant
+    from featx_edge.backbones.efficientnet_lite import checkpoint_path, convert_checkpoint, get_variant
 
     variant = get_variant(spec.name)
     cached = keras_cache_dir() / "models" / f"{spec.name}_imagenet_{variant.sha256[:8]}_notop.h5"

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from featx_edge.backbones import get_backbone
+from featx_edge.backbones.registry import get_backbone
 from featx_edge.config import ModelConfig, TrainConfig
-from featx_edge.data import load_images, scan_folder, split_folder
-from featx_edge.rundir import atomic_path, write_json
-from featx_edge.sample import resolve_data
+from featx_edge.data.folders import load_images, scan_folder, split_folder
+from featx_edge.data.sample import resolve_data
+from featx_edge.files.atomic import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ def pretrain(*, data: str, out: str | Path, model: ModelConfig, train: TrainConf
         ...          model=ModelConfig(backbone="mobilenet_v2", alpha=0.35, image_size=96, weights="none"), train=TrainConfig(epochs=8))
     """
     from featx_edge._tf import import_tf
-    from featx_edge.model import build_backbone, build_classifier, copy_weights
-    from featx_edge.train import array_dataset, fit, setup_devices
+    from featx_edge.training.model import build_backbone, build_classifier, copy_weights
+    from featx_edge.training.train import array_dataset, fit, setup_devices
 
     _, keras = import_tf()
     out = Path(out)

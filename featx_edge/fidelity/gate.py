@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from featx_edge.errors import NonFiniteOutputError, VerificationError
-from featx_edge.formats import Thresholds
-from featx_edge.intervals import paired_difference, wilson
+from featx_edge.fidelity.intervals import paired_difference, wilson
+from featx_edge.formats.registry import Thresholds
 
 MAX_LISTED_TIES = 50
 """Near-ties listed by image in a report (all are counted)."""

@@ -21,33 +21,26 @@ from pathlib import Path
 import numpy as np
 
 from featx_edge import __version__
-from featx_edge.augment import AugmentSpec
-from featx_edge.backbones import get_backbone
-from featx_edge.checkpoints import Checkpoints, StageCheckpoint, note_resumable, remove_checkpoints, run_key
+from featx_edge.backbones.registry import get_backbone
+from featx_edge.backbones.weights import resolve_weights
 from featx_edge.config import RunConfig, TrainConfig
-from featx_edge.data import map_batches, scan_folder, split_folder
-from featx_edge.distribute import auto_shard_by_data, configure_logical_cpus, is_chief, make_placement
+from featx_edge.data.augment import AugmentSpec
+from featx_edge.data.folders import map_batches, scan_folder, split_folder
+from featx_edge.data.sample import resolve_data
 from featx_edge.errors import CheckpointError, ConfigError, DataError
-from featx_edge.features import feature_key, open_cache, predict_table, split_features
-from featx_edge.ownership import ID_KEY, read_marker
+from featx_edge.files.atomic import atomic_path, sha256_file, write_json
+from featx_edge.files.lock import locked
+from featx_edge.files.ownership import ID_KEY, read_marker
+from featx_edge.files.replace import check_out, replace_run
 from featx_edge.progress import native_output
 from featx_edge.progress import verbose as progress_verbose
-from featx_edge.rundir import (
-    MANIFEST,
-    MANIFEST_VERSION,
-    SPLITS,
-    WEIGHTS,
-    atomic_path,
-    check_out,
-    locked,
-    prepare_out,
-    replace_run,
-    sha256_file,
-    write_json,
-)
+from featx_edge.rundir.manifest import MANIFEST_VERSION
+from featx_edge.rundir.names import MANIFEST, SPLITS, WEIGHTS
+from featx_edge.rundir.out import prepare_out
 from featx_edge.runtime.image import RESIZE_METHOD
-from featx_edge.sample import resolve_data
-from featx_edge.weights import resolve_weights
+from featx_edge.training.checkpoints import Checkpoints, StageCheckpoint, note_resumable, remove_checkpoints, run_key
+from featx_edge.training.distribute import auto_shard_by_data, configure_logical_cpus, is_chief, make_placement
+from featx_edge.training.features import feature_key, open_cache, predict_table, split_features
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +67,7 @@ def setup_devices(*, mixed_precision: bool, jit_compile: bool = False) -> dict:
     """Report the devices TensorFlow sees; enable mixed precision (GPU only) when asked.
 
     Call before TensorFlow runs anything: it applies the ``FEATX_EDGE_LOGICAL_CPUS`` test hook
-    (``featx_edge.distribute``). ``jit_compile`` is only recorded here (``fit`` takes it).
+    (``featx_edge.training.distribute``). ``jit_compile`` is only recorded here (``fit`` takes it).
     """
     from featx_edge._tf import import_tf
 
@@ -109,7 +102,7 @@ def embed(feature_model, root: Path, relpaths: Sequence[str], *, size: int, batc
     Decoded in parallel by ``features.embed_batches`` (tf.data); training itself goes through the
     on-disk cache (``features.split_features``), which keeps memory bounded.
     """
-    from featx_edge.features import embed_batches
+    from featx_edge.training.features import embed_batches
 
     out = list(embed_batches(feature_model, root, relpaths, size=size, batch_size=batch_size, desc="embedding"))
     return np.concatenate(out) if out else np.zeros((0, feature_model.output_shape[-1]), np.float32)
@@ -237,7 +230,7 @@ def train_head_on_features(head_model, features: np.ndarray, labels: np.ndarray,
 def _table_data(features, labels: np.ndarray, *, batch_size: int, seed: int, epochs: range, val):
     """``train_head_on_features``'s datasets from FeatureTables: (train dataset, steps, validation dataset)."""
     from featx_edge._tf import import_tf
-    from featx_edge.features import table_dataset
+    from featx_edge.training.features import table_dataset
 
     tf, _ = import_tf()
     data, steps = table_dataset(features, labels, batch_size=batch_size, epochs=epochs,
@@ -257,7 +250,7 @@ def train_head_through_graph(model, images: np.ndarray, labels: np.ndarray, *, c
 def image_sequence(root: Path, relpaths: Sequence[str], labels: np.ndarray, *, size: int,
                    batch_size: int, seed: int, start_epoch: int = 0):
     """Batches of images decoded from disk on demand (for fine-tuning), from ``start_epoch``'s order."""
-    from featx_edge.data import _pixels
+    from featx_edge.data.folders import _pixels
 
     def load(idx: np.ndarray) -> np.ndarray:
         return np.stack([_pixels(root, relpaths[i], size) for i in idx]).astype(np.float32)
@@ -291,7 +284,7 @@ def train_run(config: RunConfig, out: str | Path, *, overwrite: bool = False, re
     unless ``overwrite`` and it is a featx-edge run; then it is replaced as a whole (its exports,
     verify and bench results go with it, never mixed with the new weights and split).
 
-    Every epoch is checkpointed beside ``out`` (``featx_edge.checkpoints``); ``resume`` continues
+    Every epoch is checkpointed beside ``out`` (``featx_edge.training.checkpoints``); ``resume`` continues
     an interrupted training of the same settings from its last checkpoint. A completed run removes
     its checkpoints. Under ``train.strategy = "multi-worker"`` only the chief writes ``out``; the
     other workers train in step with it in a private temporary folder and return its manifest.
@@ -314,7 +307,7 @@ def train_run(config: RunConfig, out: str | Path, *, overwrite: bool = False, re
         staging = prepare_out(out, overwrite=overwrite, data_root=data_root)
         try:
             manifest = _train_run(config, staging, data_root=data_root, run_dir=out, resume=resume)
-            replace_run(staging, out)
+            replace_run(staging, out, kind="run", record=MANIFEST)
         except BaseException as err:  # KeyboardInterrupt too: the checkpoints outlive the staging folder
             if not isinstance(err, CheckpointError):  # a damaged checkpoint cannot be continued from
                 note_resumable(out)
@@ -344,7 +337,7 @@ def _summary(stage: StageResult) -> str:
 
 
 def _train_run(config: RunConfig, out: Path, *, data_root: Path, run_dir: Path, resume: bool) -> dict:
-    from featx_edge.model import build_classifier, unfreeze_top
+    from featx_edge.training.model import build_classifier, unfreeze_top
 
     spec = get_backbone(config.model.backbone)
     size = config.model.input_size

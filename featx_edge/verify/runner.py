@@ -25,10 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from featx_edge.data import iter_batches
+from featx_edge.data.folders import iter_batches
 from featx_edge.errors import ModelFileError, VerificationError
-from featx_edge.fidelity import broken_reference, check, compare
-from featx_edge.formats import (
+from featx_edge.fidelity.gate import broken_reference, check, compare
+from featx_edge.fidelity.intervals import wilson
+from featx_edge.files.atomic import atomic_path, sha256_file, write_json
+from featx_edge.files.lock import locked
+from featx_edge.formats.registry import (
     KERNEL_SETS,
     Thresholds,
     get_format,
@@ -38,13 +41,12 @@ from featx_edge.formats import (
     thresholds_for,
     tie_margin,
 )
-from featx_edge.intervals import wilson
+from featx_edge.formats.targets import detect_host
 from featx_edge.progress import bar
-from featx_edge.run import Run
-from featx_edge.rundir import VERIFY, atomic_path, locked, sha256_file, write_json
+from featx_edge.rundir.names import VERIFY
 from featx_edge.runtime.predictor import nonfinite_rows
 from featx_edge.runtime.selftest import golden_path, read_golden, written_for
-from featx_edge.targets import detect_host
+from featx_edge.training.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -354,8 +356,8 @@ def _metric_problems(fmt: str, metrics: dict, probs: np.ndarray, reference: np.n
 def _claim_problems(run: Run, fmt: str, entry: dict, *, metrics_passed: bool) -> list[str]:
     """The int8 claims of ``fmt``'s file (recorded in ``entry["integer"]``): integer-only TFLite (checked
     when its metrics passed, as before), and an ONNX int8 graph that really computes in int8."""
+    from featx_edge.export.macs import onnx_quantization_report
     from featx_edge.export.tflite import integer_report
-    from featx_edge.macs import onnx_quantization_report
     from featx_edge.runtime.metadata import read_tflite
 
     spec, path = get_format(fmt), run.artifact_path(fmt)
