@@ -24,20 +24,22 @@ from pathlib import Path
 import numpy as np
 
 from featx_edge import __version__
-from featx_edge.data import iter_batches
+from featx_edge.data.folders import iter_batches
 from featx_edge.errors import ExportError, RunDirError, VerificationError
-from featx_edge.fidelity import check, compare
-from featx_edge.formats import Thresholds, get_format, thresholds_for, tie_margin
+from featx_edge.fidelity.gate import check, compare
+from featx_edge.files.atomic import sha256_file, write_json
+from featx_edge.files.lock import locked
+from featx_edge.formats.registry import Thresholds, get_format, thresholds_for, tie_margin
 from featx_edge.mcu import MCU_JSON, SCHEMA
 from featx_edge.mcu.firmware import FIRMWARE_DIR, write_firmware
 from featx_edge.mcu.profiles import Profile, fit, get_profile, misfit_line, parse_profiles
 from featx_edge.mcu.tflm import ARENA_NOTE, TflmResult, require_tflm, run_tflm
 from featx_edge.mcu.vela import compile_for, parse_npu, require_vela
 from featx_edge.progress import bar
-from featx_edge.run import Run
-from featx_edge.rundir import EXPORT_DIR, locked, sha256_file, write_json
+from featx_edge.rundir.names import EXPORT_DIR
 from featx_edge.runtime.predictor import nonfinite_rows
-from featx_edge.verify import read_reference_outputs
+from featx_edge.training.run import Run
+from featx_edge.verify.runner import read_reference_outputs
 from featx_edge.versions import installed_versions
 
 log = logging.getLogger(__name__)

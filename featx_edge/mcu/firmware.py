@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx_edge.rundir import sha256_file, write_bytes
+from featx_edge.files.atomic import sha256_file, write_bytes
 
 FIRMWARE_DIR = "mcu"
 """Under ``RUN/export/``: one folder of firmware sources per checked format."""
