@@ -341,11 +341,29 @@ def _cmd_bench(args) -> int:
 def _cmd_bundle(args) -> int:
     from featx_edge.bundle.pack import bundle_run
 
+    if args.target == "mcu":
+        return _bundle_firmware(args)
+
     bundle = bundle_run(args.run, fmt=args.format, out=args.out, wheel=args.wheel,
                         allow_unverified=args.allow_unverified, overwrite=args.overwrite)
     unzip = f" (after `unzip {bundle.path.name} && cd {bundle.path.stem}`)" if bundle.path.suffix == ".zip" else ""
     print(f"wrote {bundle.path} ({bundle.format}, verify: {bundle.verify_status}); on the device, in it{unzip}:")
     print("\n".join(f"  {command}" for command in bundle.commands.values()))
+    return 0
+
+
+def _bundle_firmware(args) -> int:
+    from featx_edge.bundle.firmware import bundle_firmware
+    from featx_edge.errors import ConfigError
+
+    if args.wheel is not None:
+        raise ConfigError("`--wheel` ships the Python runtime of a device bundle; `--target mcu` bundles C sources "
+                          "and takes no wheel: leave `--wheel` out.")
+    bundle = bundle_firmware(args.run, fmt=args.format, out=args.out, allow_unverified=args.allow_unverified,
+                             overwrite=args.overwrite)
+    print(f"wrote {bundle.path} (firmware sources of {bundle.format}, mcu: {bundle.verify_status}); in the "
+          "application:")
+    print("\n".join(f"  {step}" for step in bundle.commands.values()))
     return 0
 
 

@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                  example="featx-edge bundle runs/demo --format tflite-int8 --out bundle-int8  # or --out b.zip")
     p.add_argument("run", help="run directory with the export, verified by `featx-edge verify`")
     p.add_argument("--format", required=True, help="the export to bundle, e.g. tflite-int8 (required; no default)")
+    p.add_argument("--target", choices=("device", "mcu"), default="device",
+                   help="device: the model, self-test and runtime for a Linux device (default); mcu: the firmware "
+                        "sources `featx-edge mcu` wrote, its mcu.json and a README, for a TFLite Micro application")
     p.add_argument("--out", required=True, metavar="DIR_OR_ZIP",
                    help="folder to write, or a file ending in .zip (new or empty; required)")
     p.add_argument("--wheel", metavar="PATH", help="featx_edge-*.whl to ship (default: built from this checkout, or the installed featx-edge packed into one)")

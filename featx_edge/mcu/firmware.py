@@ -97,7 +97,8 @@ const unsigned int featx_model_data_len = {len(data)};
 
 def _settings(origin: str, *, io: dict, input_info: dict, classes: int, arena: int, measured: int) -> str:
     inp, out = io["input"], io["output"]
-    c_type = {"uint8": "uint8_t", "int8": "int8_t", "float32": "float"}.get(inp["dtype"], "uint8_t")
+    c_types = {"uint8": "uint8_t", "int8": "int8_t", "float32": "float"}
+    c_type, out_type = c_types.get(inp["dtype"], "uint8_t"), c_types.get(out["dtype"], "uint8_t")
     low, high = (input_info.get("value_range") or [0, 255])[:2]
     preprocessing = (f"{input_info.get('color', 'RGB')} pixels {low}..{high}, resized ({input_info.get('resize', 'bilinear')}) "
                      f"to {input_info['height']}x{input_info['width']}, {input_info.get('layout', 'NHWC')}; "
@@ -115,6 +116,7 @@ def _settings(origin: str, *, io: dict, input_info: dict, classes: int, arena: i
 // Each pixel value p goes into the input tensor as round(p / FEATX_INPUT_SCALE) + FEATX_INPUT_ZERO_POINT.
 #define FEATX_PREPROCESSING "{_c_text(preprocessing)}"
 typedef {c_type} featx_input_t;
+typedef {out_type} featx_output_t;
 #define FEATX_INPUT_SCALE {inp['scale']!r}f
 #define FEATX_INPUT_ZERO_POINT {inp['zero_point']}
 // Class probability = (output value - FEATX_OUTPUT_ZERO_POINT) * FEATX_OUTPUT_SCALE.
