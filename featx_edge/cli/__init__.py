@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     from featx_edge.progress import configure, drop_stdout
 
     args = build_parser().parse_args(argv)
-    configure(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
+    # `--json` puts a document on stdout: no progress lines beside it
+    configure(quiet=getattr(args, "quiet", False) or getattr(args, "json", False),
+              verbose=getattr(args, "verbose", False))
     try:
         status = COMMANDS[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below, not at interpreter exit
