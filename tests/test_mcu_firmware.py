@@ -98,3 +98,16 @@ def test_model_settings_say_the_preprocessing_and_the_measured_arena(sources):
     assert "extern const unsigned char featx_model_data[];" in header
     assert "extern const unsigned int featx_model_data_len;" in header
     assert "alignas(16) const unsigned char featx_model_data[]" in (sources / "model_data.cc").read_text("ascii")
+
+
+def test_the_readme_shows_the_application_example_the_bundle_ships():
+    from featx_edge.mcu.firmware import APPLICATION_EXAMPLE
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert f"```c++\n{APPLICATION_EXAMPLE}```" in readme
+
+
+def test_model_settings_name_the_operators_to_register(sources):
+    settings = (sources / "model_settings.h").read_text(encoding="ascii")
+    line = next(line for line in settings.splitlines() if line.startswith("#define FEATX_OPERATORS"))
+    assert "CONV_2D" in line and "FULLY_CONNECTED" in line and "SOFTMAX" in line, line

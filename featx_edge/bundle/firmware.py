@@ -24,7 +24,7 @@ from featx_edge.files.ownership import ID_KEY, read_marker
 from featx_edge.files.replace import make_staging
 from featx_edge.formats.registry import check_format
 from featx_edge.mcu import MCU_JSON
-from featx_edge.mcu.firmware import FILES
+from featx_edge.mcu.firmware import APPLICATION_EXAMPLE, FILES
 from featx_edge.training.run import Run
 
 log = logging.getLogger(__name__)
@@ -121,30 +121,5 @@ TensorFlow Lite Micro application; {checked}. The tensor arena TFLM's recording 
 - `labels.h`: `featx_labels[]`, in output order.
 
 ```c++
-#include "model_data.h"
-#include "model_settings.h"
-#include "labels.h"
-#include <math.h>
-#include "tensorflow/lite/micro/micro_interpreter.h"
-#include "tensorflow/lite/micro/micro_mutable_op_resolver.h"
-#include "tensorflow/lite/schema/schema_generated.h"
-
-alignas(16) static uint8_t tensor_arena[FEATX_TENSOR_ARENA_SIZE];
-
-int classify(const uint8_t* rgb) {{  // FEATX_INPUT_HEIGHT x FEATX_INPUT_WIDTH x 3, 0..255
-  static tflite::MicroMutableOpResolver<16> resolver;  // add the model's operators (see mcu.json)
-  // e.g. resolver.AddConv2D(); resolver.AddDepthwiseConv2D(); resolver.AddAdd(); resolver.AddMean(); ...
-  const tflite::Model* model = tflite::GetModel(featx_model_data);
-  tflite::MicroInterpreter interpreter(model, resolver, tensor_arena, FEATX_TENSOR_ARENA_SIZE);
-  if (interpreter.AllocateTensors() != kTfLiteOk) return -1;
-  featx_input_t* in = tflite::GetTensorData<featx_input_t>(interpreter.input(0));
-  for (int i = 0; i < FEATX_INPUT_HEIGHT * FEATX_INPUT_WIDTH * FEATX_INPUT_CHANNELS; ++i)
-    in[i] = (featx_input_t)lroundf(rgb[i] / FEATX_INPUT_SCALE + FEATX_INPUT_ZERO_POINT);
-  if (interpreter.Invoke() != kTfLiteOk) return -1;
-  const featx_output_t* scores = tflite::GetTensorData<featx_output_t>(interpreter.output(0));
-  int best = 0;
-  for (int c = 1; c < FEATX_CLASS_COUNT; ++c) if (scores[c] > scores[best]) best = c;
-  return best;  // featx_labels[best]; probability (scores[best] - FEATX_OUTPUT_ZERO_POINT) * FEATX_OUTPUT_SCALE
-}}
-```
+{APPLICATION_EXAMPLE}```
 """

@@ -26,6 +26,7 @@ import numpy as np
 from featx_edge import __version__
 from featx_edge.data.folders import iter_batches
 from featx_edge.errors import ExportError, RunDirError, VerificationError
+from featx_edge.export.tflite import op_types
 from featx_edge.fidelity.gate import check, compare
 from featx_edge.files.atomic import sha256_file, write_json
 from featx_edge.files.lock import locked
@@ -140,6 +141,7 @@ def _check_format(run: Run, fmt: str, *, pixels: Path, reference: np.ndarray, la
     log.info("%s: running the %d test images through TensorFlow Lite Micro ...", fmt, len(labels))
     result = run_tflm(path, pixels, images=len(labels))
     tflm, problems = _judge(fmt, result, reference, labels, limits=limits, model_bytes=path.stat().st_size)
+    tflm["operators"] = op_types(path.read_bytes())
     entry: dict = {"path": path.relative_to(run.path).as_posix(), "sha256": sha, "tflm": tflm}
     folder = run.path / EXPORT_DIR / FIRMWARE_DIR / fmt
     shutil.rmtree(folder, ignore_errors=True)  # sources of an earlier export of this format never stay behind

@@ -21,12 +21,47 @@ from pathlib import Path
 
 import numpy as np
 
+from featx_edge.export.tflite import op_types
 from featx_edge.files.atomic import sha256_file, write_bytes
 
 FIRMWARE_DIR = "mcu"
 """Under ``RUN/export/``: one folder of firmware sources per checked format."""
 FILES = ("model_data.h", "model_data.cc", "model_settings.h", "labels.h")
 ALIGNMENT = 16
+APPLICATION_EXAMPLE = """\
+#include <math.h>
+#include "model_data.h"
+#include "model_settings.h"
+#include "labels.h"
+#include "tensorflow/lite/micro/micro_interpreter.h"
+#include "tensorflow/lite/micro/micro_mutable_op_resolver.h"
+
+alignas(16) static uint8_t tensor_arena[FEATX_TENSOR_ARENA_SIZE];
+static tflite::MicroMutableOpResolver<16> resolver;
+static tflite::MicroInterpreter* interpreter = nullptr;
+
+bool featx_setup() {  // once, at start-up
+  // The operators model_settings.h lists (FEATX_OPERATORS); for a MobileNetV2 int8 export, e.g.:
+  resolver.AddQuantize(); resolver.AddConv2D(); resolver.AddDepthwiseConv2D(); resolver.AddAdd();
+  resolver.AddMean(); resolver.AddFullyConnected(); resolver.AddSoftmax();
+  static tflite::MicroInterpreter instance(tflite::GetModel(featx_model_data), resolver, tensor_arena,
+                                           FEATX_TENSOR_ARENA_SIZE);
+  interpreter = &instance;
+  return interpreter->AllocateTensors() == kTfLiteOk;
+}
+
+int featx_classify(const uint8_t* rgb) {  // FEATX_INPUT_HEIGHT x FEATX_INPUT_WIDTH x 3, RGB 0..255, resized
+  featx_input_t* in = tflite::GetTensorData<featx_input_t>(interpreter->input(0));
+  for (int i = 0; i < FEATX_INPUT_HEIGHT * FEATX_INPUT_WIDTH * FEATX_INPUT_CHANNELS; ++i)
+    in[i] = (featx_input_t)lroundf(rgb[i] / FEATX_INPUT_SCALE + FEATX_INPUT_ZERO_POINT);
+  if (interpreter->Invoke() != kTfLiteOk) return -1;
+  const featx_output_t* scores = tflite::GetTensorData<featx_output_t>(interpreter->output(0));
+  int best = 0;
+  for (int c = 1; c < FEATX_CLASS_COUNT; ++c) if (scores[c] > scores[best]) best = c;
+  return best;  // featx_labels[best]; its probability: (scores[best] - FEATX_OUTPUT_ZERO_POINT) * FEATX_OUTPUT_SCALE
+}
+"""
+"""How a TFLM application uses the sources (the README and the firmware bundle's README show it)."""
 _BYTES_PER_LINE = 12
 
 
@@ -40,11 +75,13 @@ def write_firmware(folder: Path, *, model: Path, fmt: str, sha256: str, labels: 
     """Write the four sources of ``model`` into ``folder``; returns each file's sha256 by name."""
     data = model.read_bytes()
     io = tensor_io(data)
+    operators = op_types(data)
     origin = f"featx-edge {fmt} export `{model.name}` (sha256 {sha256})"
     texts = {"model_data.h": _model_header(origin),
              "model_data.cc": _model_source(origin, data),
              "model_settings.h": _settings(origin, io=io, input_info=input_info, classes=len(labels),
-                                           arena=arena_to_allocate(arena_bytes), measured=arena_bytes),
+                                           arena=arena_to_allocate(arena_bytes), measured=arena_bytes,
+                                           operators=operators),
              "labels.h": _labels(origin, labels)}
     folder.mkdir(parents=True, exist_ok=True)
     return {name: sha256_file(write_bytes(folder / name, texts[name].encode("ascii"))) for name in FILES}
@@ -95,7 +132,8 @@ const unsigned int featx_model_data_len = {len(data)};
 """
 
 
-def _settings(origin: str, *, io: dict, input_info: dict, classes: int, arena: int, measured: int) -> str:
+def _settings(origin: str, *, io: dict, input_info: dict, classes: int, arena: int, measured: int,
+              operators: list[str]) -> str:
     inp, out = io["input"], io["output"]
     c_types = {"uint8": "uint8_t", "int8": "int8_t", "float32": "float"}
     c_type, out_type = c_types.get(inp["dtype"], "uint8_t"), c_types.get(out["dtype"], "uint8_t")
@@ -125,6 +163,8 @@ typedef {out_type} featx_output_t;
 #define FEATX_CLASS_COUNT {classes}
 // TFLM's recording allocator measured {measured} bytes; declare the arena alignas({ALIGNMENT}).
 #define FEATX_TENSOR_ARENA_SIZE {arena}
+// The operators the application's op resolver must register (TFLite builtin names).
+#define FEATX_OPERATORS "{_c_text(", ".join(operators))}"
 
 #endif  // {_guard('model_settings.h')}
 """
