@@ -41,7 +41,7 @@ static tflite::MicroMutableOpResolver<16> resolver;
 static tflite::MicroInterpreter* interpreter = nullptr;
 
 bool featx_setup() {  // once, at start-up
-  // The operators model_settings.h lists (FEATX_OPERATORS); for a MobileNetV2 int8 export, e.g.:
+  // The operators model_settings.h lists (FEATX_OPERATORS); those of the demo's Lite0 int8 export:
   resolver.AddQuantize(); resolver.AddConv2D(); resolver.AddDepthwiseConv2D(); resolver.AddAdd();
   resolver.AddMean(); resolver.AddFullyConnected(); resolver.AddSoftmax();
   static tflite::MicroInterpreter instance(tflite::GetModel(featx_model_data), resolver, tensor_arena,
