@@ -247,3 +247,19 @@ def test_mcu_without_verify_reference_outputs_says_to_run_verify(mcu_run, tmp_pa
     (copy / "verify_reference.npy").unlink()
     assert main(["mcu", str(copy)]) == 2
     one_line_error(capsys, f"featx-edge verify {copy}", "mcu judges against")
+
+
+@pytest.mark.slow
+def test_mcu_needs_no_tensorflow_and_keeps_only_the_vela_files_it_records(mcu_run):
+    """The check runs TFLM and Vela on the exports and the reference outputs verify recorded: no TensorFlow."""
+    import subprocess
+
+    from conftest import BLOCK_TENSORFLOW
+
+    code = BLOCK_TENSORFLOW + (f"from featx_edge.cli import main\nraise SystemExit(main(['mcu', {str(mcu_run)!r}, "
+                               "'--npu', 'ethos-u55-128', '--quiet']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    vela = sorted(p.name for p in (mcu_run / "export").glob("*.vela.tflite"))
+    assert vela == ["model.tflite-int8.ethos-u55-128.vela.tflite"]  # the fixture's ethos-u55-256 file is gone
+    assert list(json.loads((mcu_run / MCU_JSON).read_text())["formats"]["tflite-int8"]["npu"]) == ["ethos-u55-128"]

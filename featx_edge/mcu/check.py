@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import glob
 import logging
 import shutil
 import tempfile
@@ -46,6 +47,8 @@ from featx_edge.versions import installed_versions
 log = logging.getLogger(__name__)
 
 _BATCH = 64
+VELA_SUFFIX = ".vela.tflite"
+"""Vela's optimised files: ``export/model.FORMAT.CONFIG.vela.tflite``."""
 _KEPT = ("top1_agreement_ci95", "judged_top1_agreement", "judged_top1_agreement_ci95", "accuracy_ci95",
          "accuracy_change_ci95_points", "judged_accuracy_change_points", "judged_accuracy_change_ci95_points",
          "disagreements", "near_ties", "tie_margin", "near_tie_images", "max_abs_diff", "nonfinite")
@@ -145,6 +148,8 @@ def _check_format(run: Run, fmt: str, *, pixels: Path, reference: np.ndarray, la
     entry: dict = {"path": path.relative_to(run.path).as_posix(), "sha256": sha, "tflm": tflm}
     folder = run.path / EXPORT_DIR / FIRMWARE_DIR / fmt
     shutil.rmtree(folder, ignore_errors=True)  # sources of an earlier export of this format never stay behind
+    for old in (run.path / EXPORT_DIR).glob(f"model.{glob.escape(fmt)}.*{VELA_SUFFIX}"):
+        old.unlink()  # nor Vela files of an earlier check: export/ holds what mcu.json records
     if result.arena_bytes is not None and result.error is None:
         files = write_firmware(folder, model=path, fmt=fmt, sha256=sha, labels=run.labels,
                                input_info=run.manifest["input"], arena_bytes=result.arena_bytes)
@@ -181,7 +186,7 @@ def _judge(fmt: str, result: TflmResult, reference: np.ndarray, labels: np.ndarr
 
 def _vela(run: Run, fmt: str, path: Path, accelerator: str) -> tuple[dict, str | None]:
     """Vela's entry for ``fmt`` on ``accelerator`` (the optimised file under ``export/``), and a failure."""
-    out = run.path / EXPORT_DIR / f"model.{fmt}.{accelerator}.vela.tflite"
+    out = run.path / EXPORT_DIR / f"model.{fmt}.{accelerator}{VELA_SUFFIX}"
     log.info("%s: compiling for %s with Vela ...", fmt, accelerator)
     try:
         entry = compile_for(path, accelerator, out=out)
