@@ -103,10 +103,13 @@ def firmware_commands() -> dict[str, str]:
 
 def readme(fmt: str, entry: dict, *, status: str) -> str:
     tflm = entry["tflm"]
-    checked = (f"TFLM top-1 agreement with the Keras reference {tflm.get('judged_top1_agreement', tflm.get('top1_agreement')):.4f} on "
-               f"{tflm['images']} test images (verify's gate: passed)" if status == "pass" else
-               f"**WARNING: it failed `featx-edge mcu`** ({'; '.join(entry.get('failures') or [])}); bundled with "
-               "`--allow-unverified`")
+    agreement = tflm.get("judged_top1_agreement", tflm.get("top1_agreement"))
+    if status == "pass":
+        checked = (f"TFLM top-1 agreement with the Keras reference {agreement:.4f} on {tflm['images']} test images "
+                   "(verify's gate: passed)")
+    else:
+        checked = (f"**WARNING: it failed `featx-edge mcu`** ({'; '.join(entry.get('failures') or [])}); bundled "
+                   "with `--allow-unverified`")
     fits = "".join(f"\n- {name}: {'fits' if v['fits'] else 'DOES NOT FIT'} (RAM margin {v['ram']['margin']:+,} B, "
                    f"flash margin {v['flash']['margin']:+,} B)" for name, v in (entry.get("fit") or {}).items())
     return f"""# featx-edge firmware sources: {fmt}

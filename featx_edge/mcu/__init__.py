@@ -7,9 +7,10 @@ and flash of common parts, the fit verdict), ``firmware`` (C sources for a TFLM 
 ``check`` (the command: judges, sizes, writes ``RUN/mcu.json``), ``table`` (its printed table).
 Needs the ``[mcu]`` extra (``tflite-micro``, ``ethos-u-vela``); both run in child processes.
 
-May import: verify (the reference outputs it records), export (``op_types``), training (``Run``), fidelity (the gate), data
-(decoding the test split as verify does), runtime, rundir, files, formats and the leaves. Never
-bench, bundle, report, device or cli (bundle and report read ``mcu.json`` through this package).
+May import: verify (the reference outputs it records), export (``op_types``), training (``Run``),
+fidelity (the gate), data (decoding the test split as verify does), runtime, rundir, files, formats
+and the leaves. Never bench, bundle, report, device or cli (bundle and report read ``mcu.json``
+through this package).
 """
 
 MCU_JSON = "mcu.json"

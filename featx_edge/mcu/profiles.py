@@ -144,7 +144,8 @@ def misfit_line(fmt: str, verdict: dict) -> str:
 
 def profile_table() -> str:
     """The profiles as a text table (``featx-edge mcu --profile list``)."""
-    lines = [f"{'profile':<22} {'RAM':>9} {'flash':>9} {'reserve RAM':>11} {'reserve flash':>13}  {'npu':<14} part; source"]
+    lines = [(f"{'profile':<22} {'RAM':>9} {'flash':>9} {'reserve RAM':>11} {'reserve flash':>13}  {'npu':<14} "
+              "part; source")]
     for p in PROFILES.values():
         lines.append(f"{p.name:<22} {_kib(p.ram_bytes):>9} {_kib(p.flash_bytes):>9} "
                      f"{_kib(p.runtime_reserve_bytes):>11} {_kib(p.code_reserve_bytes):>13}  {p.npu or '-':<14} "

@@ -11,6 +11,7 @@ so wherever it appears.
 from __future__ import annotations
 
 import csv
+import math
 import re
 import subprocess
 import sys
@@ -131,4 +132,4 @@ def _number(text: str | None) -> float:
         value = float(text or 0.0)
     except ValueError:
         return 0.0
-    return value if value == value else 0.0  # Vela writes nan when nothing ran on the NPU
+    return value if math.isfinite(value) else 0.0  # Vela writes nan when nothing ran on the NPU

@@ -75,10 +75,12 @@ def _rows(src, fmt: str, entry: dict) -> tuple[list[list[object]], list[str | No
             classes.append("fail")
             continue
         cpu = ", ".join(sorted({str(op.get("op")) for op in npu.get("cpu_ops") or []})) or "none"
+        estimate = (f"estimated {_f(npu.get('inference_ms'), '.2f')} ms at "
+                    f"{_f((npu.get('clock_hz') or 0) / 1e6, '.0f')} MHz, {npu.get('system_config')} "
+                    "(Vela's estimate, not a measurement)")
         rows.append([f"↳ {accelerator} (Vela)", f"{_f(npu.get('npu_op_share'), '.0%')} of operators on the NPU", "",
                      "", f"SRAM {_kib(npu.get('sram_bytes'))}", _kib(npu.get("flash_bytes")), f"CPU: {cpu}",
-                     f"estimated {_f(npu.get('inference_ms'), '.2f')} ms at {_f((npu.get('clock_hz') or 0) / 1e6, '.0f')}"
-                     f" MHz, {npu.get('system_config')} (Vela's estimate, not a measurement)", ""])
+                     estimate, ""])
         classes.append(None)
     for name, fit in (entry.get("fit") or {}).items():
         ram, flash = fit.get("ram") or {}, fit.get("flash") or {}
