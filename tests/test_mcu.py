@@ -215,6 +215,11 @@ def test_a_model_that_does_not_fit_is_refused_with_the_numbers(mcu_run, monkeypa
     assert "tflite-int8 does not fit tiny-part" in err and f"{over:,} B over" in err
     assert "cortex-m4-256k" not in err and "DOES NOT FIT" in captured.out  # the table, then the one line
     assert not report["passed"] and report["formats"]["tflite-int8"]["fit"]["cortex-m4-256k"]["fits"]
+    # A format that failed the check is not bundled as firmware without saying so.
+    out = mcu_run.parent / "refused-fw"
+    assert main(["bundle", str(mcu_run), "--format", "tflite-int8", "--target", "mcu", "--out", str(out)]) == 2
+    one_line_error(capsys, "failed `featx-edge mcu`", "does not fit tiny-part", "--allow-unverified")
+    assert not out.exists()
 
 
 @pytest.mark.slow
