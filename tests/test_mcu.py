@@ -141,6 +141,14 @@ def test_run_refuses_a_missing_mcu_extra_before_training(monkeypatch, capsys, tm
     assert not (tmp_path / "run").exists()  # nothing trained, nothing written
 
 
+def test_run_refuses_an_mcu_check_without_a_fully_integer_tflite_format_before_training(tmp_path, capsys):
+    data = make_class_folder(tmp_path / "data", {"a": 3, "b": 3})
+    assert main(["run", "--data", str(data), "--out", str(tmp_path / "run"), "--formats", "onnx-int8,tflite-dynamic",
+                 "--mcu"]) == 2
+    one_line_error(capsys, "fully-integer TFLite", "add tflite-int8")
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_mcu_table_in_the_config_asks_for_the_check_and_bad_names_stop_run_before_training(tmp_path, capsys):
     from featx_edge.config import RunConfig, load_config
 

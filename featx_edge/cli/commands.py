@@ -157,8 +157,8 @@ def _cmd_run(args) -> int:
     overrides = _thresholds(args)
     config = dataclasses.replace(config, verify=merge_overrides(config.verify, overrides))
     kernels = parse_kernel_sets(args.kernels) if args.kernels is not None else None
-    if config.mcu.wanted:  # names and the [mcu] extra checked before training, not after it
-        _check_mcu_settings(config.mcu)
+    if config.mcu.wanted:  # names, formats and the [mcu] extra checked before training, not after it
+        _check_mcu_settings(config)
     check_destination(config, args.out)  # before the lock below creates any folder
     if not is_chief(config.train.strategy):  # a multi-worker helper: trains in step, exports nothing
         train_run(config, args.out, overwrite=args.overwrite, resume=args.resume)
@@ -186,13 +186,21 @@ def _cmd_run(args) -> int:
     return 0
 
 
-def _check_mcu_settings(mcu) -> None:
-    """Unknown profile or NPU names, and a missing [mcu] extra, are refused before any work."""
+def _check_mcu_settings(config) -> None:
+    """Unknown profile or NPU names, no fully-integer TFLite format to check, and a missing [mcu] extra
+    are refused before any work."""
+    from featx_edge.errors import ConfigError
+    from featx_edge.formats.registry import get_format
     from featx_edge.mcu.profiles import parse_profiles
     from featx_edge.mcu.tflm import require_tflm
     from featx_edge.mcu.vela import parse_npu, require_vela
 
+    mcu = config.mcu
     parse_profiles(mcu.profiles)
+    if not any(get_format(f).engine == "litert" and get_format(f).integer_only for f in config.export.formats):
+        raise ConfigError(f"the microcontroller check (`--mcu`, `--profile`, `--npu` or [mcu]) runs fully-integer "
+                          f"TFLite exports, and `--formats` ({','.join(config.export.formats)}) has none; add "
+                          "tflite-int8.")
     require_tflm()
     if parse_npu(mcu.npu):
         require_vela()
