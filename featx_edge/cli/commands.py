@@ -187,48 +187,38 @@ def _cmd_run(args) -> int:
 
 
 def _check_mcu_settings(config) -> None:
-    """Unknown profile or NPU names, no fully-integer TFLite format to check, and a missing [mcu] extra
-    are refused before any work."""
-    from featx_edge.errors import ConfigError
-    from featx_edge.formats.registry import get_format
-    from featx_edge.mcu.profiles import parse_profiles
-    from featx_edge.mcu.tflm import require_tflm
-    from featx_edge.mcu.vela import parse_npu, require_vela
+    from featx_edge.mcu.check import check_settings
 
-    mcu = config.mcu
-    parse_profiles(mcu.profiles)
-    if not any(get_format(f).engine == "litert" and get_format(f).integer_only for f in config.export.formats):
-        raise ConfigError(f"the microcontroller check (`--mcu`, `--profile`, `--npu` or [mcu]) runs fully-integer "
-                          f"TFLite exports, and `--formats` ({','.join(config.export.formats)}) has none; add "
-                          "tflite-int8.")
-    require_tflm()
-    if parse_npu(mcu.npu):
-        require_vela()
+    check_settings(profiles=config.mcu.profiles, npu=config.mcu.npu, formats=config.export.formats)
 
 
-def _run_mcu(run: str, mcu) -> dict:
-    """`featx-edge mcu` inside `run`: its table on stdout (also when a model fails or does not fit)."""
+def _mcu_then_show(run: str, *, profiles, npu, show) -> None:
+    """`featx-edge mcu` on ``run``; ``show`` gets the report, also when a model fails or does not fit."""
     from featx_edge.errors import VerificationError
     from featx_edge.mcu import MCU_JSON
     from featx_edge.mcu.check import mcu_run
+
+    try:
+        report = mcu_run(run, profiles=profiles, npu=npu)
+    except VerificationError:
+        path = Path(run) / MCU_JSON
+        if path.is_file():  # what was measured, then the error
+            show(json.loads(path.read_text(encoding="utf-8")))
+        raise
+    show(report)
+
+
+def _run_mcu(run: str, mcu) -> None:
     from featx_edge.mcu.table import format_table
     from featx_edge.progress import say
 
-    try:
-        report = mcu_run(run, profiles=mcu.profiles, npu=mcu.npu)
-    except VerificationError:
-        path = Path(run) / MCU_JSON
-        if path.is_file():
-            say(format_table(json.loads(path.read_text(encoding="utf-8"))))
-        raise
-    say(format_table(report))
-    return report
+    _mcu_then_show(run, profiles=mcu.profiles, npu=mcu.npu, show=lambda report: say(format_table(report)))
 
 
 def _cmd_mcu(args) -> int:
-    from featx_edge.errors import ConfigError, VerificationError
-    from featx_edge.mcu import MCU_JSON
+    from featx_edge.errors import ConfigError
     from featx_edge.mcu.profiles import profile_table
+    from featx_edge.mcu.table import format_table
 
     if args.profile is not None and args.profile.strip() == "list":
         print(profile_table())
@@ -236,20 +226,8 @@ def _cmd_mcu(args) -> int:
     if not args.run:
         raise ConfigError("`featx-edge mcu` needs a run directory: `featx-edge mcu RUN` (or `featx-edge mcu "
                           "--profile list` to see the profiles).")
-    from featx_edge.mcu.check import mcu_run
-    from featx_edge.mcu.table import format_table
-
-    def show(report: dict) -> None:
-        print(json.dumps(report, indent=2) if args.json else format_table(report))
-
-    try:
-        report = mcu_run(args.run, profiles=args.profile, npu=args.npu)
-    except VerificationError:
-        path = Path(args.run) / MCU_JSON
-        if path.is_file():  # what was measured, then the error
-            show(json.loads(path.read_text(encoding="utf-8")))
-        raise
-    show(report)
+    _mcu_then_show(args.run, profiles=args.profile, npu=args.npu,
+                   show=lambda report: print(json.dumps(report, indent=2) if args.json else format_table(report)))
     return 0
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from featx_edge import __version__
 from featx_edge.data.folders import iter_batches
-from featx_edge.errors import ExportError, RunDirError, VerificationError
+from featx_edge.errors import ConfigError, ExportError, RunDirError, VerificationError
 from featx_edge.export.tflite import op_types
 from featx_edge.fidelity.gate import check, compare
 from featx_edge.files.atomic import sha256_file, write_json
@@ -73,9 +73,27 @@ def mcu_run(run: str | Path, *, profiles: str | tuple[str, ...] | None = None,
         return _check(Run.open(run, recover=True), profiles=chosen, npu=accelerators)
 
 
+def check_settings(*, profiles, npu, formats: tuple[str, ...]) -> None:
+    """What `featx-edge run` checks before training when it is to run the check: the profile and NPU
+    names, a fully-integer TFLite format among ``formats``, and the ``[mcu]`` extra (ImportError)."""
+    parse_profiles(profiles)
+    if not any(_runs_on_mcu(fmt) for fmt in formats):
+        raise ConfigError(f"the microcontroller check (`--mcu`, `--profile`, `--npu` or [mcu]) runs fully-integer "
+                          f"TFLite exports, and `--formats` ({','.join(formats)}) has none; add tflite-int8.")
+    require_tflm()
+    if parse_npu(npu):
+        require_vela()
+
+
+def _runs_on_mcu(fmt: str) -> bool:
+    """A fully-integer TFLite file: what TFLite Micro runs as it is."""
+    spec = get_format(fmt)
+    return spec.engine == "litert" and spec.integer_only
+
+
 def integer_formats(run: Run) -> list[str]:
     """The run's exports a microcontroller can run as they are: fully-integer TFLite files."""
-    chosen = [fmt for fmt in run.exported() if get_format(fmt).engine == "litert" and get_format(fmt).integer_only]
+    chosen = [fmt for fmt in run.exported() if _runs_on_mcu(fmt)]
     if not chosen:
         raise RunDirError(f"`{run.path}` has no fully-integer TFLite export (exported: "
                           f"{', '.join(run.exported()) or 'none'}); run `featx-edge export {run.path} --formats "
