@@ -277,3 +277,16 @@ def test_mcu_needs_no_tensorflow_and_keeps_only_the_vela_files_it_records(mcu_ru
     vela = sorted(p.name for p in (mcu_run / "export").glob("*.vela.tflite"))
     assert vela == ["model.tflite-int8.ethos-u55-128.vela.tflite"]  # the fixture's ethos-u55-256 file is gone
     assert list(json.loads((mcu_run / MCU_JSON).read_text())["formats"]["tflite-int8"]["npu"]) == ["ethos-u55-128"]
+
+
+@pytest.mark.slow
+def test_a_symlink_where_the_sources_go_is_replaced_never_followed(mcu_run, tmp_path):
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    folder = mcu_run / "export" / "mcu" / "tflite-int8"
+    shutil.rmtree(folder)
+    folder.symlink_to(outside, target_is_directory=True)
+    assert main(["mcu", str(mcu_run), "--quiet"]) == 0
+    assert (outside / "keep.txt").read_text() == "mine" and sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
+    assert not folder.is_symlink() and (folder / "model_data.cc").is_file()

@@ -165,7 +165,8 @@ def _check_format(run: Run, fmt: str, *, pixels: Path, reference: np.ndarray, la
     tflm["operators"] = op_types(path.read_bytes())
     entry: dict = {"path": path.relative_to(run.path).as_posix(), "sha256": sha, "tflm": tflm}
     folder = run.path / EXPORT_DIR / FIRMWARE_DIR / fmt
-    shutil.rmtree(folder, ignore_errors=True)  # sources of an earlier export of this format never stay behind
+    for written in (folder.parent, folder):  # sources of an earlier export of this format never stay behind
+        _clear(written, keep_folder=written == folder.parent)
     for old in (run.path / EXPORT_DIR).glob(f"model.{glob.escape(fmt)}.*{VELA_SUFFIX}"):
         old.unlink()  # nor Vela files of an earlier check: export/ holds what mcu.json records
     if result.arena_bytes is not None and result.error is None:
@@ -178,6 +179,15 @@ def _check_format(run: Run, fmt: str, *, pixels: Path, reference: np.ndarray, la
         entry["npu"][accelerator], problem = _vela(run, fmt, path, accelerator)
         problems += [problem] if problem else []
     return entry, problems
+
+
+def _clear(path: Path, *, keep_folder: bool) -> None:
+    """Remove what an earlier check wrote at ``path`` (a folder, unless ``keep_folder``); a symbolic link
+    there is removed as a link, never followed, so nothing outside the run is deleted or written."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    elif path.is_dir() and not keep_folder:
+        shutil.rmtree(path)
 
 
 def _judge(fmt: str, result: TflmResult, reference: np.ndarray, labels: np.ndarray, *, limits: Thresholds,

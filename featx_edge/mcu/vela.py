@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from featx_edge.errors import ConfigError, ExportError
+from featx_edge.files.atomic import write_bytes
 
 ACCELERATORS = ("ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256", "ethos-u65-256", "ethos-u65-512",
                 "ethos-u85-128", "ethos-u85-256", "ethos-u85-512", "ethos-u85-1024", "ethos-u85-2048")
@@ -77,7 +78,7 @@ def compile_for(model: Path, accelerator: str, *, out: Path, timeout: float = 18
         with open(summaries[0], newline="", encoding="utf-8") as fh:
             row = next(csv.DictReader(fh))
         entry = summary_entry(row, printed, ops=ops_by_output(Path(model).read_bytes()))
-        out.write_bytes(optimised[0].read_bytes())
+        write_bytes(out, optimised[0].read_bytes())
     return entry
 
 
