@@ -214,8 +214,10 @@ def test_verify_figures_are_those_of_a_sequential_pass(small_run):
                                 splits.test, size=SIZE)
             limits = thresholds_for(fmt, run.config.verify)
             metrics = compare(probs, reference, splits.labels("test"), tie_margin=tie_margin(fmt, limits))
-            for key in ("top1_agreement", "max_abs_diff", "images_lost", "near_ties", "accuracy"):
-                assert row[key] == metrics[key], (fmt, kernels, key)
+            compared = [key for key in row if key in metrics]
+            assert {"top1_agreement", "max_abs_diff", "accuracy", "near_ties"} <= set(compared)
+            for key in compared:  # through JSON, as verify.json holds them
+                assert row[key] == json.loads(json.dumps(metrics[key])), (fmt, kernels, key)
         assert get_format(fmt).kernel_sets == tuple(entry["kernels"])
 
 
