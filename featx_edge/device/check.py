@@ -45,6 +45,7 @@ from featx_edge.files.atomic import sha256_file, write_json
 from featx_edge.files.lock import locked
 from featx_edge.formats.registry import parse_formats, thresholds_for, tie_margin
 from featx_edge.progress import verbose
+from featx_edge.rundir.names import DEVICE_CHECK as REPORT
 from featx_edge.runtime.predictor import check_threads
 from featx_edge.runtime.selftest import Golden, golden_path, read_golden, tolerance_for
 from featx_edge.verify.runner import read_reference_outputs
@@ -52,7 +53,6 @@ from featx_edge.versions import installed_versions
 
 log = logging.getLogger(__name__)
 
-REPORT = "device_check.json"
 DEFAULT_IMAGES = 64
 """Self-test images compared for a bare model file (a run uses its whole test split by default)."""
 GATE_MIN_IMAGES = 200

@@ -31,11 +31,10 @@ from featx_edge.files.atomic import write_bytes
 from featx_edge.files.lock import locked
 from featx_edge.report import sections
 from featx_edge.report.page import page
+from featx_edge.rundir.names import REPORT
 from featx_edge.training.run import Run
 
 log = logging.getLogger(__name__)
-
-REPORT = "report.html"
 
 
 def build_report(run: Run) -> str:
