@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx_edge.errors import ConfigError, FeatxError, RunDirError
+from featx_edge.errors import ConfigError, FeatxError, RunDirError, check_int, is_int
 from featx_edge.formats.registry import engine_for_file
 from featx_edge.rundir.manifest import artifact_problems
 from featx_edge.rundir.names import MANIFEST, VERIFY, WEIGHTS
@@ -34,15 +34,14 @@ POOL_IMAGES = 64  # distinct images cycled through while timing
 
 def positive_ints(name: str, values) -> tuple[int, ...]:
     """A sweep setting (one int or several) as sorted distinct positive ints; ConfigError otherwise."""
-    if isinstance(values, int):
-        values = (values,)
+    items = (values,) if is_int(values) else values
     try:
-        items = tuple(sorted({int(v) for v in values}))
-    except (TypeError, ValueError):
-        items = ()
-    if not items or any(v < 1 for v in items) or any(isinstance(v, bool) for v in values):
+        checked = [check_int(name, value, low=1) for value in items]
+    except (TypeError, ConfigError):  # not a collection, or an item is not a positive integer
+        checked = []
+    if not checked:
         raise ConfigError(f"`{name}` must be one or more positive integers, e.g. {name}=(1, 4); received {values!r}.")
-    return items
+    return tuple(sorted(set(checked)))
 
 
 def check_artifacts(run: Path, manifest: dict, formats) -> list[str]:

@@ -198,14 +198,14 @@ def _iter_images(items: list[str]) -> list[Path]:
 
 
 def _cmd_predict(args) -> int:
-    from featx_edge.config import check_flag
-    from featx_edge.errors import ImageError
+    from featx_edge.errors import ImageError, check_int
     from featx_edge.runtime import load
     from featx_edge.runtime.metadata import printable
     from featx_edge.runtime.predictor import check_threads
 
     check_threads(args.threads, name="--threads")
-    check_flag("--top-k", args.top_k)
+    if args.top_k is not None:
+        check_int("--top-k", args.top_k, low=1)
     top_k = args.top_k or (3 if args.json else 1)
     paths = _iter_images(args.images)
     predictor = load(args.model, threads=args.threads)
@@ -279,12 +279,13 @@ def _cmd_bundle(args) -> int:
 
 
 def _cmd_device_check(args) -> int:
-    from featx_edge.config import check_flag
     from featx_edge.device.check import device_check
+    from featx_edge.errors import check_int
     from featx_edge.runtime.predictor import check_threads
 
     check_threads(args.threads, name="--threads")
-    check_flag("--images", args.images)
+    if args.images is not None:
+        check_int("--images", args.images, low=1)
     result = device_check(args.targets, arch=args.arch, cpus=args.cpu, images=args.images,
                           formats=args.formats, threads=args.threads or 1, out=args.out)
     print(result.table)

@@ -11,7 +11,8 @@ mailed as one file.
 Modules: ``page`` (escaping HTML building blocks), ``figures`` (PNG curves and thumbnails),
 ``sections`` (one function per section).
 
-May import: bench, verify, training (``Run``), rundir, files, runtime and the leaves. Never cli.
+May import: bench, verify, training (``Run``), rundir, files, formats, runtime and the
+leaves. Never cli.
 
 Example:
     >>> from featx_edge.report import write_report

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx_edge.errors import ConfigError, ModelFileError, NonFiniteOutputError
+from featx_edge.errors import ModelFileError, NonFiniteOutputError, check_int
 from featx_edge.formats.registry import MODEL_SUFFIXES, engine_for_file
 from featx_edge.runtime.backends import MAX_TENSOR_BYTES, LiteRTBackend, OnnxRuntimeBackend
 from featx_edge.runtime.image import ImageInput, load_pixels
@@ -159,13 +159,8 @@ def check_threads(threads, *, name: str = "threads") -> None:
     import os  # here, not at the top: this function is the only part of the module that needs it
 
     cpus = os.cpu_count() or 1
-    if threads is None:
-        return
-    integer = isinstance(threads, int) and not isinstance(threads, bool)
-    if not integer or not 1 <= threads <= 4 * cpus:
-        shown = f"`{threads}`" if integer else f"`{threads!r}` ({type(threads).__name__})"
-        raise ConfigError(f"`{name}` must be an integer >= 1 and at most {4 * cpus} (4x the {cpus} logical CPUs "
-                          f"here); received {shown}.")
+    if threads is not None:
+        check_int(name, threads, low=1, high=4 * cpus, why_high=f"4x the {cpus} logical CPUs here")
 
 
 def _check_contract(path: Path, backend, metadata: dict) -> None:
