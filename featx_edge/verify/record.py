@@ -150,12 +150,12 @@ def write_record(run: str | Path, record: dict) -> Path:
 def parse_record(raw: Any, *, path: Path) -> VerifyRecord:
     """The typed record of a decoded ``verify.json``; TypeError naming the first field of a wrong type."""
     if not isinstance(raw, dict):
-        raise TypeError(f"holds a JSON {type(raw).__name__}, not an object")
+        raise TypeError(f"holds a JSON {_JSON_NAMES.get(type(raw), type(raw).__name__)}, not an object")
     formats = _typed(raw, "formats", dict, default={})
     entries = {}
     for fmt, entry in formats.items():
         if not isinstance(entry, dict):
-            raise TypeError(f"`formats.{fmt}` is a {type(entry).__name__}, not an object")
+            raise TypeError(f"`formats.{fmt}` has type {type(entry).__name__}; expected an object")
         entries[fmt] = _entry(fmt, entry)
     return VerifyRecord(
         path=path, passed=_typed(raw, "passed", bool, default=False),
@@ -176,20 +176,24 @@ def _entry(fmt: str, raw: dict) -> Entry:
                  verified_on=_typed(raw, "verified_on", str, where=where), kernels=kernels, fields=raw)
 
 
+_EXPECTED = {dict: "an object", list: "a list", str: "a string", bool: "true or false", int: "an integer"}
+_JSON_NAMES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
 def _typed(raw: dict, key: str, kind: type, *, default: Any = None, where: str = "") -> Any:
     """``raw[key]`` if absent or null (then ``default``) or of type ``kind``; TypeError otherwise."""
     value = raw.get(key)
     if value is None:
         return default
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise TypeError(f"`{where}{key}` is a {type(value).__name__}, not a {kind.__name__}")
+        raise TypeError(f"`{where}{key}` has type {type(value).__name__}; expected {_EXPECTED[kind]}")
     return value
 
 
 def _number(raw: dict, key: str, *, where: str = "") -> float | None:
     value = raw.get(key)
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise TypeError(f"`{where}{key}` is a {type(value).__name__}, not a number")
+        raise TypeError(f"`{where}{key}` has type {type(value).__name__}; expected a number")
     return value
 
 
