@@ -3,8 +3,10 @@
 A leaf module (imports only ``errors``): the CLI, the config, export, verify, bench and the
 device runtime all read formats from here. Each ``FormatSpec`` says where the artifact goes
 (extension, engine), what it claims (int8 arithmetic, integer-only input and output), how
-verify judges it (default ``Thresholds``) and how far a device's outputs may stray from the
-export machine's (self-test tolerance).
+verify judges it (default ``Thresholds``), how far a device's outputs may stray from the
+export machine's (self-test and device tolerance), what its MACs compute in and which float
+sibling bench weighs it against, and where ``--int8-budget`` tries it. Code elsewhere asks
+these; it never tests a format's name or a file's suffix by its spelling (``engine_for_file``).
 """
 
 from __future__ import annotations
