@@ -22,6 +22,8 @@ SELFTEST_DIR = "selftest"
 """``export/selftest/``: the golden self-test files beside the exports. The runtime, which imports no
 ``rundir``, names the same folder ``runtime.selftest.SELFTEST_DIR`` (a bundle holds it too);
 tests/test_verify_record.py checks that the two agree."""
+FIRMWARE_DIR = "mcu"
+"""``export/mcu/<format>/``: the firmware sources ``featx-edge mcu`` writes (``mcu.firmware``)."""
 INT8_LAYERS = "int8_layers.json"
 """The per-layer int8 error ranking (exporting ``tflite-int8-selective`` writes it)."""
 EXPORT_JOURNAL = ".export-journal.json"
@@ -35,14 +37,16 @@ PREDICTIONS = "verify_predictions.json"
 REFERENCE_OUTPUTS = "verify_reference.npy"
 """The Keras reference's probabilities on the test split (what ``device-check`` judges against)."""
 
-# -- written by bench, report, device-check --------------------------------------------------
+# -- written by bench, report, device-check, mcu ---------------------------------------------
 BENCH_JSON = "bench.json"
 BENCH_MD = "bench.md"
 BENCH_PNG = "bench.png"
 REPORT = "report.html"
 DEVICE_CHECK = "device_check.json"
+MCU_JSON = "mcu.json"
+"""What ``featx-edge mcu`` found per format: TFLM fidelity and arena, Vela per NPU, profile fits."""
 
 RUN_FILES: tuple[str, ...] = (MANIFEST, SPLITS, WEIGHTS, EXPORT_DIR, INT8_LAYERS, EXPORT_JOURNAL, VERIFY,
                               PREDICTIONS, REFERENCE_OUTPUTS, BENCH_JSON, BENCH_MD, BENCH_PNG, REPORT,
-                              DEVICE_CHECK)
-"""Every name at the top of a run directory (``export/`` holds the artifacts and ``selftest/``)."""
+                              DEVICE_CHECK, MCU_JSON)
+"""Every name at the top of a run directory (``export/`` holds the artifacts, ``selftest/`` and ``mcu/``)."""

@@ -136,13 +136,13 @@ def _report_head(run: Run, reference: np.ndarray, labels: np.ndarray, *, kernels
             "formats": entries}
 
 
-def read_reference_outputs(run: Run) -> np.ndarray:
-    """The Keras reference's test-split probabilities recorded by the last verify (for device-check).
+def read_reference_outputs(run: Run, *, needed_by: str = "device-check") -> np.ndarray:
+    """The Keras reference's test-split probabilities recorded by the last verify (for device-check, mcu).
 
     RunDirError naming the fix when verify has not run, ran with an earlier reference, or the file
-    was changed since.
+    was changed since; ``needed_by`` names the command in it.
     """
-    fix = f"run `featx-edge verify {run.path}` first (device-check judges against the outputs it records)"
+    fix = f"run `featx-edge verify {run.path}` first ({needed_by} judges against the outputs it records)"
     record = read_record(run.path)  # a damaged verify.json: its own one line
     outputs_record = record.reference_outputs if record is not None else None
     if outputs_record is None:
