@@ -104,14 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with: featx-edge run --config examples/sample_digits.toml --out runs/demo")
     parser.add_argument("--version", action="version", version=f"featx-edge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # One function per subcommand, in the order `featx-edge --help` lists them.
+    for add_command in (_add_backbones, _add_sample_data, _add_pretrain, _add_run_and_train, _add_export,
+                        _add_verify, _add_report, _add_bench, _add_predict, _add_selftest, _add_bundle,
+                        _add_device_check):
+        add_command(sub)
+    _show_config_defaults(parser)
+    return parser
 
+
+def _add_backbones(sub) -> None:
     _command(sub, "backbones", purpose="list the backbone registry (input size, preprocessing, feature width)",
              example="featx-edge backbones")
 
+
+def _add_sample_data(sub) -> None:
     p = _command(sub, "sample-data", purpose="write the built-in sample images (real handwritten digits)",
                  example="featx-edge sample-data digits/  # then: featx-edge run --data digits/all --out runs/d")
     p.add_argument("dir", help="folder to write (all/, source/ and target/ inside)")
 
+
+def _add_pretrain(sub) -> None:
     p = _command(sub, "pretrain", purpose="train a backbone from scratch on a source dataset and save its weights",
                  example="featx-edge pretrain --data sample --out pre.h5 --backbone mobilenet_v2 --alpha 0.35 "
                          "--image-size 96")
@@ -121,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p, stages=False)
     _quiet(p)
 
+
+def _add_run_and_train(sub) -> None:
     for name, helptext, example in (
             ("run", "train, export every format, verify each against the Keras model and print a table",
              "featx-edge run --config examples/sample_digits.toml --out runs/demo"),
@@ -140,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
             _add_verify_args(p)
         _quiet(p)
 
+
+def _add_export(sub) -> None:
     p = _command(sub, "export", purpose="export a trained run to TFLite and ONNX, float and int8",
                  example="featx-edge export runs/demo --formats tflite-int8,onnx-int8 --target auto")
     p.add_argument("run", help="run directory made by `featx-edge train`")
@@ -148,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantization-aware training epochs for tflite-int8-qat")
     _quiet(p)
 
+
+def _add_verify(sub) -> None:
     p = _command(sub, "verify", purpose="check every export against the Keras reference on the test split",
                  example="featx-edge verify runs/demo --threshold tflite-int8.min_agreement=0.98")
     p.add_argument("run", help="run directory with exports")
@@ -155,10 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify_args(p)
     _quiet(p)
 
+
+def _add_report(sub) -> None:
     p = _command(sub, "report", purpose="write RUN/report.html: settings, curves, verify, confusions, int8 misses, bench",
                  example="featx-edge report runs/demo  # then open runs/demo/report.html in a browser")
     p.add_argument("run", help="run directory (verify it first: the page uses verify's per-image predictions)")
 
+
+def _add_bench(sub) -> None:
     p = _command(sub, "bench", purpose="latency, throughput, memory and accuracy of every export on every runtime, "
                                        "and what to ship on this host",
                  example="featx-edge bench runs/demo --threads 1,2 --batches 1,8")
@@ -173,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print two benched runs side by side: --compare RUN_A RUN_B (or RUN --compare RUN_B)")
     _quiet(p)
 
+
+def _add_predict(sub) -> None:
     p = _command(sub, "predict", purpose="classify images with an exported model (no TensorFlow needed); folders "
                                          "are walked recursively, hidden files skipped",
                  example="featx-edge predict runs/demo/export/model.tflite-int8.tflite photos/ --top-k 3")
@@ -183,11 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N",
                    help="inference threads, 1 to 4x the logical CPUs (default: the engine's)")
 
+
+def _add_selftest(sub) -> None:
     p = _command(sub, "selftest", purpose="check that this device's runtime reproduces the exported outputs",
                  example="featx-edge selftest model.tflite-int8.tflite  # its selftest/ folder beside it")
     p.add_argument("models", nargs="+", help="model files (their selftest/ folder must sit beside them)")
     p.add_argument("--threads", type=int, help="inference threads, 1 to 4x the logical CPUs (default: the engine's)")
 
+
+def _add_bundle(sub) -> None:
     p = _command(sub, "bundle", purpose="write what a device needs to run one verified export: model, self-test, "
                                         "pinned requirements, a featx-edge wheel, a README",
                  example="featx-edge bundle runs/demo --format tflite-int8 --out bundle-int8  # or --out b.zip")
@@ -201,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a featx-edge bundle at --out (default: refuse)")
     _quiet(p)
 
+
+def _add_device_check(sub) -> None:
     p = _command(sub, "device-check", purpose="run every export's self-test and compare its predictions with this "
                                               "host on emulated CPU cores (QEMU user mode): agreement only, not speed",
                  example="featx-edge device-check runs/demo --arch arm64 --cpu cortex-a53,cortex-a72,cortex-a76")
@@ -218,8 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference threads on host and guest, 1 to 4x the logical CPUs (default: 1)")
     p.add_argument("--out", help="also write every target's report to this JSON file (default: none)")
     _quiet(p)
-    _show_config_defaults(parser)
-    return parser
 
 
 def _show_config_defaults(parser: argparse.ArgumentParser) -> None:
