@@ -1,4 +1,7 @@
-"""Frozen settings for each stage, loaded from TOML and CLI flags. A leaf module.
+"""Frozen settings for each stage, loaded from TOML and CLI flags.
+
+Not a leaf: names are checked against the registries below it (backbones, formats, int8 targets,
+augmentation transforms); training and everything above it read these settings.
 
 Derive variants with ``dataclasses.replace``; never mutate. Validation happens in
 ``__post_init__`` so a bad value fails before any expensive work starts.
@@ -196,7 +199,8 @@ class TrainConfig:
         augment_views: fixed augmented views of each training image embedded and trained on besides
             the original, 0 (none) to 64 (``featx_edge.data.augment``); validation and test are never augmented.
         augment: the views' transforms, from flip, crop, rotate, color (a comma-separated string or
-            a list); default crop, rotate, color (no flip: a mirrored digit or letter changes class).
+            a list); default rotate, color (``DEFAULT_TRANSFORMS``: no flip, since a mirrored digit or letter
+            changes class; no crop, since it cut strokes off the sample digits, which fill their frame).
 
     Integers must be integers (``10``, not ``10.0`` or ``true``); every range is checked on creation.
     """
