@@ -109,15 +109,65 @@ def one_line_error(capsys, *needles: str) -> str:
     return err
 
 
-# Fixtures that train, convert or export real models: a test that uses one (directly or through
-# another fixture) is `slow`. `python -m pytest -m "not slow"` is the fast tier (well under a
-# minute); tests under tests/runtime need no TensorFlow and are also marked `runtime`.
-_SLOW_FIXTURES = {"trained_run", "pretrained", "benched", "int8_run", "run_copy"}
+@pytest.fixture
+def run_copy(trained_run, tmp_path) -> Path:
+    """A private copy of the main run, per test: no test sees another's exports, settings or reports."""
+    import shutil
+
+    return Path(shutil.copytree(trained_run, tmp_path / trained_run.name))
+
+
+def make_manifest(*, labels=("a", "b"), backbone: str | dict = "efficientnet_lite0", size: int = 96,
+                  artifacts: dict | None = None, **fields) -> dict:
+    """A new ``manifest.json`` document with what ``read_manifest`` requires, at this code's version.
+
+    ``fields`` add or replace top-level entries (e.g. ``config=...``, ``featx_edge_version=...``).
+    Tests build manifests here, never with a literal ``manifest_version``: a version bump is then
+    one change in ``featx_edge.rundir.manifest``, not a hunt through the tests.
+    """
+    from featx_edge.rundir.manifest import MANIFEST_VERSION
+
+    manifest = {"manifest_version": MANIFEST_VERSION, "labels": list(labels),
+                "backbone": {"name": backbone} if isinstance(backbone, str) else dict(backbone),
+                "input": {"height": size, "width": size}, "data": {"splits": "splits.json"},
+                "reference": {"path": "model.weights.h5", "sha256": "0" * 64}, "config": {},
+                "artifacts": dict(artifacts or {})}
+    manifest.update(fields)
+    return manifest
+
+
+@pytest.fixture(name="make_manifest")
+def _make_manifest_fixture():
+    """``make_manifest`` for tests that take it as a fixture (module-level constants import it)."""
+    return make_manifest
+
+
+# The fast tier is `python -m pytest -m "not slow"`. A test is marked `slow` by what it MEASURED
+# (`--durations=0`; figures in tests/DURATIONS.md), not by the fixtures it names. The guard below
+# keeps it so: an unmarked test over these limits fails, naming the phase and the fix.
+UNMARKED_CALL_LIMIT_S = 10.0
+"""The call phase of an unmarked test. The fast tier's slowest unmarked calls measure about 3 s on
+the 2-core machine while five other engineers' tests ran beside them; 10 s leaves more than 3x for
+a loaded CI box, and anything that trains or converts a real model takes far longer than 10 s."""
+UNMARKED_SETUP_LIMIT_S = 60.0
+"""The setup phase (fixtures) of an unmarked test. It pays for shared fixtures, such as a first
+import of TensorFlow (up to about 15 s on a busy 2-core box); the fixtures that train or export a
+real model (`trained_run`, `pretrained`) take minutes, so an unmarked test that needs one fails here."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    limit = {"setup": UNMARKED_SETUP_LIMIT_S, "call": UNMARKED_CALL_LIMIT_S}.get(report.when)
+    if limit is None or not report.passed or item.get_closest_marker("slow") or report.duration <= limit:
+        return
+    report.outcome = "failed"
+    report.longrepr = (f"{item.nodeid}: its {report.when} took {report.duration:.1f} s, over the {limit:.0f} s an "
+                       "unmarked test may take (tests/conftest.py): mark it @pytest.mark.slow and add its measured "
+                       "time to tests/DURATIONS.md, or make it faster")
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.slow)
+    for item in items:  # tests under tests/runtime need no TensorFlow
         if "tests/runtime/" in item.nodeid.replace("\\", "/"):
             item.add_marker(pytest.mark.runtime)

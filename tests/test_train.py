@@ -1,12 +1,14 @@
 """Stage 1 on cached features gives the same head as training through the frozen graph."""
 
 import numpy as np
+import pytest
 
 from featx_edge.config import ModelConfig, TrainConfig
 from featx_edge.training.model import build_classifier
 from featx_edge.training.train import embed, train_head_on_features, train_head_through_graph
 
 
+@pytest.mark.slow  # needs the pretrained backbone (fixture `pretrained`: minutes)
 def test_cached_feature_head_equals_graph_trained_head(sample_root, pretrained):
     from featx_edge.data.folders import load_images, scan_folder, split_folder
 
