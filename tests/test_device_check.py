@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_manifest
 from PIL import Image
 
 from featx_edge.cli import main
@@ -27,7 +28,6 @@ from featx_edge.device.emulator import PERTURB_ENV, describe_exit, find_qemu
 from featx_edge.device.guest import serve
 from featx_edge.errors import ConfigError
 from featx_edge.formats.registry import artifact_filename
-from featx_edge.rundir.manifest import MANIFEST_VERSION
 from featx_edge.runtime import load
 
 DATA = Path(__file__).parent / "data" / "runtime"
@@ -224,10 +224,8 @@ def tiny_run(tmp_path) -> Path:
     for fmt, entry in artifacts.items():
         path = run / entry["path"]
         entry.update(sha256=sha256_file(path), bytes=path.stat().st_size)
-    (run / "manifest.json").write_text(json.dumps({
-        "manifest_version": MANIFEST_VERSION, "labels": ["red", "green", "blue"], "backbone": {"name": "tiny"},
-        "input": {"height": 32, "width": 32}, "data": {"splits": "splits.json"},
-        "reference": {"path": "model.weights.h5", "sha256": "0" * 64}, "config": {}, "artifacts": artifacts}))
+    (run / "manifest.json").write_text(json.dumps(make_manifest(labels=["red", "green", "blue"], backbone="tiny",
+                                                                size=32, artifacts=artifacts)))
     # What verify records: the reference's test-split outputs (the tiny float32 model stands in for Keras).
     from featx_edge.runtime import load
     from featx_edge.verify.runner import REFERENCE_OUTPUTS

@@ -17,17 +17,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import make_class_folder
+from conftest import make_class_folder, make_manifest
 from conftest import one_line_error as _one_line_error
 from test_bundle import fake_run, wheel  # noqa: F401  (fixtures: a verified fake run, a stand-in wheel)
 
 from featx_edge.cli import main
 from featx_edge.files.ownership import ID_KEY, MARKER, read_marker
-from featx_edge.rundir.manifest import MANIFEST_VERSION
 
-MANIFEST = {"manifest_version": MANIFEST_VERSION, "labels": ["a", "b"], "backbone": {"name": "mobilenet_v2"},
-            "input": {"height": 32, "width": 32}, "data": {"splits": "splits.json"},
-            "reference": {"path": "model.weights.h5", "sha256": "0" * 64}, "config": {}, "artifacts": {}}
+MANIFEST = make_manifest(backbone="mobilenet_v2", size=32)
 TRAIN = ["--backbone", "mobilenet_v2", "--alpha", "0.35", "--weights", "none", "--image-size", "32", "--seed", "0",
          "--epochs", "1", "--quiet"]
 
