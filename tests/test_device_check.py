@@ -237,6 +237,7 @@ def tiny_run(tmp_path) -> Path:
     return run
 
 
+@pytest.mark.slow  # measured: 11.7 CPU s (setup 12.8) (tests/DURATIONS.md)
 @needs_qemu
 def test_the_tiny_models_pass_on_two_emulated_cores(arm64_env, tiny_run, tmp_path, capsys):
     out = tmp_path / "report.json"
@@ -282,6 +283,7 @@ def test_the_environment_is_built_once_and_reused(arm64_env, monkeypatch):
     assert again.base.name.startswith("base-") and not list(again.base.parent.glob(".build-*"))
 
 
+@pytest.mark.slow  # measured: 4.0 CPU s (tests/DURATIONS.md)
 @needs_qemu
 def test_a_wrong_result_on_the_emulated_core_fails_the_check(arm64_env, tmp_path, capsys, monkeypatch):
     """The guest perturbs its float32 outputs by 0.001 (the test hook): the real comparison must catch it."""
@@ -299,6 +301,7 @@ def test_a_wrong_result_on_the_emulated_core_fails_the_check(arm64_env, tmp_path
     assert f"FAIL {MODELS['tflite-float32']} tflite-float32 on cortex-a72" in text
 
 
+@pytest.mark.slow  # measured: 11.1 CPU s (tests/DURATIONS.md)
 @needs_qemu
 def test_a_run_is_judged_against_the_reference_not_the_host(arm64_env, tiny_run, capsys, monkeypatch):
     """Outputs 0.04 away from the host's on every image (beyond int8's 0.03 self-test tolerance) but

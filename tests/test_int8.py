@@ -101,6 +101,7 @@ def test_qat_keeps_the_backbone_frozen():
     assert any(not np.array_equal(after[name], value) for name, value in before.items()), "the head trains"
 
 
+@pytest.mark.slow  # measured: 7.0 CPU s (tests/DURATIONS.md)
 def test_qat_is_refused_for_mobilenet_v3():
     from featx_edge.config import ModelConfig
     from featx_edge.errors import ExportError

@@ -95,6 +95,7 @@ def test_a_missing_data_folder_is_refused_before_any_folder_is_made(tmp_path, ca
     assert not missing.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # measured: 7.2 CPU s (tests/DURATIONS.md)
 def test_a_run_carries_its_marker_and_overwrite_replaces_only_it(tmp_path, data, capsys):
     """A real (tiny) training: the run's marker id is in its manifest; a second training with
     --overwrite replaces it as a whole (new id), a third without is refused."""

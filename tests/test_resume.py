@@ -83,6 +83,7 @@ def test_resume_inside_fine_tuning(tmp_path, sample_root, pretrained, monkeypatc
         np.testing.assert_allclose(b[name], a[name], atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow  # measured: 6.8 CPU s (tests/DURATIONS.md)
 def test_resume_refuses_what_it_cannot_continue(tmp_path, monkeypatch, capsys):
     data = make_class_folder(tmp_path / "data", {"a": 12, "b": 12}, size=40)
     args = ["--data", str(data), *SMALL, "--epochs", "3"]

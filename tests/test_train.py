@@ -45,6 +45,7 @@ def test_cached_feature_head_equals_graph_trained_head(sample_root, pretrained):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # measured: 7.9 CPU s (tests/DURATIONS.md)
 def test_fine_tune_stage_reports_what_it_changed_on_validation(tmp_path, capsys):
     """Stage 2 runs end to end and the run records (and prints) its validation change."""
     from conftest import make_class_folder
