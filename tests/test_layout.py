@@ -22,7 +22,7 @@ LAYERS = [
     {"training"},
     {"export"},
     {"verify"},
-    {"bench", "bundle", "device"},
+    {"bench", "bundle", "device", "mcu"},
     {"report"},
     {"cli", "__main__"},
 ]

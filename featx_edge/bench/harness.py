@@ -272,7 +272,7 @@ def _contention_notes(ceiling: dict, rows: list[dict]) -> list[str]:
 
 def _judge_rows(opened: Run, rows: list[dict], chosen: list[str]) -> dict:
     """Mark each row with its export's verify status, and recommend what to ship from the verified ones."""
-    entries = current_verify_entries(opened.path, opened.manifest["artifacts"])
+    entries = current_verify_entries(opened.path, opened.manifest)
     status = verify_status(entries)
     for row in rows:  # the exports a user may ship are those that passed verify
         row["verify"] = "reference" if row["format"] == REFERENCE_FORMAT else status.get(row["format"])

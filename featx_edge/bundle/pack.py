@@ -9,7 +9,6 @@ verified).
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
 import os
 import re
@@ -30,6 +29,7 @@ from featx_edge.formats.registry import artifact_filename, check_format, get_for
 from featx_edge.rundir.names import VERIFY
 from featx_edge.runtime.selftest import SELFTEST_DIR, golden_path, read_golden, written_for
 from featx_edge.training.run import Run
+from featx_edge.verify.record import read_record
 
 log = logging.getLogger(__name__)
 BUNDLE_JSON = "bundle.json"
@@ -68,8 +68,8 @@ def bundle_run(run: str | Path, *, fmt: str, out: str | Path, wheel: str | Path 
         ExportError: the wheel could not be built, or would install TensorFlow.
     """
     fmt, out, as_zip = check_format(fmt), Path(out), Path(out).suffix.lower() == ".zip"
-    _recover_out(out, as_zip=as_zip)
-    _check_out(out, as_zip=as_zip, overwrite=overwrite)
+    recover_bundle_out(out, as_zip=as_zip)
+    check_bundle_out(out, as_zip=as_zip, overwrite=overwrite)
     if wheel is not None and not Path(wheel).is_file():
         raise ConfigError(f"`--wheel {wheel}`: no such file; give a featx_edge-*.whl built with `pip wheel`.")
     with locked(run, command="bundle", create=False):
@@ -100,8 +100,8 @@ def bundle_run(run: str | Path, *, fmt: str, out: str | Path, wheel: str | Path 
             readme = _readme(meta, unzip=f"unzip {out.name} && cd {out.stem}" if as_zip else "")
             (staging / "README.md").write_text(readme, encoding="utf-8")
             write_json(staging / BUNDLE_JSON, meta)
-            _check_out(out, as_zip=as_zip, overwrite=overwrite)  # again: it may have changed while bundling
-            _move_into_place(staging, out, as_zip=as_zip)
+            check_bundle_out(out, as_zip=as_zip, overwrite=overwrite)  # again: it may have changed while bundling
+            move_bundle_into_place(staging, out, as_zip=as_zip)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     log.debug("wrote %s (%s, verify: %s)", out, fmt, status)  # the CLI prints it, with the commands
@@ -117,7 +117,7 @@ def device_commands(*, fmt: str, wheel: str) -> dict[str, str]:
             "predict": f"featx-edge predict {model} photos/ --top-k 3"}
 
 
-def _check_out(out: Path, *, as_zip: bool, overwrite: bool) -> None:
+def check_bundle_out(out: Path, *, as_zip: bool, overwrite: bool) -> None:
     """Refuse, before any work, an ``--out`` that would replace anything but a bundle featx-edge made."""
     check_out(out, folder=not as_zip)
     if as_zip and out.stem in ("", ".", ".."):
@@ -166,7 +166,7 @@ def _small_entry(zf: zipfile.ZipFile, name: str, *, limit: int = 16 << 20) -> by
     return data if len(data) <= limit else b""
 
 
-def _recover_out(out: Path, *, as_zip: bool) -> None:
+def recover_bundle_out(out: Path, *, as_zip: bool) -> None:
     """What a killed bundle left at ``--out``: a folder replacement to finish or roll back, its staging
     folder, and a zip's temporary file (each only if its command's process is gone)."""
     if as_zip:
@@ -178,28 +178,23 @@ def _recover_out(out: Path, *, as_zip: bool) -> None:
 def _verify_entry(run: Run, fmt: str, *, allow: bool) -> tuple[str, dict]:
     """``fmt``'s verify status (pass, FAILED, stale, not verified) and what verify measured."""
     redo = f"`featx-edge verify {run.path} --formats {fmt}`"
-    try:
-        report = json.loads((run.path / VERIFY).read_text(encoding="utf-8"))
-        entry, images = (report.get("formats") or {}).get(fmt), report.get("images")
-    except FileNotFoundError:
-        entry, images = None, None
-    except (OSError, ValueError, AttributeError) as err:
-        raise RunDirError(f"`{run.path / VERIFY}` is unreadable ({err}); run {redo} again.") from err
-    entry = entry if isinstance(entry, dict) else {}
+    record = read_record(run.path)  # a damaged verify.json: its own one line
+    entry = record.entries.get(fmt) if record is not None else None
     status, why = "pass", ""
-    if not entry:
+    if entry is None:
         status, why = "not verified", f"has no entry in {VERIFY}; run {redo}"
-    elif entry.get("sha256") != run.manifest["artifacts"][fmt]["sha256"]:
+    elif record.staleness(fmt, manifest=run.manifest) is not None:
         status, why = "stale", f"changed since it was verified ({VERIFY} measured another file); run {redo}"
-    elif entry.get("passed") is not True:
-        status, why = "FAILED", (f"FAILED verify ({'; '.join(map(str, entry.get('failures') or [])) or VERIFY}); "
+    elif not entry.passed:
+        status, why = "FAILED", (f"FAILED verify ({'; '.join(entry.failures) or VERIFY}); "
                                  "ship a format that passed, or fix this one (README \"int8\") and run " + redo)
     if status != "pass" and not allow:
         raise VerificationError(f"`{run.path}`: {fmt} {why}. Or pass `--allow-unverified` to bundle it anyway "
                                 f"(recorded in {BUNDLE_JSON} and the bundle's README).")
     if status != "pass":  # allowed
         log.warning("bundling %s although it %s (--allow-unverified; recorded in %s)", fmt, why, BUNDLE_JSON)
-    return status, {**{k: entry[k] for k in VERIFY_KEPT if k in entry}, "images": images}
+    kept = {k: entry.fields[k] for k in VERIFY_KEPT if k in entry.fields} if entry is not None else {}
+    return status, {**kept, "images": record.images if record is not None else None}
 
 
 def _copy_model(run: Run, fmt: str, model: Path, staging: Path) -> int:
@@ -279,7 +274,7 @@ def _pins(requires: list[str], *, engine: str) -> tuple[dict[str, str], dict[str
     return pins, pythons
 
 
-def _move_into_place(staging: Path, out: Path, *, as_zip: bool) -> None:
+def move_bundle_into_place(staging: Path, out: Path, *, as_zip: bool) -> None:
     if not as_zip:
         os.chmod(staging, 0o755)  # a bundle is made to be read and copied
         replace_run(staging, out, kind="bundle", record=BUNDLE_JSON)  # journaled renames: old or new, never a mix

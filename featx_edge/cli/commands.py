@@ -26,7 +26,13 @@ def _config_from_args(args: argparse.Namespace):
                       feature_cache=getattr(args, "feature_cache", None),
                       augment_views=getattr(args, "augment_views", None), augment=getattr(args, "augment", None))
     config = _export_overrides(config, args)
+    config = override(config, "mcu", enabled=getattr(args, "mcu", None),
+                      profiles=_split(getattr(args, "profile", None)), npu=_split(getattr(args, "npu", None)))
     return override(config, "seed", seed=args.seed)
+
+
+def _split(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def _export_overrides(config, args):
@@ -109,7 +115,7 @@ def _cmd_verify(args) -> int:
     from featx_edge.errors import VerificationError
     from featx_edge.formats.registry import parse_formats, parse_kernel_sets
     from featx_edge.rundir.manifest import read_manifest
-    from featx_edge.rundir.names import VERIFY
+    from featx_edge.verify.record import read_record
     from featx_edge.verify.runner import format_table, verify_run
 
     formats = parse_formats(args.formats) if args.formats is not None else None  # `--formats ""` is refused
@@ -117,9 +123,9 @@ def _cmd_verify(args) -> int:
     try:
         report = verify_run(args.run, formats=formats, overrides=_thresholds(args), kernels=kernels)
     except VerificationError:
-        path = Path(args.run) / VERIFY
-        if path.is_file():  # the table of what was measured, then the error
-            print(format_table(json.loads(path.read_text(encoding="utf-8")), read_manifest(args.run)))
+        record = read_record(args.run)
+        if record is not None:  # the table of what was measured, then the error
+            print(format_table(dict(record.fields), read_manifest(args.run)))
         raise
     print(format_table(report, read_manifest(args.run)))
     return 0
@@ -140,9 +146,9 @@ def _cmd_run(args) -> int:
     from featx_edge.progress import say
     from featx_edge.report import report_after_run
     from featx_edge.rundir.manifest import read_manifest
-    from featx_edge.rundir.names import VERIFY
     from featx_edge.training.distribute import is_chief
     from featx_edge.training.train import check_destination, train_run
+    from featx_edge.verify.record import read_record
     from featx_edge.verify.runner import format_table, verify_run
 
     config = _config_from_args(args)
@@ -151,6 +157,8 @@ def _cmd_run(args) -> int:
     overrides = _thresholds(args)
     config = dataclasses.replace(config, verify=merge_overrides(config.verify, overrides))
     kernels = parse_kernel_sets(args.kernels) if args.kernels is not None else None
+    if config.mcu.wanted:  # names, formats and the [mcu] extra checked before training, not after it
+        _check_mcu_settings(config)
     check_destination(config, args.out)  # before the lock below creates any folder
     if not is_chief(config.train.strategy):  # a multi-worker helper: trains in step, exports nothing
         train_run(config, args.out, overwrite=args.overwrite, resume=args.resume)
@@ -161,14 +169,67 @@ def _cmd_run(args) -> int:
         try:
             report = verify_run(args.out, kernels=kernels)
         except VerificationError:
-            say(format_table(json.loads((Path(args.out) / VERIFY).read_text()), read_manifest(args.out)))
+            record = read_record(args.out)
+            if record is not None:  # the table of what was measured, then the error
+                say(format_table(dict(record.fields), read_manifest(args.out)))
             report_after_run(args.out)  # most useful when verify failed
             raise
         say(format_table(report, read_manifest(args.out)))  # `run ... | head`: a closed pipe must not stop
+        if config.mcu.wanted:
+            try:
+                _run_mcu(args.out, config.mcu)
+            except VerificationError:
+                report_after_run(args.out)
+                raise
         report_after_run(args.out)  # the report from being written
     missed = budget_failure(manifest)
     if missed:
         raise VerificationError(missed)
+    return 0
+
+
+def _check_mcu_settings(config) -> None:
+    from featx_edge.mcu.check import check_settings
+
+    check_settings(profiles=config.mcu.profiles, npu=config.mcu.npu, formats=config.export.formats)
+
+
+def _mcu_then_show(run: str, *, profiles, npu, show) -> None:
+    """`featx-edge mcu` on ``run``; ``show`` gets the report, also when a model fails or does not fit."""
+    from featx_edge.errors import VerificationError
+    from featx_edge.mcu import MCU_JSON
+    from featx_edge.mcu.check import mcu_run
+
+    try:
+        report = mcu_run(run, profiles=profiles, npu=npu)
+    except VerificationError:
+        path = Path(run) / MCU_JSON
+        if path.is_file():  # what was measured, then the error
+            show(json.loads(path.read_text(encoding="utf-8")))
+        raise
+    show(report)
+
+
+def _run_mcu(run: str, mcu) -> None:
+    from featx_edge.mcu.table import format_table
+    from featx_edge.progress import say
+
+    _mcu_then_show(run, profiles=mcu.profiles, npu=mcu.npu, show=lambda report: say(format_table(report)))
+
+
+def _cmd_mcu(args) -> int:
+    from featx_edge.errors import ConfigError
+    from featx_edge.mcu.profiles import profile_table
+    from featx_edge.mcu.table import format_table
+
+    if args.profile is not None and args.profile.strip() == "list":
+        print(profile_table())
+        return 0
+    if not args.run:
+        raise ConfigError("`featx-edge mcu` needs a run directory: `featx-edge mcu RUN` (or `featx-edge mcu "
+                          "--profile list` to see the profiles).")
+    _mcu_then_show(args.run, profiles=args.profile, npu=args.npu,
+                   show=lambda report: print(json.dumps(report, indent=2) if args.json else format_table(report)))
     return 0
 
 
@@ -196,14 +257,14 @@ def _iter_images(items: list[str]) -> list[Path]:
 
 
 def _cmd_predict(args) -> int:
-    from featx_edge.config import check_flag
-    from featx_edge.errors import ImageError
+    from featx_edge.errors import ImageError, check_int
     from featx_edge.runtime import load
     from featx_edge.runtime.metadata import printable
     from featx_edge.runtime.predictor import check_threads
 
     check_threads(args.threads, name="--threads")
-    check_flag("--top-k", args.top_k)
+    if args.top_k is not None:
+        check_int("--top-k", args.top_k, low=1)
     top_k = args.top_k or (3 if args.json else 1)
     paths = _iter_images(args.images)
     predictor = load(args.model, threads=args.threads)
@@ -268,6 +329,9 @@ def _cmd_bench(args) -> int:
 def _cmd_bundle(args) -> int:
     from featx_edge.bundle.pack import bundle_run
 
+    if args.target == "mcu":
+        return _bundle_firmware(args)
+
     bundle = bundle_run(args.run, fmt=args.format, out=args.out, wheel=args.wheel,
                         allow_unverified=args.allow_unverified, overwrite=args.overwrite)
     unzip = f" (after `unzip {bundle.path.name} && cd {bundle.path.stem}`)" if bundle.path.suffix == ".zip" else ""
@@ -276,13 +340,29 @@ def _cmd_bundle(args) -> int:
     return 0
 
 
+def _bundle_firmware(args) -> int:
+    from featx_edge.bundle.firmware import bundle_firmware
+    from featx_edge.errors import ConfigError
+
+    if args.wheel is not None:
+        raise ConfigError("`--wheel` ships the Python runtime of a device bundle; `--target mcu` bundles C sources "
+                          "and takes no wheel: leave `--wheel` out.")
+    bundle = bundle_firmware(args.run, fmt=args.format, out=args.out, allow_unverified=args.allow_unverified,
+                             overwrite=args.overwrite)
+    print(f"wrote {bundle.path} (firmware sources of {bundle.format}, mcu: {bundle.verify_status}); in the "
+          "application:")
+    print("\n".join(f"  {step}" for step in bundle.commands.values()))
+    return 0
+
+
 def _cmd_device_check(args) -> int:
-    from featx_edge.config import check_flag
     from featx_edge.device.check import device_check
+    from featx_edge.errors import check_int
     from featx_edge.runtime.predictor import check_threads
 
     check_threads(args.threads, name="--threads")
-    check_flag("--images", args.images)
+    if args.images is not None:
+        check_int("--images", args.images, low=1)
     result = device_check(args.targets, arch=args.arch, cpus=args.cpu, images=args.images,
                           formats=args.formats, threads=args.threads or 1, out=args.out)
     print(result.table)
@@ -324,4 +404,5 @@ COMMANDS = {
     "bundle": _cmd_bundle,
     "device-check": _cmd_device_check,
     "bench": _cmd_bench,
+    "mcu": _cmd_mcu,
 }
