@@ -224,7 +224,7 @@ def pytest_runtest_makereport(item, call):
         return
     report.outcome = "failed"
     report.longrepr = (f"{item.nodeid}: its {report.when} cost {cost:.1f} CPU seconds ({report.duration:.1f} s of "
-                       f"wall time), over the {limit:.0f} an unmarked test may take (tests/conftest.py): mark it "
+                       f"wall time), over the {limit:g} CPU seconds an unmarked test may take (tests/conftest.py): mark it "
                        "@pytest.mark.slow and add its measured cost to tests/DURATIONS.md, or make it cheaper")
 
 
