@@ -45,3 +45,7 @@ class VerificationError(FeatxError):
 
 class NonFiniteOutputError(VerificationError):
     """A model gave NaN or Inf outputs: it is broken (for example a NaN weight); never a result."""
+
+
+class FitError(FeatxError):
+    """``featx-edge fit`` found no model that fits the part (the figures say by how much)."""

@@ -22,6 +22,7 @@ LAYERS = [
     {"verify"},
     {"bench", "bundle", "device"},
     {"report"},
+    {"fit"},
     {"cli", "__main__"},
 ]
 RUNTIME_MAY_IMPORT = {"featx_edge", "errors", "formats", "files", "runtime", "progress", "versions"}

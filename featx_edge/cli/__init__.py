@@ -18,7 +18,8 @@ from featx_edge.errors import FeatxError
 
 __all__ = ["COMMANDS", "TRAIN_COMMANDS", "build_parser", "main"]
 
-TRAIN_COMMANDS = frozenset({"pretrain", "train", "export", "run", "verify", "report", "bench", "sample-data"})
+TRAIN_COMMANDS = frozenset({"pretrain", "train", "export", "run", "verify", "report", "bench", "sample-data",
+                            "fit"})
 """Commands that need the ``[train]`` extra (TensorFlow and the converters); the others run on the
 device runtime alone (``pip install featx-edge``)."""
 
