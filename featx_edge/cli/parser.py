@@ -100,7 +100,7 @@ def _add_fit_command(sub) -> None:
                    help="the part: its RAM must hold TFLM's arena plus a runtime reserve, its flash the int8 model "
                         "plus a code reserve (required)")
     p.add_argument("--out", metavar="RUN",
-                   help="train and export the chosen model into this run directory (default: print the table only)")
+                   help="train and export the chosen model into this run directory (without it, fit only prints the table)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out as a whole")
     g = p.add_argument_group("search")
     g.add_argument("--cut-at", dest="fit_cuts", metavar="LIST",

@@ -3,9 +3,8 @@
 Layout: ``<cache>/<key>/`` where ``<cache>`` is ``--feature-cache DIR`` (config
 ``train.feature_cache``) or ``<featx-edge home>/features`` (``$FEATX_EDGE_HOME`` or
 ``~/.cache/featx-edge``), and ``<key>`` is a digest of everything that decides a feature
-vector apart from the image: backbone, alpha, the weights file's sha256 (for random weights,
-the seed that drew them), input size, the layer the features are pooled from (``--cut-at``), the
-backbone's preprocessing, the resize method and ``FEATURE_VERSION``. ``key.json`` there spells the key out.
+vector apart from the image: backbone, alpha, the weights' sha256 (random weights: the seed that
+drew them), input size, the layer pooled (``--cut-at``), preprocessing, resize and ``FEATURE_VERSION``. ``key.json`` there spells the key out.
 
 Inside, ``shards/<id>.npy`` holds float32 features of up to ``shard_images`` consecutive
 images of a list; ``<id>`` digests the key, the data folder, each image's relative path (its
@@ -93,11 +92,10 @@ class FeatureKey:
     feature_version: int = FEATURE_VERSION
     cut_at: str | None = None  # the backbone layer the features are pooled from (None: its output)
 
-    def digest(self) -> str:
-        # Without a cut the key is the one from before cuts existed: existing caches stay valid.
+    def digest(self) -> str:  # without a cut, the key from before cuts existed: existing caches stay valid
         text = json.dumps({k: v for k, v in asdict(self).items() if k != "cut_at" or v is not None}, sort_keys=True)
-        return f"{self.backbone}-{self.image_size}-{self.cut_at or ''}{'-' if self.cut_at else ''}" \
-               f"{hashlib.sha256(text.encode()).hexdigest()[:20]}"
+        name = "-".join(str(part) for part in (self.backbone, self.image_size, self.cut_at) if part is not None)
+        return f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
 
 
 class ShardedArray:
