@@ -186,9 +186,14 @@ def judge(config: RunConfig, candidate: Candidate, *, scratch: Path) -> float:
     trial = override(config, "model", cut_at=candidate.cut_at, image_size=candidate.size, alpha=candidate.alpha)
     trial = override(trial, "train", fine_tune_epochs=0, qat_epochs=0)  # the search trains heads only
     out = scratch / "trial"
+    training_log = logging.getLogger("featx_edge.training")
+    level = training_log.level
+    # A trial's own progress lines (its test accuracy among them) would invite choosing on test: held back.
+    training_log.setLevel(max(level, logging.WARNING))
     try:
         return float(train_run(trial, out)["training"]["val_accuracy"])
     finally:
+        training_log.setLevel(level)
         shutil.rmtree(out, ignore_errors=True)
 
 
@@ -208,6 +213,7 @@ def search(config: RunConfig, candidates: list[Candidate], *, profile: Profile, 
         for i, row in enumerate(fitting, 1):
             log.info("fit: judging %d/%d on the validation split: %s", i, len(fitting), row.candidate.label())
             row.val_accuracy = judge(config, row.candidate, scratch=Path(tmp))
+            log.info("fit:   validation accuracy %.4f", row.val_accuracy)
     mark_pareto(fitting)
     return sorted(rows, key=_order)
 
