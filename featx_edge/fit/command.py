@@ -45,10 +45,12 @@ def fit_run(config: RunConfig, *, profile: str, out: str | Path | None = None, o
             does not (the figures).
     """
     from featx_edge.data.folders import scan_folder, split_folder
+    from featx_edge.mcu.vela import parse_npu
     from featx_edge.training.model import check_cut, stage_outputs
     from featx_edge.training.train import check_destination
 
     part = get_profile(profile)
+    npu = parse_npu(npu)[0] if npu else part.npu  # an unknown configuration is refused here, before any work
     data_root = check_destination(config, out)[0] if out is not None else _data_root(config)
     cuts = cuts or tuple(p.name for p in stage_outputs(config.model))
     check_cut(config.model, cuts)  # layer names are the same at every size and width
@@ -56,7 +58,7 @@ def fit_run(config: RunConfig, *, profile: str, out: str | Path | None = None, o
                       alphas=alphas or default_alphas(config))
     splits = split_folder(scan_folder(data_root), val_fraction=config.data.val_fraction,
                           test_fraction=config.data.test_fraction, seed=config.seed)
-    rows = search(config, candidates, profile=part, splits=splits, npu=npu or part.npu)
+    rows = search(config, candidates, profile=part, splits=splits, npu=npu)
     table = format_table(rows, part)
     chosen = best(rows)
     if chosen is None:
