@@ -106,7 +106,8 @@ def _cmd_fit(args) -> int:
         final = result.final
         say(f"trained and exported {result.chosen.candidate.label()} to {args.out}: {final['format']} "
             f"{final['flash_bytes']:,} B, TFLM arena {final['arena_bytes']:,} B; fits {args.profile} "
-            f"(RAM margin {final['verdict']['ram']['margin']:,} B, flash margin {final['verdict']['flash']['margin']:,} B)")
+            f"(RAM margin {final['verdict']['ram']['margin']:,} B, flash margin {final['verdict']['flash']['margin']:,} B); "
+            f"next: featx-edge verify {args.out} && featx-edge mcu {args.out} --profile {args.profile}")
     return 0
 
 
