@@ -232,10 +232,11 @@ def _dominates(a: Row, b: Row) -> bool:
 
 
 def _order(row: Row) -> tuple:
-    """Fitting rows first, best first (accuracy, then smaller flash, then arena); then the rest, smallest first."""
+    """Fitting rows first, best first (accuracy, then smaller flash, then arena); then the measured ones that do
+    not fit, then those the lower bounds pruned, each smallest first."""
     if row.status == "fits":
         return (0, -row.val_accuracy, row.flash_bytes, row.arena_bytes)
-    return (1, row.flash_bytes or 0, row.arena_bytes or 0)
+    return (1, row.status == "pruned", row.flash_bytes or 0, row.arena_bytes or 0)
 
 
 def best(rows: list[Row]) -> Row | None:
