@@ -6,6 +6,6 @@ model trained, exported and measured again into ``--out``, with ``RUN/fit.json``
 fit needs of ``featx_edge.mcu``: profiles and their verdict, TFLM's arena, Vela's estimate).
 
 May import: mcu, training (the cut classifier, ``train_run``), export (the int8 converter,
-``export_run``), data, backbones, config, files, formats and the leaves. Never bench, report,
+``export_run``), data, backbones, config, rundir, files, formats and the leaves. Never bench, report,
 device or cli.
 """

@@ -19,11 +19,9 @@ from featx_edge.files.atomic import write_json
 from featx_edge.files.lock import locked
 from featx_edge.fit.parts import KIB, Profile, get_profile, tflm_arena, verdict
 from featx_edge.fit.search import FIT_FORMAT, Row, best, default_alphas, default_sizes, grid, search, shortfall
+from featx_edge.rundir.names import FIT_JSON
 
 log = logging.getLogger(__name__)
-
-FIT_JSON = "fit.json"
-"""``RUN/fit.json``: the profile, every candidate's figures, the chosen one and the final export's."""
 
 
 @dataclass
