@@ -10,13 +10,6 @@ MAX_LINES = 60
 """From the `def` line to the last line of the body, docstring and comments included: what a reader
 has to hold at once."""
 
-# Functions still being split by other work in progress (issue 22). Empty this list as they land;
-# nothing is added to it.
-NOT_YET_SPLIT = {
-    "training/model.py:build_classifier",
-    "training/train.py:_train_run",
-}
-
 
 def _long_functions() -> dict[str, int]:
     """``{"path/in/package.py:qualified.name": lines}`` for every function over MAX_LINES."""
@@ -42,11 +35,7 @@ def _walk(node: ast.AST, *, prefix: str, scope: str = "") -> dict[str, int]:
 
 
 def test_no_function_is_over_60_lines():
-    long = {name: lines for name, lines in _long_functions().items() if name not in NOT_YET_SPLIT}
+    long = _long_functions()
     assert not long, f"functions over {MAX_LINES} lines (split them into named steps): " + ", ".join(
         f"{name} ({lines})" for name, lines in sorted(long.items(), key=lambda item: -item[1]))
 
-
-def test_the_allow_list_holds_only_functions_that_are_still_long():
-    still_long = set(_long_functions())
-    assert not NOT_YET_SPLIT - still_long, f"split already: remove {sorted(NOT_YET_SPLIT - still_long)} from NOT_YET_SPLIT"

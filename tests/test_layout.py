@@ -24,6 +24,7 @@ LAYERS = [
     {"verify"},
     {"bench", "bundle", "device", "mcu"},
     {"report"},
+    {"fit"},
     {"cli", "__main__"},
 ]
 RUNTIME_MAY_IMPORT = {"featx_edge", "errors", "formats", "files", "runtime", "progress", "versions"}

@@ -22,6 +22,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, help="dropout before the classifier layer")
 
 
+def _add_cut_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cut-at", metavar="LAYER",
+                   help="build the classifier on this backbone layer's pooled output instead of the last one "
+                        "(default: the whole backbone): a smaller model for microcontrollers; a wrong name lists "
+                        "the stage outputs, e.g. block7_add for efficientnet_lite0")
+
+
 def _add_train_args(p: argparse.ArgumentParser, *, stages: bool = True) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, help="stage-1 (head) epochs")
@@ -82,6 +89,36 @@ def _add_verify_args(p: argparse.ArgumentParser) -> None:
                         "lists is run and recorded, and when this is not given all of them gate")
 
 
+def _add_fit_command(sub) -> None:
+    p = _command(sub, "fit", purpose="search cut point x image size (x width) for the most accurate model on the "
+                                     "validation split that fits a microcontroller's RAM and flash, then train and "
+                                     "export it",
+                 example="featx-edge fit --config examples/sample_digits.toml --profile cortex-m7-1m --out runs/m7")
+    p.add_argument("--data", metavar="DIR|sample|sample:PART",
+                   help="image folder (one sub-folder per class) or `sample` (the default: the built-in digits)")
+    p.add_argument("--profile", required=True, metavar="NAME",
+                   help="the part: its RAM must hold TFLM's arena plus a runtime reserve, its flash the int8 model "
+                        "plus a code reserve (required)")
+    p.add_argument("--out", metavar="RUN",
+                   help="train and export the chosen model into this run directory (without it, fit only prints the table)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out as a whole")
+    g = p.add_argument_group("search")
+    g.add_argument("--cut-at", dest="fit_cuts", metavar="LIST",
+                   help="comma-separated backbone layers to try, `none` for the whole backbone (default: the "
+                        "backbone's stage outputs and its output)")
+    g.add_argument("--image-sizes", metavar="LIST",
+                   help="comma-separated input sizes to try (default: the configured size, 3/4 and 1/2 of it)")
+    g.add_argument("--alphas", metavar="LIST",
+                   help="comma-separated widths to try, where the backbone has ImageNet weights for them "
+                        "(default: the configured width and the narrower ones)")
+    g.add_argument("--npu", metavar="CONFIG",
+                   help="an Ethos-U configuration for Vela's time estimate, e.g. ethos-u55-128 (default: the "
+                        "profile's NPU, if it has one)")
+    _add_model_args(p)
+    _add_train_args(p)
+    _quiet(p)
+
+
 def _add_mcu_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("microcontrollers (featx-edge mcu; needs the [mcu] extra)")
     g.add_argument("--profile", metavar="LIST",
@@ -116,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # One function per subcommand, in the order `featx-edge --help` lists them.
     for add_command in (_add_backbones, _add_sample_data, _add_pretrain, _add_run_and_train, _add_export,
-                        _add_verify, _add_report, _add_bench, _add_predict, _add_selftest, _add_bundle,
-                        _add_device_check, _add_mcu):
+                        _add_verify, _add_fit_command, _add_report, _add_bench, _add_predict, _add_selftest,
+                        _add_bundle, _add_device_check, _add_mcu):
         add_command(sub)
     _show_config_defaults(parser)
     return parser
@@ -159,6 +196,7 @@ def _add_run_and_train(sub) -> None:
         p.add_argument("--overwrite", action="store_true",
                        help="replace an existing run in --out as a whole (its exports and reports go with it)")
         _add_model_args(p)
+        _add_cut_args(p)
         _add_train_args(p)
         if name == "run":
             _add_export_args(p)
@@ -187,6 +225,7 @@ def _add_verify(sub) -> None:
     p.add_argument("--formats", help="comma-separated formats (default: every exported one)")
     _add_verify_args(p)
     _quiet(p)
+
 
 
 def _add_report(sub) -> None:

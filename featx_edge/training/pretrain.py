@@ -62,7 +62,8 @@ def pretrain(*, data: str, out: str | Path, model: ModelConfig, train: TrainConf
     folder = scan_folder(root)
     splits = split_folder(folder, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     setup_devices(mixed_precision=train.mixed_precision)
-    model = dataclasses.replace(model, weights="none", head_units=0)
+    # The whole backbone is pretrained and saved, whatever cut a config names for the runs that use it.
+    model = dataclasses.replace(model, weights="none", head_units=0, cut_at=None)
     clf = _scratch_classifier(keras, model=model, num_classes=len(splits.classes), seed=seed)
     x_train = load_images(splits.root, splits.train, size=size)
     x_val = load_images(splits.root, splits.val, size=size)
