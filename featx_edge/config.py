@@ -15,7 +15,8 @@ from typing import Any
 from featx_edge.backbones.registry import get_backbone
 from featx_edge.data.augment import DEFAULT_TRANSFORMS, parse_transforms
 from featx_edge.errors import ConfigError
-from featx_edge.formats.registry import FORMATS, ONNX_CALIBRATION_METHODS, parse_formats, parse_threshold
+from featx_edge.formats.registry import (FORMATS, ONNX_CALIBRATION_METHODS, TFLITE_RANGE_METHODS, parse_formats,
+                                        parse_threshold)
 from featx_edge.formats.targets import TARGET_CHOICES
 
 if sys.version_info >= (3, 11):
@@ -256,6 +257,10 @@ class ExportConfig:
             the one closer to the reference on the validation split (never test), recorded in the
             manifest with the figures that chose it (``export.int8_choice``). It helped on the
             sample and hurt on other data, so no fixed value is right everywhere.
+        activation_ranges: how tflite-int8 calibrates its activation ranges (``export.tflite_ranges``):
+            ``minmax`` (the TFLite converter's own), ``percentile``, ``mse``, or ``"auto"`` (the
+            default): each is tried with each bias-correction candidate and the run keeps the one
+            closer to the reference on the validation split, as for ``bias_correction``.
         target: the CPU the ONNX int8 model is built for (``featx_edge.formats.targets``): ``auto`` (this
             host), ``portable``, ``x86-64``, ``x86-64-vnni`` or ``arm64``.
     """
@@ -268,6 +273,7 @@ class ExportConfig:
     reference_images: int = 8
     bias_correction: bool | str = "auto"
     target: str = "portable"
+    activation_ranges: str = "auto"
 
     def __post_init__(self) -> None:
         formats = self.formats
@@ -285,6 +291,9 @@ class ExportConfig:
         if not (isinstance(self.bias_correction, bool) or self.bias_correction == "auto"):
             raise ConfigError(f"`bias_correction` must be true, false or \"auto\"; received "
                               f"{_received(self.bias_correction, wrong_type=True)}.")
+        if not isinstance(self.activation_ranges, str) or self.activation_ranges not in TFLITE_RANGE_METHODS:
+            raise ConfigError(f"`activation_ranges` must be one of {', '.join(TFLITE_RANGE_METHODS)}; received "
+                              f"{_received(self.activation_ranges, wrong_type=not isinstance(self.activation_ranges, str))}.")
         if not isinstance(self.target, str) or self.target not in TARGET_CHOICES:
             raise ConfigError(f"`target` must be one of {', '.join(TARGET_CHOICES)}; "
                               f"received {_received(self.target, wrong_type=not isinstance(self.target, str))}.")
