@@ -15,8 +15,13 @@ from typing import Any
 from featx_edge.backbones.registry import get_backbone
 from featx_edge.data.augment import DEFAULT_TRANSFORMS, parse_transforms
 from featx_edge.errors import ConfigError
-from featx_edge.formats.registry import (FORMATS, ONNX_CALIBRATION_METHODS, TFLITE_RANGE_METHODS, parse_formats,
-                                        parse_threshold)
+from featx_edge.formats.registry import (
+    FORMATS,
+    ONNX_CALIBRATION_METHODS,
+    TFLITE_RANGE_METHODS,
+    parse_formats,
+    parse_threshold,
+)
 from featx_edge.formats.targets import TARGET_CHOICES
 
 if sys.version_info >= (3, 11):
