@@ -85,12 +85,30 @@ def _cell(config, path: Path) -> dict:
             "convert_seconds": round(convert_s, 1), "cell_seconds": round(time.perf_counter() - t0, 1)}
 
 
+def markdown(cells: list[dict]) -> str:
+    """One line per cell and candidate: test agreement and change per kernel set, the gate, the choice."""
+    lines = ["| backbone | data | seed | candidate (bias/ranges) | judging set, worst kernel set | test XNNPACK "
+             "agreement [95% CI], change | test reference kernels agreement [95% CI], change | gate |",
+             "|---|---|---|---|---|---|---|---|"]
+    for cell in cells:
+        for name, sets in cell["test"].items():
+            judged = min(row["top1_agreement"] for row in cell["choice"]["candidates"][name].values())
+            shown = [f"{r['agreement']:.3f} [{r['agreement_ci95'][0]:.3f}, {r['agreement_ci95'][1]:.3f}], "
+                     f"{r['change_points']:+.2f}" for r in (sets["xnnpack"], sets["reference"])]
+            mark = " **(auto)**" if name == cell["chosen"] else ""
+            gate = "pass" if all(r["passed"] for r in sets.values()) else "fail"
+            lines.append(f"| {cell['backbone']} | {cell['dataset']} | {cell['seed']} | {name}{mark} | {judged:.3f} | "
+                         f"{shown[0]} | {shown[1]} | {gate} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON file to write (rows of earlier runs in it are kept)")
     parser.add_argument("--backbones", default="mnv2-digits")
     parser.add_argument("--datasets", default="sample,sample-inverted,fashion")
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--table", action="store_true", help="only print the table of the cells in --out")
     parser.add_argument("--weights", default=None, help="mnv2-digits backbone pretrained before (default: pretrain it)")
     args = parser.parse_args(argv)
 
@@ -100,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     cells = json.loads(out.read_text())["cells"] if out.is_file() else []
+    if args.table:
+        print(markdown(cells))
+        return 0
     work = Path(tempfile.mkdtemp(prefix="featx-int8-ranges-"))
     try:
         weights = Path(args.weights) if args.weights else _pretrained(work) if "mnv2-digits" in args.backbones else None
@@ -114,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                                      | {"test": cell["test"]}), flush=True)
                     write_json(out, {"benchmark": "int8_activation_ranges", "format": FMT,
                                      "thresholds": "default (agreement >= 0.97, at most 1 point lost), tie-aware",
-                                     "cells": cells, "machine": machine_info(), "python": platform.python_version()})
+                                     "cells": cells, "markdown": markdown(cells), "machine": machine_info(),
+                                     "python": platform.python_version()})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
