@@ -87,9 +87,9 @@ def _cell(config, path: Path) -> dict:
 
 def markdown(cells: list[dict]) -> str:
     """One line per cell and candidate: test agreement and change per kernel set, the gate, the choice."""
-    lines = ["| backbone | data | seed | candidate (bias/ranges) | judging set, worst kernel set | test XNNPACK "
-             "agreement [95% CI], change | test reference kernels agreement [95% CI], change | gate |",
-             "|---|---|---|---|---|---|---|---|"]
+    header = ("| backbone | data | seed | candidate (bias/ranges) | judging set, worst kernel set | test XNNPACK "
+              "agreement [95% CI], change | test reference kernels agreement [95% CI], change | gate |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for cell in cells:
         for name, sets in cell["test"].items():
             judged = min(row["top1_agreement"] for row in cell["choice"]["candidates"][name].values())
