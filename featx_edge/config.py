@@ -310,6 +310,38 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class McuConfig:
+    """The microcontroller check ``featx-edge run`` does after verify (``featx-edge mcu``; the ``[mcu]`` extra).
+
+    Attributes:
+        enabled: run the check (true when the config has an ``[mcu]`` table, unless it says false).
+        profiles: microcontroller profiles the model must fit (``featx-edge mcu --profile list``).
+        npu: Ethos-U configurations to compile for with Vela, e.g. ``["ethos-u55-128"]``.
+
+    Names are checked against the profile and NPU tables by ``featx-edge run`` before training.
+    """
+
+    enabled: bool = False
+    profiles: tuple[str, ...] = ()
+    npu: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_bool("enabled", self.enabled)
+        for name in ("profiles", "npu"):
+            value = getattr(self, name)
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in items):
+                raise ConfigError(f"`{name}` in [mcu] must be a list of names; received "
+                                  f"{_received(value, wrong_type=True)}.")
+            object.__setattr__(self, name, tuple(dict.fromkeys(v.strip() for v in items)))
+
+    @property
+    def wanted(self) -> bool:
+        """Whether ``featx-edge run`` runs the check: asked for, or profiles or NPUs named."""
+        return self.enabled or bool(self.profiles) or bool(self.npu)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Every setting of a run; recorded in ``manifest.json``.
 
@@ -324,6 +356,7 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     verify: dict[str, dict[str, float]] = field(default_factory=dict)
     seed: int = 0
+    mcu: McuConfig = field(default_factory=McuConfig)
 
     def __post_init__(self) -> None:
         for name, cls in _SECTIONS.items():
@@ -339,7 +372,7 @@ class RunConfig:
         return out
 
 
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "export": ExportConfig}
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "export": ExportConfig, "mcu": McuConfig}
 
 
 def config_from_dict(raw: dict[str, Any], *, source: str = "config") -> RunConfig:
@@ -371,6 +404,8 @@ def _config_from_dict(raw: dict[str, Any], *, source: str) -> RunConfig:
             kwargs["seed"] = value  # checked by RunConfig
         elif key == "verify":
             kwargs["verify"] = _verify_overrides(value, source=source)
+        elif key == "mcu" and isinstance(value, dict):  # an [mcu] table asks for the check
+            kwargs[key] = _section(key, {"enabled": True, **value}, source=source)
         else:
             kwargs[key] = _section(key, value, source=source)
     try:

@@ -20,7 +20,7 @@ LAYERS = [
     {"training"},
     {"export"},
     {"verify"},
-    {"bench", "bundle", "device"},
+    {"bench", "bundle", "device", "mcu"},
     {"report"},
     {"cli", "__main__"},
 ]

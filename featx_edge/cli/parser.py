@@ -82,6 +82,16 @@ def _add_verify_args(p: argparse.ArgumentParser) -> None:
                         "lists is run and recorded, and when this is not given all of them gate")
 
 
+def _add_mcu_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("microcontrollers (featx-edge mcu; needs the [mcu] extra)")
+    g.add_argument("--profile", metavar="LIST",
+                   help="comma-separated microcontroller profiles the model must fit (RAM and flash, with stated "
+                        "reserves); `list` prints them (default: none)")
+    g.add_argument("--npu", metavar="LIST",
+                   help="comma-separated Ethos-U configurations to compile for with Vela, e.g. "
+                        "ethos-u55-128,ethos-u65-256 (default: none)")
+
+
 def _quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="only warnings and errors (no progress lines)")
     p.add_argument("--verbose", action="store_true",
@@ -138,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             _add_export_args(p)
             _add_verify_args(p)
+            _add_mcu_args(p)
+            p.add_argument("--mcu", action="store_true", default=None,
+                           help="after verify, run `featx-edge mcu` (also when --profile or --npu is given, or "
+                                "the config has an [mcu] table)")
         _quiet(p)
 
     p = _command(sub, "export", purpose="export a trained run to TFLite and ONNX, float and int8",
@@ -193,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                  example="featx-edge bundle runs/demo --format tflite-int8 --out bundle-int8  # or --out b.zip")
     p.add_argument("run", help="run directory with the export, verified by `featx-edge verify`")
     p.add_argument("--format", required=True, help="the export to bundle, e.g. tflite-int8 (required; no default)")
+    p.add_argument("--target", choices=("device", "mcu"), default="device",
+                   help="device: the model, self-test and runtime for a Linux device (default); mcu: the firmware "
+                        "sources `featx-edge mcu` wrote, its mcu.json and a README, for a TFLite Micro application")
     p.add_argument("--out", required=True, metavar="DIR_OR_ZIP",
                    help="folder to write, or a file ending in .zip (new or empty; required)")
     p.add_argument("--wheel", metavar="PATH", help="featx_edge-*.whl to ship (default: built from this checkout, or the installed featx-edge packed into one)")
@@ -217,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int,
                    help="inference threads on host and guest, 1 to 4x the logical CPUs (default: 1)")
     p.add_argument("--out", help="also write every target's report to this JSON file (default: none)")
+    _quiet(p)
+
+    p = _command(sub, "mcu", purpose="check each fully-integer TFLite export with TensorFlow Lite Micro on the test "
+                                     "split, size it for microcontroller profiles, compile it for Ethos-U NPUs and "
+                                     "write firmware sources (needs the [mcu] extra)",
+                 example="featx-edge mcu runs/demo --profile cortex-m7-1m,cortex-m4-256k --npu ethos-u55-128")
+    p.add_argument("run", nargs="?", help="run directory, verified by `featx-edge verify` (its reference outputs "
+                                          "are what TFLM is judged against)")
+    _add_mcu_args(p)
+    p.add_argument("--json", action="store_true", help="print RUN/mcu.json instead of the table")
     _quiet(p)
     _show_config_defaults(parser)
     return parser

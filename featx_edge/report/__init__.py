@@ -3,15 +3,16 @@
 The page holds the run's settings, training curves, verify's table (entries measured on an
 earlier file marked stale), the confusion matrices of the reference and of every export, the
 test images on which an int8 export disagrees with the reference, the per-layer int8 error
-ranking and the bench results, when the run has them. No model is run: the per-image
-predictions come from ``featx-edge verify`` (``RUN/verify_predictions.json``). Nothing is loaded
-from elsewhere (inline CSS, images as data URIs, no script), so it opens offline and can be
-mailed as one file.
+ranking, the bench results and the microcontroller check (``mcu.json``), when the run has them.
+No model is run: the per-image predictions come from ``featx-edge verify``
+(``RUN/verify_predictions.json``). Nothing is loaded from elsewhere (inline CSS, images as data
+URIs, no script), so it opens offline and can be mailed as one file.
 
 Modules: ``page`` (escaping HTML building blocks), ``figures`` (PNG curves and thumbnails),
-``sections`` (one function per section).
+``sections`` (one function per section), ``mcu_section`` (the microcontroller section).
 
-May import: bench, verify, training (``Run``), rundir, files, runtime and the leaves. Never cli.
+May import: bench, mcu (its ``mcu.json``), verify, training (``Run``), rundir, files, runtime and
+the leaves. Never cli.
 
 Example:
     >>> from featx_edge.report import write_report
@@ -29,7 +30,7 @@ from featx_edge import __version__
 from featx_edge.errors import FeatxError, RunDirError
 from featx_edge.files.atomic import write_bytes
 from featx_edge.files.lock import locked
-from featx_edge.report import sections
+from featx_edge.report import mcu_section, sections
 from featx_edge.report.page import page
 from featx_edge.training.run import Run
 
@@ -50,7 +51,8 @@ def build_report(run: Run) -> str:
                 sections.confusion(src, usable, problems),
                 sections.gallery(src, usable, problems),
                 sections.int8_layers(src),
-                sections.bench(src))
+                sections.bench(src),
+                mcu_section.mcu(src))
 
 
 def write_report(run: str | Path) -> Path:

@@ -1,7 +1,7 @@
 """The report's sections, each built from the run's own files; no model is run here.
 
 ``Sources`` reads every file once (manifest through ``Run``, verify.json, the per-image
-predictions, int8_layers.json, bench.json) and knows which artifacts are still the files that
+predictions, int8_layers.json, bench.json, mcu.json) and knows which artifacts are still the files that
 were exported, so a result measured on an earlier file is shown as stale, never as a pass.
 """
 
@@ -16,6 +16,7 @@ from featx_edge.bench.recommend import format_recommendation
 from featx_edge.bench.report import BENCH_JSON, BENCH_PNG, not_measured
 from featx_edge.errors import DataError, RunDirError
 from featx_edge.files.atomic import inside
+from featx_edge.mcu import MCU_JSON
 from featx_edge.report.figures import thumbnail_png, training_curves_png
 from featx_edge.report.page import Html, img_png, join, markdown_lines, note, prose, section, table, tag
 from featx_edge.rundir.names import INT8_LAYERS, VERIFY
@@ -69,6 +70,7 @@ class Sources:
         self.predictions, self.predictions_problem = read_json(run.path / PREDICTIONS)
         self.layers, self.layers_problem = read_json(run.path / INT8_LAYERS)
         self.bench, self.bench_problem = read_json(run.path / BENCH_JSON)
+        self.mcu, self.mcu_problem = read_json(run.path / MCU_JSON)
         artifacts = self.manifest.get("artifacts") or {}
         # A format's sha256 only if its file on disk is still the one the manifest records.
         self.file_problems = {fmt: run.artifact_problems(fmt) for fmt in run.exported()}
@@ -124,7 +126,7 @@ def header(src: Sources, *, version: str, created: str) -> Html:
     parts.append(table(None, rows, cls="grid kv"))
     parts.append(Html('<nav><a href="#training">training</a><a href="#verify">verify</a>'
                       '<a href="#confusion">confusion matrices</a><a href="#gallery">int8 disagreements</a>'
-                      '<a href="#int8-layers">int8 layers</a><a href="#bench">bench</a></nav>'))
+                      '<a href="#int8-layers">int8 layers</a><a href="#bench">bench</a><a href="#mcu">microcontrollers</a></nav>'))
     return join(parts)
 
 

@@ -138,15 +138,15 @@ def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None
     return report
 
 
-def read_reference_outputs(run: Run) -> np.ndarray:
-    """The Keras reference's test-split probabilities recorded by the last verify (for device-check).
+def read_reference_outputs(run: Run, *, needed_by: str = "device-check") -> np.ndarray:
+    """The Keras reference's test-split probabilities recorded by the last verify (for device-check, mcu).
 
     RunDirError naming the fix when verify has not run, ran with an earlier reference, or the file
-    was changed since.
+    was changed since; ``needed_by`` names the command in it.
     """
     from featx_edge.errors import RunDirError
 
-    fix = f"run `featx-edge verify {run.path}` first (device-check judges against the outputs it records)"
+    fix = f"run `featx-edge verify {run.path}` first ({needed_by} judges against the outputs it records)"
     try:
         report = json.loads((run.path / VERIFY).read_text(encoding="utf-8"))
         record = report["reference_outputs"]
