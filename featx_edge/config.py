@@ -84,6 +84,12 @@ def _check_text(name: str, value: Any, *, allowed: str) -> None:
         )
 
 
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"`{name}` must be one of {', '.join(choices)}; "
+                          f"received {_received(value, wrong_type=not isinstance(value, str))}.")
+
+
 def check_flag(flag: str, value: Any, *, low: int = 1, high: int | None = None) -> None:
     """Refuse a command-line integer (``--threads``, ``--top-k``) outside [low, high]; None (unset) passes.
 
@@ -256,16 +262,11 @@ class ExportConfig:
             plain int8, then the selective variant, then QAT (if ``qat_epochs``) are tried until one fits.
         selective_float_layers: layers kept in float by tflite-int8-selective (worst first), 1 to 1000.
         reference_images: images whose reference outputs ship next to each model (self-test), 1 to 1000.
-        bias_correction: convert post-training int8 from a copy of the model whose BatchNorm
-            offsets cancel the mean error of int8 weight rounding (see ``export.bias_correction``):
-            ``true``, ``false``, or ``"auto"`` (the default): convert tflite-int8 both ways and keep
-            the one closer to the reference on the validation split (never test), recorded in the
-            manifest with the figures that chose it (``export.int8_choice``). It helped on the
-            sample and hurt on other data, so no fixed value is right everywhere.
-        activation_ranges: how tflite-int8 calibrates its activation ranges (``export.tflite_ranges``):
-            ``minmax`` (the TFLite converter's own), ``percentile``, ``mse``, or ``"auto"`` (the
-            default): each is tried with each bias-correction candidate and the run keeps the one
-            closer to the reference on the validation split, as for ``bias_correction``.
+        bias_correction: int8 from a copy whose BatchNorm offsets cancel the mean error of int8 weight rounding
+            (``export.bias_correction``): ``true``, ``false`` or ``"auto"`` (the default: chosen per run on the
+            validation split, never test, and recorded with its figures; ``export.int8_choice``).
+        activation_ranges: tflite-int8's activation ranges (``export.tflite_ranges``): ``minmax``, ``percentile``,
+            ``mse``, or ``"auto"`` (the default): chosen per run with ``bias_correction``, the same way.
         target: the CPU the ONNX int8 model is built for (``featx_edge.formats.targets``): ``auto`` (this
             host), ``portable``, ``x86-64``, ``x86-64-vnni`` or ``arm64``.
     """
@@ -296,17 +297,9 @@ class ExportConfig:
         if not (isinstance(self.bias_correction, bool) or self.bias_correction == "auto"):
             raise ConfigError(f"`bias_correction` must be true, false or \"auto\"; received "
                               f"{_received(self.bias_correction, wrong_type=True)}.")
-        if not isinstance(self.activation_ranges, str) or self.activation_ranges not in TFLITE_RANGE_METHODS:
-            raise ConfigError(f"`activation_ranges` must be one of {', '.join(TFLITE_RANGE_METHODS)}; received "
-                              f"{_received(self.activation_ranges, wrong_type=not isinstance(self.activation_ranges, str))}.")
-        if not isinstance(self.target, str) or self.target not in TARGET_CHOICES:
-            raise ConfigError(f"`target` must be one of {', '.join(TARGET_CHOICES)}; "
-                              f"received {_received(self.target, wrong_type=not isinstance(self.target, str))}.")
-        if not isinstance(self.onnx_calibration, str) or self.onnx_calibration not in ONNX_CALIBRATION_METHODS:
-            raise ConfigError(
-                f"`onnx_calibration` must be one of {', '.join(ONNX_CALIBRATION_METHODS)}; "
-                f"received {_received(self.onnx_calibration, wrong_type=not isinstance(self.onnx_calibration, str))}."
-            )
+        _check_choice("activation_ranges", self.activation_ranges, TFLITE_RANGE_METHODS)
+        _check_choice("target", self.target, TARGET_CHOICES)
+        _check_choice("onnx_calibration", self.onnx_calibration, ONNX_CALIBRATION_METHODS)
 
 
 @dataclass(frozen=True)
