@@ -14,7 +14,7 @@ from typing import Any
 
 from featx_edge.backbones.registry import get_backbone
 from featx_edge.data.augment import DEFAULT_TRANSFORMS, parse_transforms
-from featx_edge.errors import ConfigError
+from featx_edge.errors import ConfigError, check_int, is_int, received
 from featx_edge.formats.registry import (
     FORMATS,
     ONNX_CALIBRATION_METHODS,
@@ -41,11 +41,6 @@ STRATEGIES = ("auto", "default", "mirrored", "multi-worker")
 """``train.strategy`` values (``--strategy``); see ``featx_edge.training.distribute``."""
 
 
-def _received(value: Any, *, wrong_type: bool) -> str:
-    """How an error shows the value it received; with its type when the type is the problem."""
-    return f"`{value!r}` ({type(value).__name__})" if wrong_type else f"`{value}`"
-
-
 def _is_number(value: Any) -> bool:
     """An int or float, not a bool (``True`` is an int to Python, never a number to a config)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -58,52 +53,27 @@ def _check_range(name: str, value: Any, low: float, high: float, *, low_open: bo
     if not ok:
         bracket = "(" if low_open else "["
         raise ConfigError(
-            f"`{name}` must be a number in {bracket}{low}, {high}]; received {_received(value, wrong_type=not number)}."
-        )
-
-
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    """An integer (not a bool, not a float such as 10.0) in [low, high]."""
-    integer = isinstance(value, int) and not isinstance(value, bool)
-    if not integer or not low <= value <= high:
-        raise ConfigError(
-            f"`{name}` must be an integer from {low} to {high}; received {_received(value, wrong_type=not integer)}."
+            f"`{name}` must be a number in {bracket}{low}, {high}]; received {received(value, wrong_type=not number)}."
         )
 
 
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ConfigError(f"`{name}` must be true or false; received {_received(value, wrong_type=True)}.")
+        raise ConfigError(f"`{name}` must be true or false; received {received(value, wrong_type=True)}.")
 
 
 def _check_text(name: str, value: Any, *, allowed: str) -> None:
     """A non-empty string without NUL bytes; ``allowed`` says what it may be."""
     if not isinstance(value, str) or not value.strip() or "\0" in value:
         raise ConfigError(
-            f"`{name}` must be {allowed}; received {_received(value, wrong_type=not isinstance(value, str))}."
+            f"`{name}` must be {allowed}; received {received(value, wrong_type=not isinstance(value, str))}."
         )
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in choices:
         raise ConfigError(f"`{name}` must be one of {', '.join(choices)}; "
-                          f"received {_received(value, wrong_type=not isinstance(value, str))}.")
-
-
-def check_flag(flag: str, value: Any, *, low: int = 1, high: int | None = None) -> None:
-    """Refuse a command-line integer (``--threads``, ``--top-k``) outside [low, high]; None (unset) passes.
-
-    Example:
-        >>> check_flag("--threads", 0)
-        Traceback (most recent call last):
-        featx_edge.errors.ConfigError: `--threads` must be an integer >= 1; received `0`.
-    """
-    if value is None:
-        return
-    integer = isinstance(value, int) and not isinstance(value, bool)
-    if not integer or value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"from {low} to {high}"
-        raise ConfigError(f"`{flag}` must be an integer {allowed}; received {_received(value, wrong_type=not integer)}.")
+                          f"received {received(value, wrong_type=not isinstance(value, str))}.")
 
 
 @dataclass(frozen=True)
@@ -157,22 +127,22 @@ class ModelConfig:
         _check_text("backbone", self.backbone, allowed="a backbone name (see `featx-edge backbones`)")
         spec = get_backbone(self.backbone)
         if self.alpha is not None and not _is_number(self.alpha):
-            raise ConfigError(f"`alpha` must be a number; received {_received(self.alpha, wrong_type=True)}.")
+            raise ConfigError(f"`alpha` must be a number; received {received(self.alpha, wrong_type=True)}.")
         object.__setattr__(self, "alpha", spec.check_alpha(self.alpha))
         if self.image_size is not None:
             self._check_image_size(spec)
-        _check_int("head_units", self.head_units, 0, 8192)
+        check_int("head_units", self.head_units, low=0, high=8192)
         _check_range("dropout", self.dropout, 0.0, 0.9)
         _check_text("weights", self.weights, allowed="`imagenet`, `none` or a path to a weights file")
 
     def _check_image_size(self, spec) -> None:
         size = self.image_size
-        integer = isinstance(size, int) and not isinstance(size, bool)
+        integer = is_int(size)
         if not integer or not spec.min_size <= size <= MAX_IMAGE_SIZE:
             raise ConfigError(
                 f"`image_size` (`--image-size`) for `{spec.name}` must be an integer from {spec.min_size} to "
                 f"{MAX_IMAGE_SIZE}; "
-                f"received {_received(size, wrong_type=not integer)}. Its ImageNet weights were trained at "
+                f"received {received(size, wrong_type=not integer)}. Its ImageNet weights were trained at "
                 f"{spec.default_size}."
             )
         spec.check_size(size)
@@ -233,7 +203,7 @@ class TrainConfig:
             _check_text("feature_cache", self.feature_cache, allowed="a folder path or `none`")
         object.__setattr__(self, "augment", parse_transforms(self.augment))
         for name, low, high in _TRAIN_INTS:
-            _check_int(name, getattr(self, name), low, high)
+            check_int(name, getattr(self, name), low=low, high=high)
         for name in ("learning_rate", "fine_tune_learning_rate", "qat_learning_rate"):
             _check_range(name, getattr(self, name), 0.0, 1.0, low_open=True)
         _check_bool("mixed_precision", self.mixed_precision)
@@ -241,7 +211,7 @@ class TrainConfig:
         if not isinstance(self.strategy, str) or self.strategy not in STRATEGIES:
             raise ConfigError(
                 f"`strategy` (`--strategy`) must be one of {', '.join(STRATEGIES)}; "
-                f"received {_received(self.strategy, wrong_type=not isinstance(self.strategy, str))}."
+                f"received {received(self.strategy, wrong_type=not isinstance(self.strategy, str))}."
             )
 
 
@@ -286,17 +256,17 @@ class ExportConfig:
         if not isinstance(formats, (str, list, tuple)) or not all(isinstance(f, str) for f in formats):
             raise ConfigError(
                 f"`formats` must be `all`, a comma-separated string or a list of format names; received "
-                f"{_received(formats, wrong_type=True)}. Known formats: {', '.join(FORMATS)}, and the int8 variants."
+                f"{received(formats, wrong_type=True)}. Known formats: {', '.join(FORMATS)}, and the int8 variants."
             )
         object.__setattr__(self, "formats", parse_formats(formats))
-        _check_int("calibration_images", self.calibration_images, 1, 100_000)
+        check_int("calibration_images", self.calibration_images, low=1, high=100_000)
         if self.int8_budget is not None:
             _check_range("int8_budget", self.int8_budget, 0.0, 100.0)
-        _check_int("selective_float_layers", self.selective_float_layers, 1, 1000)
-        _check_int("reference_images", self.reference_images, 1, 1000)
+        check_int("selective_float_layers", self.selective_float_layers, low=1, high=1000)
+        check_int("reference_images", self.reference_images, low=1, high=1000)
         if not (isinstance(self.bias_correction, bool) or self.bias_correction == "auto"):
             raise ConfigError(f"`bias_correction` must be true, false or \"auto\"; received "
-                              f"{_received(self.bias_correction, wrong_type=True)}.")
+                              f"{received(self.bias_correction, wrong_type=True)}.")
         _check_choice("activation_ranges", self.activation_ranges, TFLITE_RANGE_METHODS)
         _check_choice("target", self.target, TARGET_CHOICES)
         _check_choice("onnx_calibration", self.onnx_calibration, ONNX_CALIBRATION_METHODS)
@@ -325,7 +295,7 @@ class McuConfig:
             items = value.split(",") if isinstance(value, str) else value
             if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in items):
                 raise ConfigError(f"`{name}` in [mcu] must be a list of names; received "
-                                  f"{_received(value, wrong_type=True)}.")
+                                  f"{received(value, wrong_type=True)}.")
             object.__setattr__(self, name, tuple(dict.fromkeys(v.strip() for v in items)))
 
     @property
@@ -357,7 +327,7 @@ class RunConfig:
                 raise ConfigError(f"`{name}` must be a {cls.__name__}; received {type(getattr(self, name)).__name__}.")
         if not isinstance(self.verify, dict):
             raise ConfigError(f"`verify` must map formats to thresholds; received {type(self.verify).__name__}.")
-        _check_int("seed", self.seed, 0, MAX_SEED)
+        check_int("seed", self.seed, low=0, high=MAX_SEED)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

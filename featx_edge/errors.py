@@ -45,3 +45,36 @@ class VerificationError(FeatxError):
 
 class NonFiniteOutputError(VerificationError):
     """A model gave NaN or Inf outputs: it is broken (for example a NaN weight); never a result."""
+
+
+def received(value: object, *, wrong_type: bool) -> str:
+    """How an error shows the value it received; with its type when the type is the problem."""
+    return f"`{value!r}` ({type(value).__name__})" if wrong_type else f"`{value}`"
+
+
+def is_int(value: object) -> bool:
+    """An int, not a bool (``True`` is an int to Python, never a count to a setting) nor a float such as 10.0."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: object, *, low: int, high: int | None = None, why_high: str | None = None) -> int:
+    """The one integer check of settings and flags: ``value`` if an integer in [low, high], else ConfigError.
+
+    ``why_high`` says where the upper bound comes from (e.g. the machine's CPUs); the error then
+    reads ">= low and at most high (why_high)".
+
+    Example:
+        >>> check_int("--threads", 0, low=1)
+        Traceback (most recent call last):
+        featx_edge.errors.ConfigError: `--threads` must be an integer >= 1; received `0`.
+    """
+    integer = is_int(value)
+    if not integer or value < low or (high is not None and value > high):
+        if high is None:
+            allowed = f">= {low}"
+        elif why_high:
+            allowed = f">= {low} and at most {high} ({why_high})"
+        else:
+            allowed = f"from {low} to {high}"
+        raise ConfigError(f"`{name}` must be an integer {allowed}; received {received(value, wrong_type=not integer)}.")
+    return value

@@ -131,7 +131,7 @@ def test_verify_status_counts_only_entries_for_the_current_files(tmp_path):
         "tflite-int8": {"sha256": "a" * 64, "passed": True, "accuracy_change_points": -0.4},
         "onnx-int8": {"sha256": "b" * 64, "passed": False},
         "tflite-float32": {"sha256": "0" * 64, "passed": True}}}))  # stale: another file was verified
-    entries = current_verify_entries(tmp_path, artifacts)
+    entries = current_verify_entries(tmp_path, {"artifacts": artifacts})  # the manifest's artifacts
     assert verify_status(entries) == {"tflite-int8": "pass", "onnx-int8": "FAIL"}
     assert list(passed_entries(entries)) == ["tflite-int8"]
-    assert current_verify_entries(tmp_path / "missing", artifacts) == {}
+    assert current_verify_entries(tmp_path / "missing", {"artifacts": artifacts}) == {}

@@ -50,8 +50,8 @@ Modules, one concern each:
 The names above are importable from ``featx_edge.bench`` itself; each loads its module on first
 use, so importing the package (as every worker process does) loads nothing else.
 
-May import: export (MAC counting), training (``Run``), fidelity, data, rundir, files, formats,
-runtime and the leaves. Never report, device or cli.
+May import: verify (the verify record), export (MAC counting), training (``Run``), fidelity, data,
+rundir, files, formats, runtime and the leaves. Never report, device or cli.
 
 Example:
     >>> from featx_edge.bench import bench_run, format_table

@@ -172,7 +172,7 @@ def _bench(opened: Run, *, threads: Sequence[int], batches: Sequence[int], forma
         for row in rows:
             if row.get("status") == "ok" and row["threads"] > 1 and row.get("ceiling_fraction") is not None:
                 row["ceiling_fraction_measured"], row["ceiling_fraction"] = row["ceiling_fraction"], None
-    entries = current_verify_entries(run, manifest["artifacts"])
+    entries = current_verify_entries(run, manifest)
     status = verify_status(entries)
     for row in rows:  # the exports a user may ship are those that passed verify
         row["verify"] = "reference" if row["format"] == REFERENCE_FORMAT else status.get(row["format"])

@@ -4,15 +4,16 @@ sweep, the test images, and the accuracy already recorded in ``verify.json`` or 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from featx_edge.errors import ConfigError, FeatxError, RunDirError
+from featx_edge.errors import ConfigError, FeatxError, RunDirError, check_int, is_int
+from featx_edge.formats.registry import engine_for_file
 from featx_edge.rundir.manifest import artifact_problems
-from featx_edge.rundir.names import VERIFY, WEIGHTS
+from featx_edge.rundir.names import MANIFEST, VERIFY, WEIGHTS
 from featx_edge.training.run import Run
+from featx_edge.verify.record import read_record
 
 REFERENCE_FORMAT = "keras-reference"
 """The ``format`` of the TensorFlow rows: the run's Keras model (``RUN/model.weights.h5``)."""
@@ -33,15 +34,14 @@ POOL_IMAGES = 64  # distinct images cycled through while timing
 
 def positive_ints(name: str, values) -> tuple[int, ...]:
     """A sweep setting (one int or several) as sorted distinct positive ints; ConfigError otherwise."""
-    if isinstance(values, int):
-        values = (values,)
+    items = (values,) if is_int(values) else values
     try:
-        items = tuple(sorted({int(v) for v in values}))
-    except (TypeError, ValueError):
-        items = ()
-    if not items or any(v < 1 for v in items) or any(isinstance(v, bool) for v in values):
+        checked = [check_int(name, value, low=1) for value in items]
+    except (TypeError, ConfigError):  # not a collection, or an item is not a positive integer
+        checked = []
+    if not checked:
         raise ConfigError(f"`{name}` must be one or more positive integers, e.g. {name}=(1, 4); received {values!r}.")
-    return items
+    return tuple(sorted(set(checked)))
 
 
 def check_artifacts(run: Path, manifest: dict, formats) -> list[str]:
@@ -98,31 +98,29 @@ def load_inputs(run: Run, *, count: int) -> tuple[np.ndarray, dict | None, dict]
 
 def accuracy_lookup(run: Path, manifest: dict) -> tuple[dict, float | None, str | None, str | None]:
     """(format -> accuracy from verify.json, reference accuracy, its source, note)."""
-    path = run / VERIFY
     per_format: dict = {}
     reference, source, note = None, None, None
-    if path.is_file():
-        try:
-            verify = json.loads(path.read_text(encoding="utf-8"))
-            artifacts = manifest.get("artifacts") or {}
-            # An entry measured on another file than the one exported now is stale: not reused.
-            per_format = {f: e.get("accuracy") for f, e in (verify.get("formats") or {}).items()
-                          if e.get("sha256") and e.get("sha256") == (artifacts.get(f) or {}).get("sha256")}
-            stale = sorted(f for f, e in (verify.get("formats") or {}).items()
-                           if f in artifacts and f not in per_format)
-            if stale:
-                note = (f"{VERIFY} is stale for {', '.join(stale)} (the artifact changed since it was verified, "
-                        f"or it predates sha256 records); re-run `featx-edge verify {run}`")
-            reference = verify.get("reference_accuracy")
-            source = VERIFY if reference is not None else None
-        except (OSError, json.JSONDecodeError) as err:
-            note = f"{path} is unreadable ({err}); re-run `featx-edge verify {run}`"
-    else:
+    try:
+        record = read_record(run)
+    except RunDirError as err:  # damaged: the bench still runs, and says so
+        record, note = None, str(err)
+    if record is not None:
+        # An entry measured on another file than the one exported now is stale: not reused.
+        current = record.current(manifest=manifest)
+        per_format = {fmt: entry.accuracy for fmt, entry in current.items()}
+        stale = sorted(fmt for fmt in record.entries if fmt in (manifest.get("artifacts") or {})
+                       and fmt not in current)
+        if stale:
+            note = (f"{VERIFY} is stale for {', '.join(stale)} (the artifact changed since it was verified, "
+                    f"or it predates sha256 records); re-run `featx-edge verify {run}`")
+        reference = record.reference_accuracy
+        source = VERIFY if reference is not None else None
+    elif note is None:
         note = (f"no {VERIFY}: accuracy columns come from this bench's own pass over the test split; "
                 f"run `featx-edge verify {run}` for verified accuracy")
     if reference is None:
         reference = (manifest.get("training") or {}).get("test_accuracy")
-        source = "manifest.json (training)" if reference is not None else None
+        source = f"{MANIFEST} (training)" if reference is not None else None
     return per_format, reference, source, note
 
 
@@ -179,8 +177,8 @@ def plan_rows(run: Path, manifest: dict, formats: list[str], *, threads: tuple[i
     combos = []  # (format, runtime name, path, model bytes, sha256)
     for fmt in formats:
         path = run / artifacts[fmt]["path"]
-        kind = "onnx" if path.suffix.lower() == ".onnx" else "tflite"
-        names = [n for n, _ in (ORT_RUNTIMES if kind == "onnx" else LITERT_RUNTIMES)]
+        onnx = engine_for_file(path) == "onnxruntime"
+        names = [n for n, _ in (ORT_RUNTIMES if onnx else LITERT_RUNTIMES)]
         combos += [(fmt, name, path, int(artifacts[fmt]["bytes"]), artifacts[fmt].get("sha256")) for name in names]
     weights = run / manifest.get("reference", {}).get("path", WEIGHTS)
     combos.append((REFERENCE_FORMAT, "tensorflow", weights, weights.stat().st_size if weights.is_file() else None,

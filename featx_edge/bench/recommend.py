@@ -8,39 +8,35 @@ runtime, threads and batch is flagged with the likely cause.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from featx_edge.errors import RunDirError
 from featx_edge.formats.registry import FORMAT_SPECS
 from featx_edge.formats.targets import detect_host
-from featx_edge.rundir.names import VERIFY
-
-FLOAT_SIBLING = {"tflite-int8": "tflite-float32", "tflite-int8-selective": "tflite-float32",
-                 "tflite-int8-qat": "tflite-float32", "tflite-int16x8": "tflite-float32",
-                 "tflite-dynamic": "tflite-float32",
-                 "onnx-int8": "onnx-float32"}
+from featx_edge.verify.record import Entry, read_record
 
 
-def current_verify_entries(run: Path, artifacts: dict) -> dict[str, dict]:
-    """verify.json's entries that were measured on the files exported now (stale ones left out)."""
+def current_verify_entries(run: Path, manifest: dict) -> dict[str, Entry]:
+    """verify.json's entries that were measured on the files exported now (stale ones left out).
+
+    A missing or damaged record gives none: the bench's accuracy note (``plan.accuracy_lookup``)
+    already names the damage, and nothing unverified is recommended.
+    """
     try:
-        verify = json.loads((Path(run) / VERIFY).read_text(encoding="utf-8"))
-        entries = verify.get("formats") or {}
-    except (OSError, ValueError, AttributeError):
+        record = read_record(run)
+    except RunDirError:
         return {}
-    return {fmt: entry for fmt, entry in entries.items()
-            if isinstance(entry, dict) and entry.get("sha256")
-            and entry.get("sha256") == (artifacts.get(fmt) or {}).get("sha256")}
+    return {} if record is None else record.current(manifest=manifest)
 
 
-def verify_status(entries: dict[str, dict]) -> dict[str, str]:
+def verify_status(entries: dict[str, Entry]) -> dict[str, str]:
     """``pass`` or ``FAIL`` per format, for entries from ``current_verify_entries``."""
-    return {fmt: "pass" if entry.get("passed") else "FAIL" for fmt, entry in entries.items()}
+    return {fmt: "pass" if entry.passed else "FAIL" for fmt, entry in entries.items()}
 
 
-def passed_entries(entries: dict[str, dict]) -> dict[str, dict]:
+def passed_entries(entries: dict[str, Entry]) -> dict[str, Entry]:
     """The entries (from ``current_verify_entries``) that passed: the exports a user may ship."""
-    return {fmt: entry for fmt, entry in entries.items() if entry.get("passed")}
+    return {fmt: entry for fmt, entry in entries.items() if entry.passed}
 
 
 def recommend(rows: list[dict], *, verified: dict[str, dict], quantization: dict[str, dict],
@@ -86,7 +82,8 @@ def _verified_here(fmt: str, entry: dict, host: str) -> bool:
 
 
 def _pick(best: dict, pool: list[dict], verified: dict, *, key: str) -> dict:
-    floats = [r for r in pool if not FORMAT_SPECS.get(r["format"]) or r["format"].endswith("float32")]
+    floats = [r for r in pool
+              if not FORMAT_SPECS.get(r["format"]) or FORMAT_SPECS[r["format"]].mac_arithmetic == "float32"]
     baseline = (min(floats, key=lambda r: r["p50_ms"]) if key == "p50_ms"
                 else max(floats, key=lambda r: r.get("throughput_ips") or 0.0)) if floats else None
     change = verified[best["format"]].get("accuracy_change_points")
@@ -109,7 +106,8 @@ def _pick(best: dict, pool: list[dict], verified: dict, *, key: str) -> dict:
 
 
 def _slow_int8(row: dict, ok: list[dict], quantization: dict, host: str) -> dict | None:
-    sibling = FLOAT_SIBLING.get(row["format"])
+    spec = FORMAT_SPECS.get(row["format"])
+    sibling = spec.float_sibling if spec else None
     if sibling is None:
         return None
     twin = next((r for r in ok if r["format"] == sibling and r["runtime"] == row["runtime"]

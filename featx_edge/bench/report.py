@@ -10,11 +10,9 @@ from pathlib import Path
 from featx_edge.bench.plan import REFERENCE_FORMAT
 from featx_edge.bench.recommend import format_recommendation
 from featx_edge.errors import RunDirError
-from featx_edge.rundir.names import VERIFY
+from featx_edge.rundir.names import BENCH_JSON, BENCH_MD, BENCH_PNG, VERIFY
 
-BENCH_JSON = "bench.json"
-BENCH_MD = "bench.md"
-BENCH_PNG = "bench.png"
+__all__ = ["BENCH_JSON", "BENCH_MD", "BENCH_PNG", "SCHEMA", "compare_runs", "format_table", "load_report", "result_row"]
 SCHEMA = "featx-edge-bench/1"
 
 

@@ -4,6 +4,6 @@ Modules: ``pack`` (the chosen export, its self-test, labels, a README and this p
 wheel), ``own_wheel`` (building that wheel from the installed package), ``firmware``
 (``--target mcu``: the firmware sources ``featx-edge mcu`` wrote, its ``mcu.json`` and a README).
 
-May import: mcu (its record and file names), runtime, training (``Run``), rundir, files, formats
-and the leaves.
+May import: verify (the verify record), mcu (its record and file names), runtime, training (``Run``),
+rundir, files, formats and the leaves.
 """

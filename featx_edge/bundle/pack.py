@@ -9,7 +9,6 @@ verified).
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
 import os
 import re
@@ -30,6 +29,7 @@ from featx_edge.formats.registry import artifact_filename, check_format, get_for
 from featx_edge.rundir.names import VERIFY
 from featx_edge.runtime.selftest import SELFTEST_DIR, golden_path, read_golden, written_for
 from featx_edge.training.run import Run
+from featx_edge.verify.record import read_record
 
 log = logging.getLogger(__name__)
 BUNDLE_JSON = "bundle.json"
@@ -178,28 +178,23 @@ def recover_bundle_out(out: Path, *, as_zip: bool) -> None:
 def _verify_entry(run: Run, fmt: str, *, allow: bool) -> tuple[str, dict]:
     """``fmt``'s verify status (pass, FAILED, stale, not verified) and what verify measured."""
     redo = f"`featx-edge verify {run.path} --formats {fmt}`"
-    try:
-        report = json.loads((run.path / VERIFY).read_text(encoding="utf-8"))
-        entry, images = (report.get("formats") or {}).get(fmt), report.get("images")
-    except FileNotFoundError:
-        entry, images = None, None
-    except (OSError, ValueError, AttributeError) as err:
-        raise RunDirError(f"`{run.path / VERIFY}` is unreadable ({err}); run {redo} again.") from err
-    entry = entry if isinstance(entry, dict) else {}
+    record = read_record(run.path)  # a damaged verify.json: its own one line
+    entry = record.entries.get(fmt) if record is not None else None
     status, why = "pass", ""
-    if not entry:
+    if entry is None:
         status, why = "not verified", f"has no entry in {VERIFY}; run {redo}"
-    elif entry.get("sha256") != run.manifest["artifacts"][fmt]["sha256"]:
+    elif record.staleness(fmt, manifest=run.manifest) is not None:
         status, why = "stale", f"changed since it was verified ({VERIFY} measured another file); run {redo}"
-    elif entry.get("passed") is not True:
-        status, why = "FAILED", (f"FAILED verify ({'; '.join(map(str, entry.get('failures') or [])) or VERIFY}); "
+    elif not entry.passed:
+        status, why = "FAILED", (f"FAILED verify ({'; '.join(entry.failures) or VERIFY}); "
                                  "ship a format that passed, or fix this one (README \"int8\") and run " + redo)
     if status != "pass" and not allow:
         raise VerificationError(f"`{run.path}`: {fmt} {why}. Or pass `--allow-unverified` to bundle it anyway "
                                 f"(recorded in {BUNDLE_JSON} and the bundle's README).")
     if status != "pass":  # allowed
         log.warning("bundling %s although it %s (--allow-unverified; recorded in %s)", fmt, why, BUNDLE_JSON)
-    return status, {**{k: entry[k] for k in VERIFY_KEPT if k in entry}, "images": images}
+    kept = {k: entry.fields[k] for k in VERIFY_KEPT if k in entry.fields} if entry is not None else {}
+    return status, {**kept, "images": record.images if record is not None else None}
 
 
 def _copy_model(run: Run, fmt: str, model: Path, staging: Path) -> int:

@@ -115,7 +115,7 @@ def _cmd_verify(args) -> int:
     from featx_edge.errors import VerificationError
     from featx_edge.formats.registry import parse_formats, parse_kernel_sets
     from featx_edge.rundir.manifest import read_manifest
-    from featx_edge.rundir.names import VERIFY
+    from featx_edge.verify.record import read_record
     from featx_edge.verify.runner import format_table, verify_run
 
     formats = parse_formats(args.formats) if args.formats is not None else None  # `--formats ""` is refused
@@ -123,9 +123,9 @@ def _cmd_verify(args) -> int:
     try:
         report = verify_run(args.run, formats=formats, overrides=_thresholds(args), kernels=kernels)
     except VerificationError:
-        path = Path(args.run) / VERIFY
-        if path.is_file():  # the table of what was measured, then the error
-            print(format_table(json.loads(path.read_text(encoding="utf-8")), read_manifest(args.run)))
+        record = read_record(args.run)
+        if record is not None:  # the table of what was measured, then the error
+            print(format_table(dict(record.fields), read_manifest(args.run)))
         raise
     print(format_table(report, read_manifest(args.run)))
     return 0
@@ -146,9 +146,9 @@ def _cmd_run(args) -> int:
     from featx_edge.progress import say
     from featx_edge.report import report_after_run
     from featx_edge.rundir.manifest import read_manifest
-    from featx_edge.rundir.names import VERIFY
     from featx_edge.training.distribute import is_chief
     from featx_edge.training.train import check_destination, train_run
+    from featx_edge.verify.record import read_record
     from featx_edge.verify.runner import format_table, verify_run
 
     config = _config_from_args(args)
@@ -169,7 +169,9 @@ def _cmd_run(args) -> int:
         try:
             report = verify_run(args.out, kernels=kernels)
         except VerificationError:
-            say(format_table(json.loads((Path(args.out) / VERIFY).read_text()), read_manifest(args.out)))
+            record = read_record(args.out)
+            if record is not None:  # the table of what was measured, then the error
+                say(format_table(dict(record.fields), read_manifest(args.out)))
             report_after_run(args.out)  # most useful when verify failed
             raise
         say(format_table(report, read_manifest(args.out)))  # `run ... | head`: a closed pipe must not stop
@@ -255,14 +257,14 @@ def _iter_images(items: list[str]) -> list[Path]:
 
 
 def _cmd_predict(args) -> int:
-    from featx_edge.config import check_flag
-    from featx_edge.errors import ImageError
+    from featx_edge.errors import ImageError, check_int
     from featx_edge.runtime import load
     from featx_edge.runtime.metadata import printable
     from featx_edge.runtime.predictor import check_threads
 
     check_threads(args.threads, name="--threads")
-    check_flag("--top-k", args.top_k)
+    if args.top_k is not None:
+        check_int("--top-k", args.top_k, low=1)
     top_k = args.top_k or (3 if args.json else 1)
     paths = _iter_images(args.images)
     predictor = load(args.model, threads=args.threads)
@@ -354,12 +356,13 @@ def _bundle_firmware(args) -> int:
 
 
 def _cmd_device_check(args) -> int:
-    from featx_edge.config import check_flag
     from featx_edge.device.check import device_check
+    from featx_edge.errors import check_int
     from featx_edge.runtime.predictor import check_threads
 
     check_threads(args.threads, name="--threads")
-    check_flag("--images", args.images)
+    if args.images is not None:
+        check_int("--images", args.images, low=1)
     result = device_check(args.targets, arch=args.arch, cpus=args.cpu, images=args.images,
                           formats=args.formats, threads=args.threads or 1, out=args.out)
     print(result.table)

@@ -15,5 +15,5 @@ pip and qemu.
 This file imports nothing: the guest imports ``featx_edge.device.guest``, which must pull in
 the runtime and nothing else.
 
-May import: verify, training (``Run``), fidelity, data, files, formats, runtime and the leaves.
+May import: verify, training (``Run``), fidelity, data, rundir, files, formats, runtime and the leaves.
 """

@@ -40,11 +40,12 @@ from featx_edge.device.emulator import (
     run_python,
 )
 from featx_edge.device.env import Environment, ensure_environment
-from featx_edge.errors import ConfigError, ModelFileError, RunDirError
+from featx_edge.errors import ConfigError, ModelFileError, RunDirError, check_int
 from featx_edge.files.atomic import sha256_file, write_json
 from featx_edge.files.lock import locked
 from featx_edge.formats.registry import parse_formats, thresholds_for, tie_margin
 from featx_edge.progress import verbose
+from featx_edge.rundir.names import DEVICE_CHECK as REPORT
 from featx_edge.runtime.predictor import check_threads
 from featx_edge.runtime.selftest import Golden, golden_path, read_golden, tolerance_for
 from featx_edge.verify.runner import read_reference_outputs
@@ -52,7 +53,6 @@ from featx_edge.versions import installed_versions
 
 log = logging.getLogger(__name__)
 
-REPORT = "device_check.json"
 DEFAULT_IMAGES = 64
 """Self-test images compared for a bare model file (a run uses its whole test split by default)."""
 GATE_MIN_IMAGES = 200
@@ -103,8 +103,8 @@ def device_check(targets: list[str], *, arch: str = "arm64", cpus: str | None = 
     """
     target_arch = parse_arch(arch)
     cores = parse_cores(target_arch, cpus)
-    if images is not None and (isinstance(images, bool) or not isinstance(images, int) or images < 1):
-        raise ConfigError(f"`--images` must be an integer >= 1; received `{images!r}`.")
+    if images is not None:
+        check_int("--images", images, low=1)
     check_threads(threads)
     wanted = parse_formats(formats) if formats is not None else None  # `--formats ""` is refused
     if not targets:

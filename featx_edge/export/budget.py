@@ -14,7 +14,7 @@ from featx_edge.data.folders import label_of, map_batches
 from featx_edge.export.calibration import calibration_files
 from featx_edge.fidelity.gate import compare
 from featx_edge.fidelity.intervals import wilson
-from featx_edge.formats.registry import thresholds_for
+from featx_edge.formats.registry import budget_candidates, thresholds_for
 from featx_edge.training.train import predict_probs
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,7 @@ def choose_int8(run, *, budget: float, export: Callable[[str], dict]) -> dict:
     ``export(fmt)`` makes a variant the run does not have yet. The decision is recorded in the
     manifest (``int8_selection``).
     """
-    candidates = ["tflite-int8", "tflite-int8-selective"]
-    if run.config.train.qat_epochs:
-        candidates.append("tflite-int8-qat")
+    candidates = budget_candidates(qat=bool(run.config.train.qat_epochs))
     judging = judging_set(run)
     attempts = []
     chosen = None

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from featx_edge.formats.registry import get_format, mac_count_formats
+
 _COUNTED = ("Conv", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul")
 _INTEGER_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QGemm")
 
@@ -134,18 +136,17 @@ def count_macs(run: Path, artifacts: dict) -> dict:
         ``note``) when no artifact could be counted.
     """
     attempts = []
-    candidates = [("onnx-float32", count_macs_onnx)]
-    candidates += [(fmt, count_macs_tflite) for fmt in ("tflite-float32", "tflite-float16", "tflite-dynamic",
-                                                        "tflite-int8")]
-    for fmt, counter in candidates:
+    for fmt in mac_count_formats():
         if fmt not in artifacts:
             continue
+        onnx = get_format(fmt).engine == "onnxruntime"
+        counter = count_macs_onnx if onnx else count_macs_tflite
         try:
             result = counter(run / artifacts[fmt]["path"])
         except Exception as err:  # noqa: BLE001 - a missing `onnx` package or an odd graph: try the next
             attempts.append(f"{fmt}: {type(err).__name__}: {err}")
             continue
-        method = ("ONNX graph with shape inference: Conv, Gemm, MatMul" if fmt.startswith("onnx")
+        method = ("ONNX graph with shape inference: Conv, Gemm, MatMul" if onnx
                   else "TFLite graph: CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, BATCH_MATMUL")
         note = "element-wise ops, pooling and activations are not counted"
         if result["uncounted"]:

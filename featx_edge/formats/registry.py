@@ -3,8 +3,10 @@
 A leaf module (imports only ``errors``): the CLI, the config, export, verify, bench and the
 device runtime all read formats from here. Each ``FormatSpec`` says where the artifact goes
 (extension, engine), what it claims (int8 arithmetic, integer-only input and output), how
-verify judges it (default ``Thresholds``) and how far a device's outputs may stray from the
-export machine's (self-test tolerance).
+verify judges it (default ``Thresholds``), how far a device's outputs may stray from the
+export machine's (self-test and device tolerance), what its MACs compute in and which float
+sibling bench weighs it against, and where ``--int8-budget`` tries it. Code elsewhere asks
+these; it never tests a format's name or a file's suffix by its spelling (``engine_for_file``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import PurePath
 
 from featx_edge.errors import ConfigError
 
@@ -58,6 +61,17 @@ class FormatSpec:
             bit for bit), so a quantized TFLite file is verified under both.
         quantized_tie_margin: for formats without a ``max_abs_diff`` tolerance, the reference
             margin below which a top-1 change is a near-tie (see ``tie_margin``).
+        float_sibling: the float32 format of the same engine a quantized format is weighed against
+            (bench flags an int8 export slower than its sibling on the same runtime and settings).
+        mac_arithmetic: what its convolutions and matrix products multiply-accumulate in:
+            ``float32``, ``float16``, ``dynamic`` (int8 weights, activations quantized at run
+            time), ``int8`` (int8 weights and activations) or ``int16x8`` (int8 weights, int16
+            activations). ``float32`` formats are the speed baseline of bench's recommendation.
+        mac_count_order: ``export.macs.count_macs`` counts the model's MACs on the first exported
+            format in this order (None: never counted from it); every format has the same graph
+            shapes, and the float ones carry no quantize/dequantize nodes.
+        budget_order: ``--int8-budget`` tries the variants with an order, lowest first, and keeps
+            the first within budget (None: not a budget candidate).
     """
 
     name: str
@@ -72,11 +86,26 @@ class FormatSpec:
     quantization: str | None = None
     kernel_sets: tuple[str, ...] = ("default",)
     quantized_tie_margin: float | None = None
+    float_sibling: str | None = None
+    mac_arithmetic: str = "float32"
+    mac_count_order: int | None = None
+    budget_order: int | None = None
 
     @property
     def input_dtype(self) -> str:
         """What the artifact's input takes: uint8 pixels (full-integer) or float32 pixels 0..255."""
         return "uint8" if self.integer_only else "float32"
+
+    @property
+    def needs_qat(self) -> bool:
+        """Made by quantization-aware training: only for a run trained with ``qat_epochs``."""
+        return self.converter == "tflite-qat"
+
+    @property
+    def device_tolerance(self) -> float:
+        """Largest |probability difference| between a device (or an emulated core) and the export
+        machine: the self-test tolerance, which ``selftest`` and ``device-check`` both apply."""
+        return self.selftest_tolerance
 
 
 _FLOAT32 = Thresholds(min_agreement=1.0, max_accuracy_drop=0.0, max_abs_diff=1e-4)
@@ -94,35 +123,45 @@ KERNEL_SETS: dict[str, str] = {
 }
 """Kernel sets a file can be verified under; ``--kernels`` picks the ones the gate applies to."""
 
+_TFLITE_SIBLING = "tflite-float32"
+_ONNX_SIBLING = "onnx-float32"
+
 FORMAT_SPECS: dict[str, FormatSpec] = {
     spec.name: spec
     for spec in (
         FormatSpec("tflite-float32", ".tflite", "litert", int8=False, integer_only=False, standard=True,
-                   thresholds=_FLOAT32, selftest_tolerance=1e-4, converter="tflite", quantization="float32", kernel_sets=("xnnpack",)),
+                   thresholds=_FLOAT32, selftest_tolerance=1e-4, converter="tflite", quantization="float32",
+                   kernel_sets=("xnnpack",), mac_count_order=1),
         FormatSpec("tflite-float16", ".tflite", "litert", int8=False, integer_only=False, standard=True,
                    thresholds=Thresholds(min_agreement=0.98, max_accuracy_drop=1.0, max_abs_diff=0.05),
-                   selftest_tolerance=2e-3, converter="tflite", quantization="float16", kernel_sets=("xnnpack",)),
+                   selftest_tolerance=2e-3, converter="tflite", quantization="float16", kernel_sets=("xnnpack",),
+                   mac_arithmetic="float16", mac_count_order=2),
         FormatSpec("tflite-dynamic", ".tflite", "litert", int8=False, integer_only=False, standard=True,
                    thresholds=Thresholds(min_agreement=0.97, max_accuracy_drop=1.0, min_sqnr_db=20.0),
                    selftest_tolerance=_QUANTIZED_TOLERANCE, converter="tflite", quantization="dynamic",
-                   kernel_sets=_TFLITE_QUANTIZED_KERNELS, quantized_tie_margin=_OUTPUT_STEP),
+                   kernel_sets=_TFLITE_QUANTIZED_KERNELS, quantized_tie_margin=_OUTPUT_STEP,
+                   float_sibling=_TFLITE_SIBLING, mac_arithmetic="dynamic", mac_count_order=3),
         FormatSpec("tflite-int8", ".tflite", "litert", int8=True, integer_only=True, standard=True,
                    thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE, converter="tflite", quantization="int8",
-                   kernel_sets=_TFLITE_QUANTIZED_KERNELS, quantized_tie_margin=_OUTPUT_STEP),
+                   kernel_sets=_TFLITE_QUANTIZED_KERNELS, quantized_tie_margin=_OUTPUT_STEP,
+                   float_sibling=_TFLITE_SIBLING, mac_arithmetic="int8", mac_count_order=4, budget_order=1),
         FormatSpec("onnx-float32", ".onnx", "onnxruntime", int8=False, integer_only=False, standard=True,
-                   thresholds=_FLOAT32, selftest_tolerance=1e-4, converter="onnx"),
+                   thresholds=_FLOAT32, selftest_tolerance=1e-4, converter="onnx", mac_count_order=0),
         FormatSpec("onnx-int8", ".onnx", "onnxruntime", int8=True, integer_only=False, standard=True,
                    thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE, converter="onnx-int8",
-                   quantized_tie_margin=_OUTPUT_STEP),
+                   quantized_tie_margin=_OUTPUT_STEP, float_sibling=_ONNX_SIBLING, mac_arithmetic="int8"),
         FormatSpec("tflite-int8-selective", ".tflite", "litert", int8=True, integer_only=False, standard=False,
                    thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE, converter="tflite-selective",
-                   kernel_sets=_TFLITE_QUANTIZED_KERNELS, quantized_tie_margin=_OUTPUT_STEP),
+                   kernel_sets=_TFLITE_QUANTIZED_KERNELS, quantized_tie_margin=_OUTPUT_STEP,
+                   float_sibling=_TFLITE_SIBLING, mac_arithmetic="int8", budget_order=2),
         FormatSpec("tflite-int16x8", ".tflite", "litert", int8=True, integer_only=False, standard=False,
                    thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE, converter="tflite", quantization="int16x8",
-                   kernel_sets=_TFLITE_QUANTIZED_KERNELS, quantized_tie_margin=_OUTPUT_STEP),
+                   kernel_sets=_TFLITE_QUANTIZED_KERNELS, quantized_tie_margin=_OUTPUT_STEP,
+                   float_sibling=_TFLITE_SIBLING, mac_arithmetic="int16x8"),
         FormatSpec("tflite-int8-qat", ".tflite", "litert", int8=True, integer_only=True, standard=False,
                    thresholds=_INT8, selftest_tolerance=_QUANTIZED_TOLERANCE, converter="tflite-qat",
-                   kernel_sets=_TFLITE_QUANTIZED_KERNELS, quantized_tie_margin=_OUTPUT_STEP),
+                   kernel_sets=_TFLITE_QUANTIZED_KERNELS, quantized_tie_margin=_OUTPUT_STEP,
+                   float_sibling=_TFLITE_SIBLING, mac_arithmetic="int8", budget_order=3),
     )
 }
 
@@ -138,6 +177,34 @@ ONNX_CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy")
 TFLITE_RANGE_METHODS: tuple[str, ...] = ("auto", "minmax", "percentile", "mse")
 """``[export] activation_ranges``: how tflite-int8's activation ranges are calibrated (``export.tflite_ranges``)."""
 """onnxruntime calibration methods for onnx-int8 (`--onnx-calibration`)."""
+
+
+MODEL_SUFFIXES: dict[str, str] = {spec.extension: spec.engine for spec in FORMAT_SPECS.values()}
+"""A model file's suffix -> the engine that runs it (``.tflite``: LiteRT, ``.onnx``: onnxruntime)."""
+
+
+def engine_for_file(path) -> str | None:
+    """The engine that runs a model file, by its suffix (any case); None for another file."""
+    return MODEL_SUFFIXES.get(PurePath(path).suffix.lower())
+
+
+def mac_count_formats() -> tuple[str, ...]:
+    """The formats ``count_macs`` may count the model's MACs on, in the order it tries them."""
+    counted = [spec for spec in FORMAT_SPECS.values() if spec.mac_count_order is not None]
+    return tuple(spec.name for spec in sorted(counted, key=lambda spec: spec.mac_count_order))
+
+
+def budget_candidates(*, qat: bool) -> tuple[str, ...]:
+    """The int8 variants ``--int8-budget`` tries, in order; those made by QAT only when ``qat``."""
+    tried = [spec for spec in FORMAT_SPECS.values()
+             if spec.budget_order is not None and (qat or not spec.needs_qat)]
+    return tuple(spec.name for spec in sorted(tried, key=lambda spec: spec.budget_order))
+
+
+def int8_arithmetic(fmt: str) -> bool:
+    """A known format whose MACs are int8 on both sides (weights and activations)."""
+    spec = FORMAT_SPECS.get(fmt)
+    return spec is not None and spec.mac_arithmetic == "int8"
 
 
 def get_format(fmt: str) -> FormatSpec:

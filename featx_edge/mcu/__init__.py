@@ -13,6 +13,7 @@ and the leaves. Never bench, bundle, report, device or cli (bundle and report re
 through this package).
 """
 
-MCU_JSON = "mcu.json"
-"""What ``featx-edge mcu`` found, per format: TFLM fidelity and arena, Vela per NPU, profile fits."""
+from featx_edge.rundir.names import MCU_JSON  # the run-file table names it
+
+__all__ = ["MCU_JSON", "SCHEMA"]
 SCHEMA = "featx-edge-mcu/1"

@@ -33,12 +33,12 @@ from featx_edge.files.atomic import sha256_file, write_json
 from featx_edge.files.lock import locked
 from featx_edge.formats.registry import Thresholds, get_format, thresholds_for, tie_margin
 from featx_edge.mcu import MCU_JSON, SCHEMA
-from featx_edge.mcu.firmware import FIRMWARE_DIR, write_firmware
+from featx_edge.mcu.firmware import write_firmware
 from featx_edge.mcu.profiles import Profile, fit, get_profile, misfit_line, parse_profiles
 from featx_edge.mcu.tflm import ARENA_NOTE, TflmResult, require_tflm, run_tflm
 from featx_edge.mcu.vela import compile_for, parse_npu, require_vela
 from featx_edge.progress import bar
-from featx_edge.rundir.names import EXPORT_DIR
+from featx_edge.rundir.names import EXPORT_DIR, FIRMWARE_DIR
 from featx_edge.runtime.predictor import nonfinite_rows
 from featx_edge.training.run import Run
 from featx_edge.verify.runner import read_reference_outputs

@@ -24,8 +24,6 @@ import numpy as np
 from featx_edge.export.tflite import op_types
 from featx_edge.files.atomic import sha256_file, write_bytes
 
-FIRMWARE_DIR = "mcu"
-"""Under ``RUN/export/``: one folder of firmware sources per checked format."""
 FILES = ("model_data.h", "model_data.cc", "model_settings.h", "labels.h")
 ALIGNMENT = 16
 APPLICATION_EXAMPLE = """\

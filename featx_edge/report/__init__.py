@@ -11,8 +11,8 @@ URIs, no script), so it opens offline and can be mailed as one file.
 Modules: ``page`` (escaping HTML building blocks), ``figures`` (PNG curves and thumbnails),
 ``sections`` (one function per section), ``mcu_section`` (the microcontroller section).
 
-May import: bench, mcu (its ``mcu.json``), verify, training (``Run``), rundir, files, runtime and
-the leaves. Never cli.
+May import: bench, mcu (its ``mcu.json``), verify, training (``Run``), rundir, files, formats, runtime
+and the leaves. Never cli.
 
 Example:
     >>> from featx_edge.report import write_report
@@ -32,11 +32,10 @@ from featx_edge.files.atomic import write_bytes
 from featx_edge.files.lock import locked
 from featx_edge.report import mcu_section, sections
 from featx_edge.report.page import page
+from featx_edge.rundir.names import REPORT
 from featx_edge.training.run import Run
 
 log = logging.getLogger(__name__)
-
-REPORT = "report.html"
 
 
 def build_report(run: Run) -> str:

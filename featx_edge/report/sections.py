@@ -16,11 +16,13 @@ from featx_edge.bench.recommend import format_recommendation
 from featx_edge.bench.report import BENCH_JSON, BENCH_PNG, not_measured
 from featx_edge.errors import DataError, RunDirError
 from featx_edge.files.atomic import inside
+from featx_edge.formats.registry import int8_arithmetic
 from featx_edge.mcu import MCU_JSON
 from featx_edge.report.figures import thumbnail_png, training_curves_png
 from featx_edge.report.page import Html, img_png, join, markdown_lines, note, prose, section, table, tag
 from featx_edge.rundir.names import INT8_LAYERS, VERIFY
 from featx_edge.training.run import Run
+from featx_edge.verify.record import Entry, Stale, VerifyRecord, read_record, staleness
 from featx_edge.verify.runner import PREDICTIONS, PREDICTIONS_SCHEMA, small_split_note
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ class Sources:
         self.run = run
         self.manifest = run.manifest
         self.labels = [str(label) for label in run.labels]
-        self.verify, self.verify_problem = read_json(run.path / VERIFY)
+        self.verify, self.verify_problem = _read_verify(run)
         self.predictions, self.predictions_problem = read_json(run.path / PREDICTIONS)
         self.layers, self.layers_problem = read_json(run.path / INT8_LAYERS)
         self.bench, self.bench_problem = read_json(run.path / BENCH_JSON)
@@ -83,15 +85,16 @@ class Sources:
 
     def stale_reason(self, fmt: str, sha256: str | None) -> str | None:
         """Why a result measured on ``fmt``'s file ``sha256`` is not about the current file (None: it is)."""
-        if fmt not in (self.manifest.get("artifacts") or {}):
-            return "no longer exported"
-        if fmt not in self.current:
-            return "the file changed since export: " + "; ".join(self.file_problems.get(fmt) or [])
-        if not sha256:
-            return "no sha256 recorded with the result"
-        if sha256 != self.current[fmt]:
-            return "measured on an earlier export of this format"
-        return None
+        stale = staleness(fmt, sha256, manifest=self.manifest, file_problems=self.file_problems)
+        return None if stale is None else str(stale)
+
+
+def _read_verify(run: Run) -> tuple[VerifyRecord | None, str | None]:
+    """The verify record, or None with the record's own line on why it cannot be used (None: absent)."""
+    try:
+        return read_record(run.path), None
+    except RunDirError as err:  # the page still shows everything else, and says what is wrong here
+        return None, str(err)
 
 
 # -- header -----------------------------------------------------------------------------------
@@ -157,17 +160,17 @@ def training(src: Sources) -> Html:
 
 
 # -- verify -----------------------------------------------------------------------------------
-def verify_status(src: Sources, fmt: str, entry: dict) -> tuple[str, str]:
+def verify_status(src: Sources, entry: Entry) -> tuple[str, str]:
     """(``pass`` | ``FAIL`` | ``stale``, why) for one verify.json entry, against the current files."""
-    ref = (src.verify or {}).get("reference_sha256")
-    if ref and ref != (src.manifest.get("reference") or {}).get("sha256"):
-        return "stale", "verified against an earlier reference model"
-    if not entry.get("sha256") and not entry.get("passed"):
-        return "FAIL", "; ".join(map(str, entry.get("failures") or []))
-    stale = src.stale_reason(fmt, entry.get("sha256"))
-    if stale:
-        return "stale", stale
-    return ("pass", "") if entry.get("passed") else ("FAIL", "; ".join(map(str, entry.get("failures") or [])))
+    stale = src.verify.staleness(entry.format, manifest=src.manifest, file_problems=src.file_problems)
+    failed = ("FAIL", "; ".join(entry.failures))
+    if stale is not None and stale.kind is Stale.EARLIER_REFERENCE:
+        return "stale", str(stale)
+    if not entry.sha256 and not entry.passed:
+        return failed  # failed before any file was measured (e.g. it could not be loaded)
+    if stale is not None:
+        return "stale", str(stale)
+    return ("pass", "") if entry.passed else failed
 
 
 def _thresholds(limits: dict) -> str:
@@ -195,20 +198,19 @@ def _verify_cells(entry: dict) -> list[str]:
 def verify(src: Sources) -> Html:
     fix = f"run `featx-edge verify {src.run.path}`"
     if src.verify is None:
-        why = src.verify_problem or f"this run has no {VERIFY}"
-        return section("verify", "Verify", note(f"{why}; {fix}.", cls="warn"))
-    v = src.verify
-    formats = v.get("formats") if isinstance(v.get("formats"), dict) else {}
+        line = src.verify_problem or f"this run has no {VERIFY}; {fix}."  # a damaged record's line names its fix
+        return section("verify", "Verify", note(line, cls="warn"))
+    v = src.verify.fields
+    formats = src.verify.entries
     sizes = {fmt: (a or {}).get("bytes") for fmt, a in (src.manifest.get("artifacts") or {}).items()}
     rows = [["keras (reference)", "", _f(v.get("reference_accuracy")) + _ci(v.get("reference_accuracy_ci95")),
              "", "", "", "", "", "", "reference"]]
     classes: list[str | None] = [None]
     for fmt, entry in formats.items():
-        entry = entry if isinstance(entry, dict) else {}
-        status, why = verify_status(src, fmt, entry)
+        status, why = verify_status(src, entry)
         size = sizes.get(fmt)
-        kernel_rows = entry.get("kernels") if isinstance(entry.get("kernels"), dict) else {}
-        rows.append([fmt, "" if size is None else f"{size / 1e6:.2f}", *_verify_cells(entry),
+        kernel_rows = entry.kernels
+        rows.append([fmt, "" if size is None else f"{size / 1e6:.2f}", *_verify_cells(entry.fields),
                      _thresholds(entry.get("thresholds") or {}), why, status])
         classes.append(status.lower())
         if len(kernel_rows) > 1:  # side by side: one row per kernel set the file was verified under
@@ -329,7 +331,7 @@ def _said(src: Sources, name: str, entry: dict, i: int, *, truth: int) -> Html:
 
 
 def gallery(src: Sources, usable: dict[str, dict], problems: list[str]) -> Html:
-    int8 = [fmt for fmt in usable if "int8" in fmt]
+    int8 = [fmt for fmt in usable if int8_arithmetic(fmt)]
     if not usable:
         return section("gallery", "Where int8 disagrees with the reference",
                        *[note(line, cls="warn") for line in problems])

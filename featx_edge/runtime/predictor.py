@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featx_edge.errors import ConfigError, ModelFileError, NonFiniteOutputError
+from featx_edge.errors import ModelFileError, NonFiniteOutputError, check_int
+from featx_edge.formats.registry import MODEL_SUFFIXES, engine_for_file
 from featx_edge.runtime.backends import MAX_TENSOR_BYTES, LiteRTBackend, OnnxRuntimeBackend
 from featx_edge.runtime.image import ImageInput, load_pixels
 from featx_edge.runtime.metadata import check_onnx_header, parse_onnx_metadata, read_tflite
@@ -122,18 +123,19 @@ def load(path: str | Path, *, threads: int | None = None, provider: str = "CPUEx
     """
     check_threads(threads)
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".tflite":
+    engine = engine_for_file(path)
+    if engine == "litert":
         flatbuffer, metadata = read_tflite(path)
         kernels = kernels or ("xnnpack" if xnnpack else "builtin")
         backend = LiteRTBackend(flatbuffer, threads=threads, kernels=kernels, path=path,
                                 max_tensor_bytes=max_tensor_bytes)
-    elif suffix == ".onnx":
+    elif engine == "onnxruntime":
         check_onnx_header(path)
         backend = OnnxRuntimeBackend(path, threads=threads, provider=provider)
         metadata = parse_onnx_metadata(path, backend.metadata())
     else:
-        raise ModelFileError(f"{path}: unknown model type `{suffix or '(none)'}`; pass a .tflite or .onnx file")
+        raise ModelFileError(f"{path}: unknown model type `{path.suffix.lower() or '(none)'}`; pass a "
+                             f"{' or '.join(MODEL_SUFFIXES)} file")
     _check_contract(path, backend, metadata)
     return Predictor(backend, metadata, path)
 
@@ -157,13 +159,8 @@ def check_threads(threads, *, name: str = "threads") -> None:
     import os  # here, not at the top: this function is the only part of the module that needs it
 
     cpus = os.cpu_count() or 1
-    if threads is None:
-        return
-    integer = isinstance(threads, int) and not isinstance(threads, bool)
-    if not integer or not 1 <= threads <= 4 * cpus:
-        shown = f"`{threads}`" if integer else f"`{threads!r}` ({type(threads).__name__})"
-        raise ConfigError(f"`{name}` must be an integer >= 1 and at most {4 * cpus} (4x the {cpus} logical CPUs "
-                          f"here); received {shown}.")
+    if threads is not None:
+        check_int(name, threads, low=1, high=4 * cpus, why_high=f"4x the {cpus} logical CPUs here")
 
 
 def _check_contract(path: Path, backend, metadata: dict) -> None:

@@ -24,7 +24,7 @@ from featx_edge.errors import ConfigError, RunDirError
 from featx_edge.files.atomic import inside, sha256_file, write_json
 from featx_edge.formats.registry import ordered
 from featx_edge.rundir.manifest import artifact_problems, read_manifest
-from featx_edge.rundir.names import EXPORT_JOURNAL, MANIFEST
+from featx_edge.rundir.names import EXPORT_JOURNAL, MANIFEST, SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Run:
     def splits(self) -> Splits:
         """The run's train/val/test split; its data folder must still exist."""
         if self._splits is None:
-            splits = load_splits(self.path / self.manifest["data"].get("splits", "splits.json"))
+            splits = load_splits(self.path / self.manifest["data"].get("splits", SPLITS))
             if not splits.root.is_dir():
                 raise RunDirError(f"the run's data folder `{splits.root}` is gone; restore it "
                                   "(the splits refer to its files).")

@@ -17,7 +17,6 @@ gives one fails the whole verify in one line. An export passes only with its own
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from featx_edge.data.folders import iter_batches
-from featx_edge.errors import ModelFileError, VerificationError
+from featx_edge.errors import ModelFileError, RunDirError, VerificationError
 from featx_edge.fidelity.gate import broken_reference, check, compare
 from featx_edge.fidelity.intervals import wilson
 from featx_edge.files.atomic import atomic_path, sha256_file, write_json
@@ -43,23 +42,18 @@ from featx_edge.formats.registry import (
 )
 from featx_edge.formats.targets import detect_host
 from featx_edge.progress import bar
-from featx_edge.rundir.names import VERIFY
+from featx_edge.rundir.names import PREDICTIONS, REFERENCE_OUTPUTS, VERIFY
 from featx_edge.runtime.predictor import nonfinite_rows
 from featx_edge.runtime.selftest import golden_path, read_golden, written_for
 from featx_edge.training.run import Run
+from featx_edge.verify.record import read_record, write_record
 
 log = logging.getLogger(__name__)
 
 BATCH = 64
 """Images per batch: decoded once, run through the reference and every model."""
 
-PREDICTIONS = "verify_predictions.json"
-"""Per test image: top-1 class and its probability, of the reference and of each verified format
-(for the report's confusion matrices and disagreement gallery, which never rerun a model)."""
 PREDICTIONS_SCHEMA = "featx-edge-verify-predictions/1"
-REFERENCE_OUTPUTS = "verify_reference.npy"
-"""The Keras reference's probabilities on the test split, in split order (float32, (N, classes)):
-what `device-check` judges an emulated core's outputs against, without TensorFlow."""
 
 
 def verify_run(run: str | Path, *, formats: tuple[str, ...] | None = None,
@@ -95,12 +89,11 @@ class _Runner:
 
 
 def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None, kernels: tuple[str, ...]) -> dict:
-    manifest = run.manifest
-    # The run's own [verify] settings, then this call's.
-    overrides = merge_overrides(manifest.get("config", {}).get("verify", {}), overrides)
     formats = parse_formats(formats) if formats is not None else run.exported()  # an empty list is refused
     if not formats:
         raise VerificationError(f"`{run.path}` has no exported models; run `featx-edge export {run.path}` first.")
+    # The run's own [verify] settings, then this call's.
+    overrides = merge_overrides(run.manifest.get("config", {}).get("verify", {}), overrides)
     splits = run.splits()
     labels = splits.labels("test")
     limits = {fmt: thresholds_for(fmt, overrides) for fmt in formats}
@@ -109,18 +102,11 @@ def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None
     runners = [r for fmt in formats if not problems[fmt] for r in _open_runners(run, fmt, entries[fmt], problems[fmt])]
     log.info("verifying %d export(s) against the Keras reference on %d test images ...", len(formats), len(labels))
     reference = _run_test_split(run, splits, runners)
-    finite = np.isfinite(reference).all(axis=1) if reference.size else np.ones(len(reference), bool)
-    reference_right = int(np.sum(finite & (reference.argmax(1) == labels)))  # a NaN row is never right
-    report: dict = {"run": str(run.path), "images": len(labels),
-                    "reference_accuracy": reference_right / max(len(labels), 1),
-                    "reference_accuracy_ci95": list(wilson(reference_right, len(labels))),
-                    "reference_sha256": manifest["reference"]["sha256"],
-                    "reference_nonfinite": int(np.sum(~finite)), "kernel_sets_gated": list(kernels),
-                    "formats": entries}
+    report = _report_head(run, reference, labels, kernels=kernels, entries=entries)
     if report["reference_nonfinite"]:
         _refuse_broken_reference(run, report, problems=problems, runners=runners)
     predictions = {"schema": PREDICTIONS_SCHEMA, "images": list(splits.test), "labels": labels.tolist(),
-                   "reference": {"sha256": manifest["reference"]["sha256"], **top1(reference)}, "formats": {}}
+                   "reference": {"sha256": run.manifest["reference"]["sha256"], **top1(reference)}, "formats": {}}
     failures: list[str] = []
     for fmt in formats:
         mine = [r for r in runners if r.fmt == fmt]
@@ -131,11 +117,23 @@ def _verify(run: Run, *, formats: tuple[str, ...] | None, overrides: dict | None
     report["passed"] = not failures
     report["reference_outputs"] = _save_reference(run, reference)
     write_json(run.path / PREDICTIONS, predictions)
-    write_json(run.path / VERIFY, report)
-    log.info("wrote %s", run.path / VERIFY)
+    log.info("wrote %s", write_record(run.path, report))
     if failures:
         _raise_failures(run, failures, images=len(labels))
     return report
+
+
+def _report_head(run: Run, reference: np.ndarray, labels: np.ndarray, *, kernels: tuple[str, ...],
+                 entries: dict) -> dict:
+    """The record's reference part: its accuracy on the test split and how many outputs were not finite."""
+    finite = np.isfinite(reference).all(axis=1) if reference.size else np.ones(len(reference), bool)
+    reference_right = int(np.sum(finite & (reference.argmax(1) == labels)))  # a NaN row is never right
+    return {"run": str(run.path), "images": len(labels),
+            "reference_accuracy": reference_right / max(len(labels), 1),
+            "reference_accuracy_ci95": list(wilson(reference_right, len(labels))),
+            "reference_sha256": run.manifest["reference"]["sha256"],
+            "reference_nonfinite": int(np.sum(~finite)), "kernel_sets_gated": list(kernels),
+            "formats": entries}
 
 
 def read_reference_outputs(run: Run, *, needed_by: str = "device-check") -> np.ndarray:
@@ -144,24 +142,23 @@ def read_reference_outputs(run: Run, *, needed_by: str = "device-check") -> np.n
     RunDirError naming the fix when verify has not run, ran with an earlier reference, or the file
     was changed since; ``needed_by`` names the command in it.
     """
-    from featx_edge.errors import RunDirError
-
     fix = f"run `featx-edge verify {run.path}` first ({needed_by} judges against the outputs it records)"
+    record = read_record(run.path)  # a damaged verify.json: its own one line
+    outputs_record = record.reference_outputs if record is not None else None
+    if outputs_record is None:
+        why = f"{VERIFY} records none" if record is not None else f"no {VERIFY}"
+        raise RunDirError(f"`{run.path}` has no usable reference outputs from verify ({why}); {fix}.")
+    path = run.path / REFERENCE_OUTPUTS
     try:
-        report = json.loads((run.path / VERIFY).read_text(encoding="utf-8"))
-        record = report["reference_outputs"]
-        path = run.path / REFERENCE_OUTPUTS
-        current = report.get("reference_sha256") == run.manifest["reference"]["sha256"]
-        if not current or sha256_file(path) != record["sha256"]:
+        current = record.reference_sha256 == run.manifest["reference"]["sha256"]
+        if not current or sha256_file(path) != outputs_record.get("sha256"):
             raise RunDirError(f"`{path}` is stale (an earlier reference model, or changed since verify); {fix}.")
         outputs = np.load(path, allow_pickle=False)
-    except RunDirError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError) as err:
         raise RunDirError(f"`{run.path}` has no usable reference outputs from verify ({type(err).__name__}); "
                           f"{fix}.") from err
     if outputs.shape != (len(run.splits().test), len(run.labels)):
-        raise RunDirError(f"`{run.path / REFERENCE_OUTPUTS}` has shape {outputs.shape}, not the test split's; {fix}.")
+        raise RunDirError(f"`{path}` has shape {outputs.shape}, not the test split's; {fix}.")
     return outputs
 
 
@@ -225,7 +222,7 @@ def _refuse_broken_reference(run: Run, report: dict, *, problems: dict, runners:
         entry["failures"] = problems[fmt] + ["not compared: the Keras reference model gives NaN/Inf outputs"]
     report["passed"] = False
     (run.path / PREDICTIONS).unlink(missing_ok=True)
-    write_json(run.path / VERIFY, report)
+    write_record(run.path, report)
     raise broken_reference(run.path, weights=run.path / run.manifest["reference"]["path"],
                            bad=report["reference_nonfinite"], total=report["images"])
 
