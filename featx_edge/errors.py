@@ -47,6 +47,10 @@ class NonFiniteOutputError(VerificationError):
     """A model gave NaN or Inf outputs: it is broken (for example a NaN weight); never a result."""
 
 
+class FitError(FeatxError):
+    """``featx-edge fit`` found no model that fits the part (the figures say by how much)."""
+
+
 def received(value: object, *, wrong_type: bool) -> str:
     """How an error shows the value it received; with its type when the type is the problem."""
     return f"`{value!r}` ({type(value).__name__})" if wrong_type else f"`{value}`"

@@ -46,6 +46,7 @@ def _rows(report: dict, **match) -> list[dict]:
     return [r for r in report["rows"] if all(r.get(k) == v for k, v in match.items())]
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_every_available_runtime_has_rows(benched):
     _, report = benched
     for fmt in ("tflite-float32", "tflite-int8"):
@@ -61,6 +62,7 @@ def test_every_available_runtime_has_rows(benched):
     assert not _rows(report, format="tflite-int8", engine="onnxruntime")
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_measured_rows_are_sane(benched):
     _, report = benched
     measured = _rows(report, status="ok")
@@ -84,6 +86,7 @@ def test_measured_rows_are_sane(benched):
     assert report["inputs"]["source"] == "test split"
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_gpu_providers_are_reported_not_dropped(benched):
     import onnxruntime as ort
 
@@ -102,6 +105,7 @@ def test_gpu_providers_are_reported_not_dropped(benched):
             assert not report["runtimes"][runtime]["available"]
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_reports_are_written_and_readable(benched):
     run, report = benched
     on_disk = json.loads((run / BENCH_JSON).read_text(encoding="utf-8"))
@@ -118,6 +122,7 @@ def test_reports_are_written_and_readable(benched):
     assert not list(run.glob(".tmp-*"))
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_compare_runs_names_both(benched, tmp_path):
     run, _ = benched
     a, b = tmp_path / "mobilenet-a", tmp_path / "mobilenet-b"
@@ -132,6 +137,7 @@ def test_compare_runs_names_both(benched, tmp_path):
         compare_runs(a, tmp_path)
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_compare_from_the_cli(benched, tmp_path, capsys):
     from featx_edge.cli import main
 
@@ -142,6 +148,7 @@ def test_compare_from_the_cli(benched, tmp_path, capsys):
     assert "exactly two runs" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_bad_requests_say_what_to_do(benched, tmp_path):
     run, _ = benched
     with pytest.raises(RunDirError, match="featx-edge export"):
@@ -157,6 +164,7 @@ def test_bad_requests_say_what_to_do(benched, tmp_path):
         bench_run(tmp_path / "nothing", **TINY)
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_missing_data_falls_back_to_random_pixels(benched, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="featx_edge")
     run, _ = benched
@@ -221,6 +229,7 @@ def test_time_calls_stops_on_count_and_time():
     assert elapsed >= 0.05 and len(samples) > 1
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_rows_record_the_artifact_and_stale_verify_entries_are_not_reused(benched, tmp_path):
     from featx_edge.bench.plan import accuracy_lookup
     from featx_edge.rundir.manifest import read_manifest

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_manifest
 from PIL import Image
 
 from featx_edge.bundle.pack import BUNDLE_JSON, bundle_run
@@ -26,7 +27,6 @@ from featx_edge.cli import main
 from featx_edge.errors import ConfigError, ExportError, RunDirError, VerificationError
 from featx_edge.files.atomic import sha256_file
 from featx_edge.formats.registry import artifact_filename
-from featx_edge.rundir.manifest import MANIFEST_VERSION
 from featx_edge.rundir.names import VERIFY
 
 LABELS = ["a", "b", "c"]
@@ -71,11 +71,8 @@ def fake_run(tmp_path) -> Path:
         write_golden(path, fmt=fmt, images=names, reference=probs, expected=probs)
         artifacts[fmt] = {"path": f"export/{path.name}", "sha256": sha256_file(path), "bytes": 4096}
         formats[fmt] = {"sha256": artifacts[fmt]["sha256"], "passed": True, "top1_agreement": 1.0, "failures": []}
-    (run / "manifest.json").write_text(json.dumps({
-        "manifest_version": MANIFEST_VERSION, "featx_edge_version": "0.1.0", "labels": LABELS,
-        "backbone": {"name": "efficientnet_lite0"}, "input": {"height": 8, "width": 8},
-        "data": {"splits": "splits.json"},
-        "reference": {"path": "model.weights.h5", "sha256": "0" * 64}, "config": {}, "artifacts": artifacts}))
+    (run / "manifest.json").write_text(json.dumps(make_manifest(labels=LABELS, size=8, artifacts=artifacts,
+                                                                featx_edge_version="0.1.0")))
     (run / VERIFY).write_text(json.dumps({"images": 100, "passed": True, "formats": formats}))
     return run
 

@@ -16,7 +16,7 @@ def test_backbones_lists_the_registry(capsys):
         assert name in out
 
 
-def test_console_script_is_installed():
+def test_python_dash_m_runs_the_cli():  # the installed `featx-edge` script: tests/test_console_script.py
     out = subprocess.run([sys.executable, "-m", "featx_edge", "--version"], check=False, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("featx-edge ")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_manifest
 from PIL import Image
 
 from featx_edge.cli import main
@@ -27,7 +28,6 @@ from featx_edge.device.emulator import PERTURB_ENV, describe_exit, find_qemu
 from featx_edge.device.guest import serve
 from featx_edge.errors import ConfigError
 from featx_edge.formats.registry import artifact_filename
-from featx_edge.rundir.manifest import MANIFEST_VERSION
 from featx_edge.runtime import load
 
 DATA = Path(__file__).parent / "data" / "runtime"
@@ -224,10 +224,8 @@ def tiny_run(tmp_path) -> Path:
     for fmt, entry in artifacts.items():
         path = run / entry["path"]
         entry.update(sha256=sha256_file(path), bytes=path.stat().st_size)
-    (run / "manifest.json").write_text(json.dumps({
-        "manifest_version": MANIFEST_VERSION, "labels": ["red", "green", "blue"], "backbone": {"name": "tiny"},
-        "input": {"height": 32, "width": 32}, "data": {"splits": "splits.json"},
-        "reference": {"path": "model.weights.h5", "sha256": "0" * 64}, "config": {}, "artifacts": artifacts}))
+    (run / "manifest.json").write_text(json.dumps(make_manifest(labels=["red", "green", "blue"], backbone="tiny",
+                                                                size=32, artifacts=artifacts)))
     # What verify records: the reference's test-split outputs (the tiny float32 model stands in for Keras).
     from featx_edge.runtime import load
     from featx_edge.verify.runner import REFERENCE_OUTPUTS
@@ -239,6 +237,7 @@ def tiny_run(tmp_path) -> Path:
     return run
 
 
+@pytest.mark.slow  # measured: 11.7 CPU s (setup 12.8) (tests/DURATIONS.md)
 @needs_qemu
 def test_the_tiny_models_pass_on_two_emulated_cores(arm64_env, tiny_run, tmp_path, capsys):
     out = tmp_path / "report.json"
@@ -284,6 +283,7 @@ def test_the_environment_is_built_once_and_reused(arm64_env, monkeypatch):
     assert again.base.name.startswith("base-") and not list(again.base.parent.glob(".build-*"))
 
 
+@pytest.mark.slow  # measured: 4.0 CPU s (tests/DURATIONS.md)
 @needs_qemu
 def test_a_wrong_result_on_the_emulated_core_fails_the_check(arm64_env, tmp_path, capsys, monkeypatch):
     """The guest perturbs its float32 outputs by 0.001 (the test hook): the real comparison must catch it."""
@@ -301,6 +301,7 @@ def test_a_wrong_result_on_the_emulated_core_fails_the_check(arm64_env, tmp_path
     assert f"FAIL {MODELS['tflite-float32']} tflite-float32 on cortex-a72" in text
 
 
+@pytest.mark.slow  # measured: 11.1 CPU s (tests/DURATIONS.md)
 @needs_qemu
 def test_a_run_is_judged_against_the_reference_not_the_host(arm64_env, tiny_run, capsys, monkeypatch):
     """Outputs 0.04 away from the host's on every image (beyond int8's 0.03 self-test tolerance) but

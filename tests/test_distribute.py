@@ -69,6 +69,7 @@ def test_strategy_is_validated_and_only_multi_worker_reads_tf_config(monkeypatch
     assert not is_chief("multi-worker") and is_chief("default")
 
 
+@pytest.mark.slow  # measured: 7.7 CPU s (tests/DURATIONS.md)
 def test_jit_compile_trains_and_is_recorded(tmp_path):
     """--jit-compile reaches model.compile (XLA on this CPU) and the manifest records it with the strategy."""
     from featx_edge.cli import main
@@ -213,6 +214,7 @@ print(json.dumps({"devices": devices, "rows": len(two), "max_diff": float(np.abs
 """
 
 
+@pytest.mark.slow  # measured: 5.4 CPU s (tests/DURATIONS.md)
 def test_the_embedding_pass_splits_each_batch_across_the_replicas_in_order(tmp_path):
     """Each batch is cut into one slice per device and put back in order: the same features as one device
     (a batch of 5 over 2 devices: uneven slices; 13 images: a short last batch)."""

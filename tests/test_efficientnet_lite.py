@@ -334,6 +334,7 @@ def _imagenet_samples():
     return files, [int(re.fullmatch(r"imagenet_\d+_(\d+)\.jpg", f.name).group(1)) for f in files]
 
 
+@pytest.mark.slow  # measured: 4.1 CPU s (tests/DURATIONS.md)
 def test_lite0_classifies_imagenet_samples(tmp_path, keras, lite0_state):
     """The converted full classifier gets the foolbox ImageNet samples right.
 

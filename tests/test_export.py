@@ -12,6 +12,7 @@ from featx_edge.formats.registry import FORMATS
 from featx_edge.rundir.manifest import read_manifest
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_imagenet_backbone_transfers_to_digits(trained_run):
     """Frozen ImageNet EfficientNet-Lite0; the head alone learns all ten digits well."""
     manifest = read_manifest(trained_run)
@@ -22,6 +23,7 @@ def test_imagenet_backbone_transfers_to_digits(trained_run):
     assert len(manifest["backbone"]["weights_sha256"]) == 64  # the converted file the run used
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_run_directory_contract(trained_run, sample_root):
     manifest = read_manifest(trained_run)
     splits = json.loads((trained_run / "splits.json").read_text())
@@ -40,6 +42,7 @@ def test_run_directory_contract(trained_run, sample_root):
     assert not list(trained_run.rglob(".tmp-*")), "no temporary files may be left behind"
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_run_verified_every_format(trained_run):
     """`featx-edge run` ends with verify: each export's test accuracy is close to the reference."""
     report = json.loads((trained_run / "verify.json").read_text())
@@ -53,6 +56,7 @@ def test_run_verified_every_format(trained_run):
         assert rows[fmt] >= reference - 0.01 - 1e-9, fmt
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_int8_is_integer_only(trained_run):
     from featx_edge.export.tflite import integer_report
     from featx_edge.runtime.metadata import read_tflite
@@ -64,6 +68,7 @@ def test_int8_is_integer_only(trained_run):
     assert meta["input"]["dtype"] == "uint8"
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_float_model_fails_the_integer_check(trained_run):
     from featx_edge.errors import ExportError
     from featx_edge.export.tflite import check_integer_only
@@ -74,6 +79,7 @@ def test_float_model_fails_the_integer_check(trained_run):
         check_integer_only(flatbuffer)
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_labels_and_contract_travel_with_each_model(trained_run):
     import onnx
 
@@ -98,15 +104,13 @@ def test_labels_and_contract_travel_with_each_model(trained_run):
         assert (meta["input"]["height"], meta["input"]["width"]) == (96, 96)
 
 
-def test_interrupted_export_leaves_no_partial_file(trained_run, monkeypatch, tmp_path):
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
+def test_interrupted_export_leaves_no_partial_file(run_copy, monkeypatch):
     """A failing conversion must not leave a half-written model nor a changed manifest."""
-    import shutil
-
     from featx_edge.export import export_run
     from featx_edge.files import atomic
 
-    run = tmp_path / "copy"
-    shutil.copytree(trained_run, run)
+    run = run_copy
     target = run / "export" / "model.tflite-float16.tflite"
     target.unlink()
     before = (run / "manifest.json").read_text()
@@ -130,6 +134,7 @@ def test_export_of_a_non_run_is_a_clear_error(tmp_path, capsys):
     assert "is not a featx-edge run directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_onnx_runs_any_batch(trained_run):
     from featx_edge.runtime import load
 
@@ -175,6 +180,7 @@ def test_onnx_int8_falls_back_to_minmax_and_says_so(tmp_path, monkeypatch, capsy
     assert predictor.predict(np.full((8, 8, 3), (250, 10, 10), np.uint8))[0].label == "red"
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_onnx_int8_really_computes_in_int8(trained_run):
     """verify's int8 check: QDQ pairs around the convolutions, most MACs in int8; a float graph fails."""
     from featx_edge.export.macs import onnx_quantization_report
@@ -188,6 +194,7 @@ def test_onnx_int8_really_computes_in_int8(trained_run):
     assert _onnx_int8_problems(float_report)[0].startswith("not quantized")
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_verify_records_what_it_measured(trained_run):
     report = json.loads((trained_run / "verify.json").read_text())
     manifest = read_manifest(trained_run)
@@ -242,13 +249,12 @@ def test_every_preprocessing_style_exports_and_verifies(three_digits, tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_failed_export_keeps_the_recorded_settings_and_artifacts(trained_run, tmp_path, monkeypatch, capsys):
+def test_a_failed_export_keeps_the_recorded_settings_and_artifacts(run_copy, monkeypatch, capsys):
     from featx_edge.cli import main
     from featx_edge.errors import ExportError
     from featx_edge.export.exporter import Exporter
 
-    run = tmp_path / "copy"
-    shutil.copytree(trained_run, run)
+    run = run_copy
     before = read_manifest(run)
 
     def fails(self, spec, path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -104,13 +103,7 @@ def test_the_reference_kernels_compute_what_the_runtime_loads(tmp_path):
     assert np.array_equal(got, expected)
 
 
-@pytest.fixture
-def gate_run(trained_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    return run
-
-
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_every_quantized_tflite_export_is_verified_under_both_kernel_sets(trained_run):
     report = json.loads((trained_run / "verify.json").read_text())
     assert report["kernel_sets_gated"] == ["default", "xnnpack", "builtin", "reference"]
@@ -127,7 +120,8 @@ def test_every_quantized_tflite_export_is_verified_under_both_kernel_sets(traine
         assert "near_ties" in row and "tie_margin" in row, fmt
 
 
-def test_a_kernel_set_that_disagrees_fails_the_gate_unless_not_gated(gate_run, monkeypatch, capsys):
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
+def test_a_kernel_set_that_disagrees_fails_the_gate_unless_not_gated(run_copy, monkeypatch, capsys):
     """The reference kernels made to disagree on every other image: the gate names that kernel set;
     `--kernels xnnpack` records it and passes (a phone-only target)."""
     from featx_edge.cli import main
@@ -142,17 +136,17 @@ def test_a_kernel_set_that_disagrees_fails_the_gate_unless_not_gated(gate_run, m
         return probs
 
     monkeypatch.setattr(LiteRTBackend, "run", swapped)
-    assert main(["verify", str(gate_run), "--formats", "tflite-int8", "--quiet"]) == 2
+    assert main(["verify", str(run_copy), "--formats", "tflite-int8", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "tflite-int8: top-1 agreement" in err and "[reference kernels]" in err
-    row = json.loads((gate_run / "verify.json").read_text())["formats"]["tflite-int8"]
+    row = json.loads((run_copy / "verify.json").read_text())["formats"]["tflite-int8"]
     assert row["kernels"]["xnnpack"]["passed"] and not row["kernels"]["reference"]["passed"]
     assert row["kernel_sets_compared"]["xnnpack_vs_reference"]["images_differing"] > 0
 
-    assert main(["verify", str(gate_run), "--formats", "tflite-int8", "--kernels", "xnnpack", "--quiet"]) == 0
+    assert main(["verify", str(run_copy), "--formats", "tflite-int8", "--kernels", "xnnpack", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "reference kernels" in out and "(not gated)" in out
-    row = json.loads((gate_run / "verify.json").read_text())["formats"]["tflite-int8"]
+    row = json.loads((run_copy / "verify.json").read_text())["formats"]["tflite-int8"]
     assert row["passed"] and not row["kernels"]["reference"]["passed"] and not row["kernels"]["reference"]["gated"]
 
 
@@ -215,6 +209,7 @@ def test_bench_recommends_int8_only_where_it_was_verified():
     assert any("verified on another kind of CPU" in line for line in format_recommendation(there))
 
 
+@pytest.mark.slow  # needs the pretrained backbone (fixture `pretrained`: minutes)
 def test_a_fragile_int8_model_is_caught_disagreeing_between_kernel_sets(tmp_path, sample_root, pretrained):
     """The issue's case: a MobileNetV2 0.35 pretrained for a minute on digits 0-4, transferred to
     5-9 at 64 px. Its int8 file gives other top-1 classes under LiteRT's reference kernels (what

@@ -1,7 +1,8 @@
 """Property-based tests of the readers of files from elsewhere: model metadata and run directories.
 
 Whatever the bytes or JSON, the reader returns a checked result or raises its one typed error
-(ModelFileError, RunDirError, DataError): never another exception. Bounded and derandomized.
+(ModelFileError, RunDirError, DataError) naming the file: never another exception, not even
+another FeatxError. Bounded and derandomized.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_manifest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from featx_edge.errors import DataError, FeatxError, ModelFileError, RunDirError
+from featx_edge.errors import DataError, ModelFileError, RunDirError
+from featx_edge.rundir.manifest import MANIFEST_VERSION
 from featx_edge.runtime import load
 from featx_edge.runtime.metadata import METADATA_NAME, read_tflite
 
@@ -56,7 +59,8 @@ def test_any_metadata_value_is_accepted_or_a_model_file_error(tmp_path_factory, 
     path.write_bytes(FLATBUFFER + buf.getvalue())
     try:
         predictor = load(path)
-    except ModelFileError:
+    except ModelFileError as err:
+        assert str(path) in str(err), err
         return
     assert predictor.labels == meta["labels"]
 
@@ -73,13 +77,11 @@ def test_damaged_model_bytes_are_a_model_file_error(tmp_path_factory, cut, flips
     path.write_bytes(bytes(data))
     try:
         load(path).predict_pixels(np.zeros((1, 32, 32, 3), np.uint8))
-    except ModelFileError:
-        pass
+    except ModelFileError as err:
+        assert str(path) in str(err), err
 
 
-GOOD = {"manifest_version": 2, "labels": ["a", "b"], "backbone": {"name": "efficientnet_lite0"},
-        "input": {"height": 96, "width": 96}, "data": {"splits": "splits.json"},
-        "reference": {"path": "model.weights.h5", "sha256": "0" * 64}, "config": {}, "artifacts": {}}
+GOOD = make_manifest()
 MANIFEST_KEYS = [*([k] for k in GOOD), ["input", "height"], ["data", "splits"], ["reference", "path"],
                  ["artifacts", "tflite-int8"], ["config", "train"], ["config", "model"]]
 
@@ -102,7 +104,8 @@ def test_any_manifest_is_opened_or_a_run_dir_error(tmp_path_factory, key, value)
         opened.exported()
         for fmt in opened.exported():
             opened.artifact_problems(fmt)
-    except FeatxError:
+    except RunDirError as err:  # a damaged record, even of settings: not a ConfigError about the user's flags
+        assert str(run / "manifest.json") in str(err), err
         return
 
 
@@ -117,15 +120,18 @@ def test_any_splits_file_is_read_or_a_data_error(tmp_path_factory, key, value):
     path.write_text(json.dumps(splits))
     try:
         loaded = load_splits(path)
-    except DataError:
+    except DataError as err:
+        assert str(path) in str(err), err
         return
     assert all(not p.startswith("/") and ".." not in p.split("/") for p in loaded.train + loaded.val + loaded.test)
 
 
-@pytest.mark.parametrize("raw", [b"", b"\xff\xfe", b"[]", b"nul", b'{"manifest_version": 2', b"1e999999"])
+@pytest.mark.parametrize("raw", [b"", b"\xff\xfe", b"[]", b"nul", f'{{"manifest_version": {MANIFEST_VERSION}'.encode(),
+                                 b"1e999999"])
 def test_unreadable_manifests(tmp_path, raw):
     from featx_edge.training.run import Run
 
     (tmp_path / "manifest.json").write_bytes(raw)
-    with pytest.raises(RunDirError):
+    with pytest.raises(RunDirError) as err:
         Run.open(tmp_path)
+    assert f"`{tmp_path / 'manifest.json'}`" in str(err.value)

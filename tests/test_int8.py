@@ -1,7 +1,6 @@
 """int8 variants on the main run: per-layer diagnosis, selective quantization, QAT, the budget."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -10,48 +9,42 @@ from featx_edge.cli import main
 from featx_edge.rundir.manifest import read_manifest
 
 
-@pytest.fixture
-def int8_run(trained_run, tmp_path):
-    """A private copy of the main run per test: no test sees another's exports or settings."""
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    return run
-
-
-def test_selective_keeps_the_worst_layers_in_float(int8_run):
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
+def test_selective_keeps_the_worst_layers_in_float(run_copy):
     from featx_edge.export.tflite import integer_report
     from featx_edge.runtime.metadata import read_tflite
 
-    assert main(["export", str(int8_run), "--formats", "tflite-int8-selective", "--quiet"]) == 0
-    layers = json.loads((int8_run / "int8_layers.json").read_text())["layers"]
+    assert main(["export", str(run_copy), "--formats", "tflite-int8-selective", "--quiet"]) == 0
+    layers = json.loads((run_copy / "int8_layers.json").read_text())["layers"]
     scores = [row["rmse_over_scale"] for row in layers if row["rmse_over_scale"] is not None]
     assert len(scores) > 20 and scores == sorted(scores, reverse=True)
-    flatbuffer, meta = read_tflite(int8_run / read_manifest(int8_run)["artifacts"]["tflite-int8-selective"]["path"])
+    flatbuffer, meta = read_tflite(run_copy / read_manifest(run_copy)["artifacts"]["tflite-int8-selective"]["path"])
     kept = meta["quantization"]["float_layers"]
     assert kept == [row["tensor"] for row in layers[:5]]
     report = integer_report(flatbuffer)
     assert report["float_tensors"], "a selective model keeps some float tensors"
-    rc = main(["verify", str(int8_run), "--formats", "tflite-int8-selective", "--quiet"])
-    row = json.loads((int8_run / "verify.json").read_text())["formats"]["tflite-int8-selective"]
+    rc = main(["verify", str(run_copy), "--formats", "tflite-int8-selective", "--quiet"])
+    row = json.loads((run_copy / "verify.json").read_text())["formats"]["tflite-int8-selective"]
     assert rc == (0 if row["passed"] else 2)
     assert "float Keras reference" in row["compared_with"]
     assert row["top1_agreement"] >= 0.9, row  # a mixed model stays close to its float twin
 
 
-def test_qat_exports_an_integer_model(int8_run):
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
+def test_qat_exports_an_integer_model(run_copy):
     from featx_edge.export.tflite import integer_report
     from featx_edge.runtime.metadata import read_tflite
 
-    assert main(["export", str(int8_run), "--formats", "tflite-int8-qat", "--qat-epochs", "1", "--quiet"]) == 0
-    manifest = read_manifest(int8_run)
+    assert main(["export", str(run_copy), "--formats", "tflite-int8-qat", "--qat-epochs", "1", "--quiet"]) == 0
+    manifest = read_manifest(run_copy)
     assert manifest["config"]["train"]["qat_epochs"] == 1
-    flatbuffer, meta = read_tflite(int8_run / manifest["artifacts"]["tflite-int8-qat"]["path"])
+    flatbuffer, meta = read_tflite(run_copy / manifest["artifacts"]["tflite-int8-qat"]["path"])
     report = integer_report(flatbuffer)
     assert report["input_dtype"] == "uint8" and report["float_tensors"] == []
     assert meta["quantization"]["method"] == "tfmot quantization-aware training"
     assert meta["quantization"]["trained_layers"] == ["head_dense", "probabilities"]
-    rc = main(["verify", str(int8_run), "--formats", "tflite-int8-qat", "--quiet"])
-    row = json.loads((int8_run / "verify.json").read_text())["formats"]["tflite-int8-qat"]
+    rc = main(["verify", str(run_copy), "--formats", "tflite-int8-qat", "--quiet"])
+    row = json.loads((run_copy / "verify.json").read_text())["formats"]["tflite-int8-qat"]
     assert rc == (0 if row["passed"] else 2)
     # The backbone stayed frozen, so QAT's int8 model is still the run's model: it is compared
     # with the run's reference, and stays close to it. (Before its activation ranges were
@@ -60,6 +53,7 @@ def test_qat_exports_an_integer_model(int8_run):
     assert row["top1_agreement"] >= 0.95, row
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_qat_ranges_start_at_the_float_models(trained_run):
     from featx_edge.export.calibration import calibration_images
     from featx_edge.export.qat import init_qat_ranges, qat_model
@@ -107,6 +101,7 @@ def test_qat_keeps_the_backbone_frozen():
     assert any(not np.array_equal(after[name], value) for name, value in before.items()), "the head trains"
 
 
+@pytest.mark.slow  # measured: 7.0 CPU s (tests/DURATIONS.md)
 def test_qat_is_refused_for_mobilenet_v3():
     from featx_edge.config import ModelConfig
     from featx_edge.errors import ExportError
@@ -119,14 +114,15 @@ def test_qat_is_refused_for_mobilenet_v3():
         qat_model(clf.model)
 
 
-def test_budget_judges_losses_on_enough_images_and_fails_loudly(int8_run, capsys):
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
+def test_budget_judges_losses_on_enough_images_and_fails_loudly(run_copy, capsys):
     """A budget of 0 points: every image the reference gets right must stay right. Candidates are
     judged on validation plus calibration-free training images; a gain is never credited; a
     missed budget exits non-zero with the numbers."""
-    rc = main(["export", str(int8_run), "--formats", "tflite-int8", "--int8-budget", "0", "--quiet"])
-    decision = read_manifest(int8_run)["int8_selection"]
+    rc = main(["export", str(run_copy), "--formats", "tflite-int8", "--int8-budget", "0", "--quiet"])
+    decision = read_manifest(run_copy)["int8_selection"]
     assert decision["budget_points"] == 0 and "calibration-free training images" in decision["judged_on"]
-    counts = read_manifest(int8_run)["data"]["counts"]
+    counts = read_manifest(run_copy)["data"]["counts"]
     tried = [a["format"] for a in decision["attempts"]]
     assert tried == ["tflite-int8", "tflite-int8-selective"][: len(tried)]
     for attempt in decision["attempts"]:
@@ -141,9 +137,10 @@ def test_budget_judges_losses_on_enough_images_and_fails_loudly(int8_run, capsys
         assert rc == 0 and tried[-1] == decision["chosen"]
 
 
-def test_budget_picks_plain_int8_when_it_is_good_enough(int8_run):
-    assert main(["export", str(int8_run), "--formats", "tflite-int8", "--int8-budget", "5", "--quiet"]) == 0
-    decision = read_manifest(int8_run)["int8_selection"]
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
+def test_budget_picks_plain_int8_when_it_is_good_enough(run_copy):
+    assert main(["export", str(run_copy), "--formats", "tflite-int8", "--int8-budget", "5", "--quiet"]) == 0
+    decision = read_manifest(run_copy)["int8_selection"]
     assert decision["chosen"] == "tflite-int8" and len(decision["attempts"]) == 1
 
 
@@ -204,6 +201,7 @@ def test_budget_validation():
     assert np.isclose(ExportConfig(int8_budget=0.5).int8_budget, 0.5)
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_bias_correction_shrinks_the_int8_feature_error(trained_run):
     """On the main run, the backbone's int8 features are measurably closer to the float ones when
     converted from the bias-corrected copy (measured on Zen 4: 15.5% -> 10.4% relative error)."""

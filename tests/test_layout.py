@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "featx_edge"
 
 # Layers, lowest first, by top-level package (or root module). A module may import from its own
@@ -22,6 +24,7 @@ LAYERS = [
     {"verify"},
     {"bench", "bundle", "device", "mcu"},
     {"report"},
+    {"fit"},
     {"cli", "__main__"},
 ]
 RUNTIME_MAY_IMPORT = {"featx_edge", "errors", "formats", "files", "runtime", "progress", "versions"}
@@ -114,6 +117,7 @@ def test_the_root_shows_the_flow():
         assert (PACKAGE / stage / "__init__.py").is_file(), f"featx_edge/{stage}/ is not a package"
 
 
+@pytest.mark.slow  # measured: 7.5 CPU s (tests/DURATIONS.md)
 def test_every_package_says_what_it_holds_and_may_import():
     for init in PACKAGE.rglob("__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))) or ""

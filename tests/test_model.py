@@ -9,8 +9,12 @@ from featx_edge.config import ModelConfig
 from featx_edge.errors import ConfigError, WeightsError
 from featx_edge.training.model import build_backbone, build_classifier, unfreeze_top
 
+SLOW_TO_BUILD = {"efficientnet_b0": "4.8 CPU s"}
+"""Backbones whose build here measured over 4 CPU seconds (tests/DURATIONS.md): in the slow tier."""
 
-@pytest.mark.parametrize("name", list(BACKBONES))
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_TO_BUILD else name
+                                  for name in BACKBONES])
 def test_every_backbone_builds_a_flat_frozen_classifier(name):
     from featx_edge._tf import import_tf
 
@@ -29,6 +33,7 @@ def test_every_backbone_builds_a_flat_frozen_classifier(name):
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow  # measured: 8.9 to 13.3 CPU s (tests/DURATIONS.md)
 def test_preprocessing_is_inside_the_graph():
     """The model's pixels-in output equals the backbone fed with Keras's own preprocess_input."""
     from featx_edge._tf import import_tf
@@ -65,6 +70,7 @@ def test_unfreeze_top_keeps_batchnorm_frozen():
     assert all(not la.trainable for la in clf.backbone_layers[:-10])
 
 
+@pytest.mark.slow  # measured: 6.0 CPU s (tests/DURATIONS.md)
 def test_imagenet_weights_come_from_a_seeded_keras_cache(tmp_path, monkeypatch):
     """`--weights imagenet` goes through Keras's get_file and its cache under $KERAS_HOME/models."""
     spec = get_backbone("mobilenet_v2")
@@ -100,6 +106,7 @@ def test_missing_imagenet_weights_name_the_cache_file_and_alternatives(tmp_path,
     assert "--weights PATH" in msg and "--weights none" in msg
 
 
+@pytest.mark.slow  # measured: 6.2 to 8.2 CPU s (tests/DURATIONS.md)
 def test_weights_path_errors(tmp_path):
     spec = get_backbone("mobilenet_v2")
     with pytest.raises(WeightsError, match="does not exist"):

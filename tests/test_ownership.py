@@ -17,17 +17,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import make_class_folder
+from conftest import make_class_folder, make_manifest
 from conftest import one_line_error as _one_line_error
 from test_bundle import fake_run, wheel  # noqa: F401  (fixtures: a verified fake run, a stand-in wheel)
 
 from featx_edge.cli import main
 from featx_edge.files.ownership import ID_KEY, MARKER, read_marker
-from featx_edge.rundir.manifest import MANIFEST_VERSION
 
-MANIFEST = {"manifest_version": MANIFEST_VERSION, "labels": ["a", "b"], "backbone": {"name": "mobilenet_v2"},
-            "input": {"height": 32, "width": 32}, "data": {"splits": "splits.json"},
-            "reference": {"path": "model.weights.h5", "sha256": "0" * 64}, "config": {}, "artifacts": {}}
+MANIFEST = make_manifest(backbone="mobilenet_v2", size=32)
 TRAIN = ["--backbone", "mobilenet_v2", "--alpha", "0.35", "--weights", "none", "--image-size", "32", "--seed", "0",
          "--epochs", "1", "--quiet"]
 
@@ -98,6 +95,7 @@ def test_a_missing_data_folder_is_refused_before_any_folder_is_made(tmp_path, ca
     assert not missing.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # measured: 7.2 CPU s (tests/DURATIONS.md)
 def test_a_run_carries_its_marker_and_overwrite_replaces_only_it(tmp_path, data, capsys):
     """A real (tiny) training: the run's marker id is in its manifest; a second training with
     --overwrite replaces it as a whole (new id), a third without is refused."""

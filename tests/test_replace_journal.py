@@ -17,16 +17,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_class_folder
+from conftest import make_class_folder, make_manifest
 from test_bundle import fake_run, wheel  # noqa: F401  (fixtures: a verified fake run, a stand-in wheel)
 
 from featx_edge.cli import main
 from featx_edge.files.ownership import ID_KEY, mark
-from featx_edge.rundir.manifest import MANIFEST_VERSION
 
-MANIFEST = {"manifest_version": MANIFEST_VERSION, "backbone": {"name": "mobilenet_v2"},
-            "input": {"height": 32, "width": 32}, "data": {"splits": "splits.json"},
-            "reference": {"path": "model.weights.h5", "sha256": "0" * 64}, "config": {}, "artifacts": {}}
+MANIFEST = make_manifest(backbone="mobilenet_v2", size=32)
 
 # Stages the new version from a template (as train/bundle do: a marked `.NAME.partial-PID`, the record
 # holding the marker's id), then kills the process at the K-th file-system change replace_run makes

@@ -10,11 +10,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import make_manifest
 from PIL import Image
 
 from featx_edge.report import REPORT, build_report, write_report
 from featx_edge.report import sections as report_sections
-from featx_edge.rundir.manifest import MANIFEST_VERSION
 from featx_edge.rundir.names import VERIFY
 from featx_edge.training.run import Run
 from featx_edge.verify.runner import PREDICTIONS, PREDICTIONS_SCHEMA
@@ -47,15 +47,13 @@ def make_run(tmp_path: Path, *, labels=("cat", HOSTILE), per_class: int = 3, wei
                                                  "train": [], "val": [], "test": test}))
     history = {"loss": [1.0, 0.5, 0.3], "accuracy": [0.5, 0.8, 0.9], "val_loss": [1.1, 0.6, 0.4],
                "val_accuracy": [0.4, 0.7, 0.85]}
-    manifest = {"manifest_version": MANIFEST_VERSION, "featx_edge_version": "0.1.0", "labels": list(labels),
-                "backbone": {"name": "efficientnet_lite0", "alpha": None, "weights": weights, "weights_sha256": None},
-                "input": {"height": 96, "width": 96, "channels": 3, "dtype": "float32", "value_range": [0, 255]},
-                "data": {"root": str(data), "splits": "splits.json",
-                         "counts": {"train": 0, "val": 0, "test": len(test)}},
-                "reference": {"path": "model.weights.h5", "sha256": "ref-sha"},
-                "training": {"stage1": {"epochs": 3, "history": history}, "val_accuracy": 0.85,
-                             "test_accuracy": 0.8},
-                "config": {}, "artifacts": artifacts}
+    manifest = make_manifest(
+        labels=labels, backbone={"name": "efficientnet_lite0", "alpha": None, "weights": weights, "weights_sha256": None},
+        artifacts=artifacts, featx_edge_version="0.1.0",
+        input={"height": 96, "width": 96, "channels": 3, "dtype": "float32", "value_range": [0, 255]},
+        data={"root": str(data), "splits": "splits.json", "counts": {"train": 0, "val": 0, "test": len(test)}},
+        reference={"path": "model.weights.h5", "sha256": "ref-sha"},
+        training={"stage1": {"epochs": 3, "history": history}, "val_accuracy": 0.85, "test_accuracy": 0.8})
     (run / "manifest.json").write_text(json.dumps(manifest))
     truth = [c for c in range(len(labels)) for _ in range(per_class)]
     int8 = list(truth)

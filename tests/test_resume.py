@@ -40,6 +40,7 @@ def _interrupt_then_resume(args: list[str], out: Path, *, after: int, monkeypatc
     return state
 
 
+@pytest.mark.slow  # needs the pretrained backbone (fixture `pretrained`: minutes)
 def test_resumed_head_equals_uninterrupted_head(tmp_path, sample_root, pretrained, monkeypatch):
     """Interrupted after epoch 2 of 5 and resumed: the same head weights and accuracy, 3 epochs trained."""
     args = ["--data", str(sample_root / "target"), *TINY, "--weights", str(pretrained), "--epochs", "5",
@@ -61,6 +62,7 @@ def test_resumed_head_equals_uninterrupted_head(tmp_path, sample_root, pretraine
         np.testing.assert_allclose(b[name], a[name], atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow  # needs the pretrained backbone (fixture `pretrained`: minutes)
 def test_resume_inside_fine_tuning(tmp_path, sample_root, pretrained, monkeypatch):
     """Interrupted in the first fine-tuning epoch (epoch 3 of 2 + 2): stage 1 is restored, not retrained,
     and the fine-tuned weights and Adam state equal an uninterrupted run's."""
@@ -81,6 +83,7 @@ def test_resume_inside_fine_tuning(tmp_path, sample_root, pretrained, monkeypatc
         np.testing.assert_allclose(b[name], a[name], atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow  # measured: 6.8 CPU s (tests/DURATIONS.md)
 def test_resume_refuses_what_it_cannot_continue(tmp_path, monkeypatch, capsys):
     data = make_class_folder(tmp_path / "data", {"a": 12, "b": 12}, size=40)
     args = ["--data", str(data), *SMALL, "--epochs", "3"]

@@ -4,15 +4,14 @@ with a message that names the problem, never a KeyError from deep inside a comma
 import json
 
 import pytest
+from conftest import make_manifest
 
 from featx_edge.cli import main
 from featx_edge.errors import RunDirError
 from featx_edge.files.lock import locked
 from featx_edge.rundir.manifest import MANIFEST_VERSION, read_manifest
 
-GOOD = {"manifest_version": MANIFEST_VERSION, "labels": ["a", "b"], "backbone": {"name": "efficientnet_lite0"},
-        "input": {"height": 96, "width": 96}, "data": {"splits": "splits.json"},
-        "reference": {"path": "model.weights.h5", "sha256": "0" * 64}, "config": {}, "artifacts": {}}
+GOOD = make_manifest()
 
 
 def _write(tmp_path, manifest) -> str:
@@ -33,7 +32,7 @@ def test_a_complete_manifest_reads(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (lambda m: m.pop("manifest_version"), "an older layout (no `manifest_version`)"),
-    (lambda m: m.update(manifest_version=99), "layout version 99"),
+    (lambda m: m.update(manifest_version=MANIFEST_VERSION + 1), f"layout version {MANIFEST_VERSION + 1}"),
     (lambda m: m.pop("reference"), "`reference` is missing"),
     (lambda m: m.update(labels="a,b"), "`labels` is not a JSON list"),
     (lambda m: m["input"].pop("height"), "`input.height` is missing"),

@@ -16,6 +16,7 @@ def _model(run: Path, fmt: str) -> Path:
     return run / "export" / f"model.{fmt}.{'onnx' if fmt.startswith('onnx') else 'tflite'}"
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 @pytest.mark.parametrize("fmt", MODELS)
 def test_every_input_kind_gives_the_same_answer(trained_run, sample_root, fmt):
     from featx_edge.runtime import load
@@ -33,6 +34,7 @@ def test_every_input_kind_gives_the_same_answer(trained_run, sample_root, fmt):
     assert preds[0].top_k[0][1] >= preds[0].top_k[1][1]
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_predictions_match_the_reference_on_the_test_split(trained_run):
     """Runtime probabilities match the Keras model on held-out images (float32: tight)."""
     from featx_edge.data.folders import load_images, load_splits
@@ -55,6 +57,7 @@ def test_predictions_match_the_reference_on_the_test_split(trained_run):
         assert np.mean(probs.argmax(1) == reference.argmax(1)) >= agree, fmt
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_runtime_imports_no_tensorflow(trained_run, sample_root):
     """In a fresh interpreter where TF, Keras, tf2onnx and onnx cannot be imported, predict works."""
     image = min((sample_root / "all" / "digit_5").glob("*.png"))
@@ -69,6 +72,7 @@ assert not [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf_kera
     assert len(out.stdout.split()) == 3
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_selftest_passes_for_every_export(trained_run, capsys):
     from featx_edge.cli import main
     from featx_edge.rundir.manifest import read_manifest

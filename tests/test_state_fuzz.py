@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import make_manifest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -121,10 +122,8 @@ def test_a_damaged_state_without_resume_starts_over(tmp_path):
 
 # --- manifest.json -----------------------------------------------------------------------------
 
-GOOD_MANIFEST = {"manifest_version": 2, "labels": ["a", "b"], "backbone": {"name": "mobilenet_v2", "alpha": 0.35},
-                 "input": {"height": 32, "width": 32}, "data": {"splits": "splits.json"},
-                 "reference": {"path": "model.weights.h5", "sha256": "0" * 64},
-                 "config": json.loads(json.dumps(RunConfig().to_dict())), "artifacts": {}}
+GOOD_MANIFEST = make_manifest(backbone={"name": "mobilenet_v2", "alpha": 0.35}, size=32,
+                              config=json.loads(json.dumps(RunConfig().to_dict())))
 MANIFEST_KEYS = [(), *((k,) for k in GOOD_MANIFEST), ("input", "height"), ("data", "splits"), ("reference", "path"),
                  ("artifacts", "tflite-int8"), ("artifacts", "tflite-int8", "path"), ("config", "train"),
                  ("config", "model"), ("config", "model", "backbone"), ("config", "train", "epochs"),

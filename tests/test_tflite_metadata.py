@@ -155,6 +155,7 @@ def test_a_model_without_standard_metadata_still_loads(tmp_path):
     assert load(path).labels == LABELS
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_every_tflite_export_of_the_main_run_carries_it(trained_run):
     manifest = json.loads((trained_run / "manifest.json").read_text())
     tflites = {fmt: a["path"] for fmt, a in manifest["artifacts"].items() if a["path"].endswith(".tflite")}

@@ -1,12 +1,14 @@
 """Stage 1 on cached features gives the same head as training through the frozen graph."""
 
 import numpy as np
+import pytest
 
 from featx_edge.config import ModelConfig, TrainConfig
 from featx_edge.training.model import build_classifier
 from featx_edge.training.train import embed, train_head_on_features, train_head_through_graph
 
 
+@pytest.mark.slow  # needs the pretrained backbone (fixture `pretrained`: minutes)
 def test_cached_feature_head_equals_graph_trained_head(sample_root, pretrained):
     from featx_edge.data.folders import load_images, scan_folder, split_folder
 
@@ -43,6 +45,7 @@ def test_cached_feature_head_equals_graph_trained_head(sample_root, pretrained):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # measured: 7.9 CPU s (tests/DURATIONS.md)
 def test_fine_tune_stage_reports_what_it_changed_on_validation(tmp_path, capsys):
     """Stage 2 runs end to end and the run records (and prints) its validation change."""
     from conftest import make_class_folder

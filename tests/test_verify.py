@@ -53,6 +53,7 @@ def test_threshold_overrides():
         parse_threshold("tflite-int8.min_agree=0.9")
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_every_export_passes_default_thresholds_on_an_imagenet_backbone(trained_run):
     """The main run's exports, int8 included, meet the DEFAULT gate; nothing was loosened."""
     from featx_edge.rundir.manifest import read_manifest
@@ -71,17 +72,11 @@ def test_every_export_passes_default_thresholds_on_an_imagenet_backbone(trained_
     assert {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "QUANTIZE"} <= set(integer["op_types"])
 
 
-@pytest.fixture
-def run_copy(trained_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    return run
-
-
 def _path(run, fmt):
     return run / json.loads((run / "manifest.json").read_text())["artifacts"][fmt]["path"]
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_verify_catches_swapped_truncated_and_perturbed_models(run_copy, capsys):
     from featx_edge.cli import main
     from featx_edge.training.run import Run
@@ -123,6 +118,7 @@ def test_verify_catches_swapped_truncated_and_perturbed_models(run_copy, capsys)
     assert "check(s) failed" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_verify_catches_a_same_size_swap(run_copy):
     """A file with the recorded size but other bytes: only the checksum can tell."""
     path = _path(run_copy, "tflite-int8")
@@ -133,6 +129,7 @@ def test_verify_catches_a_same_size_swap(run_copy):
         verify_run(run_copy, formats=("tflite-int8",))
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_verify_threshold_override_from_cli(run_copy, capsys):
     from featx_edge.cli import main
 
@@ -142,6 +139,7 @@ def test_verify_threshold_override_from_cli(run_copy, capsys):
     assert "tflite-float16: max |dprob|" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_standalone_verify_prints_the_table(run_copy, capsys):
     from featx_edge.cli import main
 
@@ -173,6 +171,7 @@ def test_top1_records_class_and_probability():
     assert top1(np.zeros((0, 3))) == {"top1": [], "score": []}
 
 
+@pytest.mark.slow  # needs the main run (fixture `trained_run`: minutes)
 def test_recorded_predictions_agree_with_verify_json(trained_run):
     """The per-image predictions (for the report) are the ones verify measured: same images, same counts."""
     from featx_edge.rundir.manifest import read_manifest

@@ -249,36 +249,12 @@ def build_efficientnet_lite(
     if include_top and (not isinstance(classes, int) or classes < 1):
         raise ConfigError(f"`classes` must be a positive integer; received `{classes}`.")
 
-    if input_tensor is None:
-        img_input = layers.Input(shape=_check_input_shape(input_shape, default_size=spec.default_size))
-    elif keras.backend.is_keras_tensor(input_tensor):
-        img_input = input_tensor
-    else:
-        img_input = layers.Input(tensor=input_tensor,
-                                 shape=_check_input_shape(input_shape, default_size=spec.default_size))
-
-    def conv_bn_act(x, *, filters: int, kernel: int, strides: int, prefix: str, activation: bool = True):
-        x = layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False, name=f"{prefix}_conv")(x)
-        x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{prefix}_bn")(x)
-        if activation:
-            x = layers.ReLU(6.0, name=f"{prefix}_activation")(x)
-        return x
-
-    x = conv_bn_act(img_input, filters=STEM_FILTERS, kernel=3, strides=2, prefix="stem")
+    img_input = _input_layer(keras, input_tensor=input_tensor, input_shape=input_shape,
+                             default_size=spec.default_size)
+    x = _conv_bn_act(layers, img_input, filters=STEM_FILTERS, kernel=3, strides=2, prefix="stem")
     for block in spec.blocks():
-        name = f"block{block.index}"
-        shortcut = x
-        if block.expand_ratio != 1:
-            x = conv_bn_act(x, filters=block.expanded, kernel=1, strides=1, prefix=f"{name}_expand")
-        x = layers.DepthwiseConv2D(block.kernel, strides=block.stride, padding="same", use_bias=False,
-                                   name=f"{name}_dwconv")(x)
-        x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
-        x = layers.ReLU(6.0, name=f"{name}_activation")(x)
-        x = conv_bn_act(x, filters=block.filters_out, kernel=1, strides=1, prefix=f"{name}_project",
-                        activation=False)
-        if block.has_skip:
-            x = layers.Add(name=f"{name}_add")([x, shortcut])
-    x = conv_bn_act(x, filters=HEAD_FILTERS, kernel=1, strides=1, prefix="top")
+        x = _mbconv(layers, x, block=block)
+    x = _conv_bn_act(layers, x, filters=HEAD_FILTERS, kernel=1, strides=1, prefix="top")
     if include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
         x = layers.Dropout(spec.dropout, name="top_dropout")(x)
@@ -286,6 +262,41 @@ def build_efficientnet_lite(
 
     inputs = keras.utils.get_source_inputs(input_tensor) if input_tensor is not None else img_input
     return keras.Model(inputs, x, name=f"efficientnet_{spec.name}")
+
+
+def _input_layer(keras, *, input_tensor: Any, input_shape: tuple | None, default_size: int):
+    """The tensor the network starts at: a new Input, or ``input_tensor`` (wrapped if not a Keras tensor)."""
+    if input_tensor is None:
+        return keras.layers.Input(shape=_check_input_shape(input_shape, default_size=default_size))
+    if keras.backend.is_keras_tensor(input_tensor):
+        return input_tensor
+    return keras.layers.Input(tensor=input_tensor, shape=_check_input_shape(input_shape, default_size=default_size))
+
+
+def _conv_bn_act(layers, x, *, filters: int, kernel: int, strides: int, prefix: str, activation: bool = True):
+    """Conv (no bias) -> BatchNorm -> ReLU6, named ``{prefix}_conv``, ``{prefix}_bn``, ``{prefix}_activation``."""
+    x = layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False, name=f"{prefix}_conv")(x)
+    x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{prefix}_bn")(x)
+    if activation:
+        x = layers.ReLU(6.0, name=f"{prefix}_activation")(x)
+    return x
+
+
+def _mbconv(layers, x, *, block: BlockArgs):
+    """One inverted-residual block (no squeeze-excite in Lite): expand, depthwise, project, add."""
+    name = f"block{block.index}"
+    shortcut = x
+    if block.expand_ratio != 1:
+        x = _conv_bn_act(layers, x, filters=block.expanded, kernel=1, strides=1, prefix=f"{name}_expand")
+    x = layers.DepthwiseConv2D(block.kernel, strides=block.stride, padding="same", use_bias=False,
+                               name=f"{name}_dwconv")(x)
+    x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+    x = layers.ReLU(6.0, name=f"{name}_activation")(x)
+    x = _conv_bn_act(layers, x, filters=block.filters_out, kernel=1, strides=1, prefix=f"{name}_project",
+                     activation=False)
+    if block.has_skip:
+        x = layers.Add(name=f"{name}_add")([x, shortcut])
+    return x
 
 
 # Keras layer name -> (PyTorch module prefix, kind).

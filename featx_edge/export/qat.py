@@ -43,25 +43,7 @@ def qat_model(model, *, trainable: tuple[str, ...] | None = None):
 
     qk = tfmot.quantization.keras
 
-    class NoOpQuantizeConfig(qk.QuantizeConfig):
-        def get_weights_and_quantizers(self, layer):
-            return []
-
-        def get_activations_and_quantizers(self, layer):
-            return []
-
-        def set_quantize_weights(self, layer, quantize_weights):
-            pass
-
-        def set_quantize_activations(self, layer, quantize_activations):
-            pass
-
-        def get_output_quantizers(self, layer):
-            return []
-
-        def get_config(self):
-            return {}
-
+    NoOpQuantizeConfig = _noop_quantize_config(qk)  # a class: tfmot finds it by this name
     passthrough = (keras.layers.Rescaling, keras.layers.Normalization)
 
     def annotate(layer):
@@ -81,12 +63,42 @@ def qat_model(model, *, trainable: tuple[str, ...] | None = None):
             "Use post-training int8 (tflite-int8) or the selective variant for this backbone."
         ) from err
     if trainable is not None:
-        for layer in qat.layers:
-            # tfmot wraps each layer as `quant_<name>`; the wrapped layer keeps its own name.
-            # A frozen inner BatchNormalization runs in inference mode during training.
-            inner = getattr(layer, "layer", layer)
-            inner.trainable = layer.trainable = inner.name in trainable
+        _train_only(qat, trainable)
     return qat
+
+
+def _noop_quantize_config(qk):
+    """A tfmot QuantizeConfig that quantizes nothing: the preprocessing layers pass through it."""
+
+    class NoOpQuantizeConfig(qk.QuantizeConfig):
+        def get_weights_and_quantizers(self, layer):
+            return []
+
+        def get_activations_and_quantizers(self, layer):
+            return []
+
+        def set_quantize_weights(self, layer, quantize_weights):
+            pass
+
+        def set_quantize_activations(self, layer, quantize_activations):
+            pass
+
+        def get_output_quantizers(self, layer):
+            return []
+
+        def get_config(self):
+            return {}
+
+    return NoOpQuantizeConfig
+
+
+def _train_only(qat, trainable: tuple[str, ...]) -> None:
+    """Freeze every layer of the QAT model but those named in ``trainable``."""
+    for layer in qat.layers:
+        # tfmot wraps each layer as `quant_<name>`; the wrapped layer keeps its own name.
+        # A frozen inner BatchNormalization runs in inference mode during training.
+        inner = getattr(layer, "layer", layer)
+        inner.trainable = layer.trainable = inner.name in trainable
 
 
 def trainable_variables(qat, trainable: tuple[str, ...]) -> list:

@@ -37,7 +37,7 @@ PREDICTIONS = "verify_predictions.json"
 REFERENCE_OUTPUTS = "verify_reference.npy"
 """The Keras reference's probabilities on the test split (what ``device-check`` judges against)."""
 
-# -- written by bench, report, device-check, mcu ---------------------------------------------
+# -- written by bench, report, device-check, mcu, fit ------------------------------------------
 BENCH_JSON = "bench.json"
 BENCH_MD = "bench.md"
 BENCH_PNG = "bench.png"
@@ -45,8 +45,10 @@ REPORT = "report.html"
 DEVICE_CHECK = "device_check.json"
 MCU_JSON = "mcu.json"
 """What ``featx-edge mcu`` found per format: TFLM fidelity and arena, Vela per NPU, profile fits."""
+FIT_JSON = "fit.json"
+"""What ``featx-edge fit`` searched: the profile, every candidate's figures, the chosen one, the final export's."""
 
 RUN_FILES: tuple[str, ...] = (MANIFEST, SPLITS, WEIGHTS, EXPORT_DIR, INT8_LAYERS, EXPORT_JOURNAL, VERIFY,
                               PREDICTIONS, REFERENCE_OUTPUTS, BENCH_JSON, BENCH_MD, BENCH_PNG, REPORT,
-                              DEVICE_CHECK, MCU_JSON)
+                              DEVICE_CHECK, MCU_JSON, FIT_JSON)
 """Every name at the top of a run directory (``export/`` holds the artifacts, ``selftest/`` and ``mcu/``)."""

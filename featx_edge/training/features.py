@@ -3,9 +3,8 @@
 Layout: ``<cache>/<key>/`` where ``<cache>`` is ``--feature-cache DIR`` (config
 ``train.feature_cache``) or ``<featx-edge home>/features`` (``$FEATX_EDGE_HOME`` or
 ``~/.cache/featx-edge``), and ``<key>`` is a digest of everything that decides a feature
-vector apart from the image: backbone, alpha, the weights file's sha256 (for random weights,
-the seed that drew them), input size, the backbone's preprocessing, the resize method and
-``FEATURE_VERSION``. ``key.json`` there spells the key out.
+vector apart from the image: backbone, alpha, the weights' sha256 (random weights: the seed that
+drew them), input size, the layer pooled (``--cut-at``), preprocessing, resize and ``FEATURE_VERSION``. ``key.json`` there spells the key out.
 
 Inside, ``shards/<id>.npy`` holds float32 features of up to ``shard_images`` consecutive
 images of a list; ``<id>`` digests the key, the data folder, each image's relative path (its
@@ -65,11 +64,9 @@ log = logging.getLogger(__name__)
 FEATURE_VERSION = 1
 """Bumped when featx-edge computes features differently (decode, resize, pooling): old shards are not reused."""
 
-SHARD_IMAGES = 4096
-"""Images per shard: 20 MB of 1280-d features; what an interrupted pass can lose at most."""
+SHARD_IMAGES = 4096  # images per shard: 20 MB of 1280-d features; what an interrupted pass can lose at most
 
-STOP_AFTER_SHARDS_ENV = "FEATX_EDGE_TEST_STOP_AFTER_SHARDS"
-"""Test hook: stop the embedding pass (SimulatedInterrupt) after writing this many shards."""
+STOP_AFTER_SHARDS_ENV = "FEATX_EDGE_TEST_STOP_AFTER_SHARDS"  # test hook: SimulatedInterrupt after this many shards
 
 
 class SimulatedInterrupt(FeatxError):
@@ -93,10 +90,12 @@ class FeatureKey:
     preprocessing: str
     resize: str
     feature_version: int = FEATURE_VERSION
+    cut_at: str | None = None  # the backbone layer the features are pooled from (None: its output)
 
-    def digest(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True)
-        return f"{self.backbone}-{self.image_size}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
+    def digest(self) -> str:  # without a cut, the key from before cuts existed: existing caches stay valid
+        text = json.dumps({k: v for k, v in asdict(self).items() if k != "cut_at" or v is not None}, sort_keys=True)
+        name = "-".join(str(part) for part in (self.backbone, self.image_size, self.cut_at) if part is not None)
+        return f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
 
 
 class ShardedArray:
@@ -400,13 +399,14 @@ def open_cache(setting: str | None, key: FeatureKey, *, scratch: Path,
     return FeatureCache(Path(setting) if setting else default_cache_dir(), key, shard_images=shard_images)
 
 
-def feature_key(spec, *, alpha: float | None, weights_sha256: str | None, seed: int, size: int) -> FeatureKey:
-    """The FeatureKey of a backbone spec (``backbones.BackboneSpec``) with these weights at ``size``."""
+def feature_key(spec, *, alpha: float | None, weights_sha256: str | None, seed: int, size: int,
+                cut_at: str | None = None) -> FeatureKey:
+    """The FeatureKey of a backbone spec with these weights at ``size``, cut at ``cut_at`` (None: whole)."""
     from featx_edge.runtime.image import RESIZE_METHOD
 
     return FeatureKey(backbone=spec.name, alpha=alpha, weights_sha256=weights_sha256,
                       random_weights_seed=None if weights_sha256 else seed, image_size=size,
-                      preprocessing=spec.preprocessing, resize=RESIZE_METHOD)
+                      preprocessing=spec.preprocessing, resize=RESIZE_METHOD, cut_at=cut_at)
 
 
 @dataclass

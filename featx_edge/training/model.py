@@ -18,6 +18,7 @@ import numpy as np
 from featx_edge.backbones.registry import BackboneSpec, get_backbone
 from featx_edge.config import ModelConfig
 from featx_edge.errors import WeightsError
+from featx_edge.training.cut import CutPoint, block_outputs, check_names, cut_tensor, stages
 
 # Caffe-style preprocessing (ResNet50, VGG16): RGB -> BGR, then minus the ImageNet mean.
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -74,6 +75,23 @@ def build_backbone(spec: BackboneSpec, *, alpha: float | None, input_tensor: Any
     return backbone
 
 
+def check_cut(config: ModelConfig, names: tuple[str | None, ...] | None = None) -> None:
+    """Refuse ``config.cut_at`` (or each of ``names``) when it is not a layer of the backbone, before any
+    expensive work: built without weights at the config's size (a second or two, nothing downloaded)."""
+    names = (config.cut_at,) if names is None else names
+    if any(name is not None for name in names):
+        check_names(_standalone(config), config, names)
+
+
+def stage_outputs(config: ModelConfig) -> list[CutPoint]:
+    """The backbone's stage outputs (``training.cut``), input to output, the last being its output."""
+    return stages(block_outputs(_standalone(config)))
+
+
+def _standalone(config: ModelConfig):
+    return build_backbone(get_backbone(config.backbone), alpha=config.alpha, size=config.input_size)
+
+
 def copy_weights(source: list, target: list, *, what: str) -> None:
     """Copy weights layer by layer between two lists of layers of the same architecture.
 
@@ -104,11 +122,14 @@ def build_classifier(
 
     Args:
         num_classes: number of output classes (>= 2).
-        config: backbone, alpha, input size and head settings.
+        config: backbone, alpha, input size, cut point (``cut_at``) and head settings.
         weights_file: local no-top weights for the backbone (see ``weights.resolve_weights``),
             or None for random initialisation.
         seed: seeds Keras, NumPy and Python so the head starts from the same weights.
         trainable_backbone: leave the backbone trainable (pretraining from scratch).
+
+    Raises:
+        ConfigError: ``config.cut_at`` is not a layer of the backbone (``training.cut``).
 
     Example:
         >>> from featx_edge.config import ModelConfig
@@ -121,23 +142,35 @@ def build_classifier(
 
     _, keras = import_tf()
     spec = get_backbone(config.backbone)
-    size = config.input_size
     keras.utils.set_random_seed(seed)
+    inputs = keras.Input(shape=(config.input_size, config.input_size, 3), name="image", dtype="float32")
+    backbone = _pretrained_backbone(keras, spec, inputs, config=config, weights_file=weights_file)
+    top = cut_tensor(backbone, config)
+    backbone_layers = _own_layers(backbone, inputs)
+    if config.cut_at is not None:  # only the layers up to the cut are in the graph (and unfrozen by stage 2)
+        kept = {id(layer) for layer in keras.Model(inputs, top).layers}
+        backbone_layers = [layer for layer in backbone_layers if id(layer) in kept]
+    for layer in backbone_layers:
+        layer.trainable = trainable_backbone
+    return _with_head(keras, inputs, top, num_classes=num_classes, config=config, seed=seed,
+                      name=f"featx_{spec.name}", backbone_layers=backbone_layers)
 
-    inputs = keras.Input(shape=(size, size, 3), name="image", dtype="float32")
-    x = _preprocess(keras, spec, inputs)
-    backbone = build_backbone(spec, alpha=config.alpha, input_tensor=x)
+
+def _pretrained_backbone(keras, spec: BackboneSpec, inputs, *, config: ModelConfig, weights_file: str | Path | None):
+    """The backbone on our preprocessing of ``inputs``, with the weights of ``weights_file`` if given."""
+    backbone = build_backbone(spec, alpha=config.alpha, input_tensor=_preprocess(keras, spec, inputs))
     if weights_file is not None:
         # Load into a standalone copy (Keras's own topological h5 loading), then copy the
         # weights layer by layer: our graph has extra preprocessing layers in front.
-        source = build_backbone(spec, alpha=config.alpha, size=size, weights_file=str(weights_file))
+        source = build_backbone(spec, alpha=config.alpha, size=config.input_size, weights_file=str(weights_file))
         copy_weights(source.layers, _own_layers(backbone, inputs), what=f"`{weights_file}`")
         del source
-    backbone_layers = _own_layers(backbone, inputs)
-    for layer in backbone_layers:
-        layer.trainable = trainable_backbone
+    return backbone
 
-    pool = keras.layers.GlobalAveragePooling2D(name="features")
+
+def _with_head(keras, inputs, top, *, num_classes: int, config: ModelConfig, seed: int, name: str,
+               backbone_layers: list) -> Classifier:
+    """Pooling on ``top`` (the backbone's output or the cut layer's), the head, and the three models."""
     head = []
     if config.head_units:
         head.append(keras.layers.Dense(config.head_units, activation="relu", name="head_dense"))
@@ -145,11 +178,11 @@ def build_classifier(
         head.append(keras.layers.Dropout(config.dropout, name="head_dropout", seed=seed))
     head.append(keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32"))
 
-    features = pool(backbone.output)
+    features = keras.layers.GlobalAveragePooling2D(name="features")(top)
     y = features
     for layer in head:
         y = layer(y)
-    model = keras.Model(inputs, y, name=f"featx_{spec.name}")
+    model = keras.Model(inputs, y, name=name)
     feature_model = keras.Model(inputs, features, name="features")
     head_input = keras.Input(shape=(features.shape[-1],), name="features_in")
     z = head_input

@@ -48,7 +48,6 @@ def pretrain(*, data: str, out: str | Path, model: ModelConfig, train: TrainConf
         ...          model=ModelConfig(backbone="mobilenet_v2", alpha=0.35, image_size=96, weights="none"), train=TrainConfig(epochs=8))
     """
     from featx_edge._tf import import_tf
-    from featx_edge.training.model import build_backbone, build_classifier, copy_weights
     from featx_edge.training.train import array_dataset, fit, setup_devices
 
     _, keras = import_tf()
@@ -63,31 +62,20 @@ def pretrain(*, data: str, out: str | Path, model: ModelConfig, train: TrainConf
     folder = scan_folder(root)
     splits = split_folder(folder, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     setup_devices(mixed_precision=train.mixed_precision)
-    model = dataclasses.replace(model, weights="none", head_units=0)
-    clf = build_classifier(num_classes=len(splits.classes), config=model, weights_file=None, seed=seed,
-                           trainable_backbone=True)
-    for layer in clf.backbone_layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = PRETRAIN_BN_MOMENTUM
+    # The whole backbone is pretrained and saved, whatever cut a config names for the runs that use it.
+    model = dataclasses.replace(model, weights="none", head_units=0, cut_at=None)
+    clf = _scratch_classifier(keras, model=model, num_classes=len(splits.classes), seed=seed)
     x_train = load_images(splits.root, splits.train, size=size)
     x_val = load_images(splits.root, splits.val, size=size)
     x_test = load_images(splits.root, splits.test, size=size)
     y_train, y_val, y_test = splits.labels("train"), splits.labels("val"), splits.labels("test")
-    augment = keras.Sequential([
-        keras.layers.RandomTranslation(AUGMENT_TRANSLATION, AUGMENT_TRANSLATION, fill_mode="nearest", seed=seed),
-        keras.layers.GaussianNoise(AUGMENT_NOISE, seed=seed),
-    ], name="pretrain_augment")
     data, steps = array_dataset(x_train, y_train, batch_size=train.batch_size, seed=seed, epochs=train.epochs,
-                                augment=augment)
+                                augment=_augmenter(keras, seed=seed))
     result = fit(clf.model, data, epochs=train.epochs, learning_rate=train.learning_rate,
                  val_data=(x_val.astype(np.float32), y_val), steps_per_epoch=steps)
     test_acc = float(np.mean(clf.model.predict(x_test.astype(np.float32), verbose=0).argmax(1) == y_test))
 
-    standalone = build_backbone(spec, alpha=model.alpha, size=size)
-    copy_weights(clf.backbone_layers, standalone.layers, what="the pretrained backbone")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        standalone.save_weights(str(tmp))
+    _save_backbone(clf, spec=spec, model=model, out=out)
     info = {
         "backbone": spec.name, "alpha": model.alpha, "image_size": size, "data": str(root),
         "classes": list(splits.classes), "test_files": list(splits.test), "epochs": train.epochs, "seconds": round(result.seconds, 2),
@@ -98,3 +86,34 @@ def pretrain(*, data: str, out: str | Path, model: ModelConfig, train: TrainConf
     write_json(Path(str(out) + ".json"), info)
     log.info(json.dumps({k: v for k, v in info.items() if k != "test_files"}, indent=2))
     return info
+
+
+def _scratch_classifier(keras, *, model: ModelConfig, num_classes: int, seed: int):
+    """The classifier to pretrain: its backbone trainable, BatchNorm statistics that follow a short training."""
+    from featx_edge.training.model import build_classifier
+
+    clf = build_classifier(num_classes=num_classes, config=model, weights_file=None, seed=seed,
+                           trainable_backbone=True)
+    for layer in clf.backbone_layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = PRETRAIN_BN_MOMENTUM
+    return clf
+
+
+def _augmenter(keras, *, seed: int):
+    """Small shifts and noise, applied to every training batch of the pretraining."""
+    return keras.Sequential([
+        keras.layers.RandomTranslation(AUGMENT_TRANSLATION, AUGMENT_TRANSLATION, fill_mode="nearest", seed=seed),
+        keras.layers.GaussianNoise(AUGMENT_NOISE, seed=seed),
+    ], name="pretrain_augment")
+
+
+def _save_backbone(clf, *, spec, model: ModelConfig, out: Path) -> None:
+    """Write the trained backbone alone (no top) to ``out``, atomically: the file `--weights PATH` loads."""
+    from featx_edge.training.model import build_backbone, copy_weights
+
+    standalone = build_backbone(spec, alpha=model.alpha, size=model.input_size)
+    copy_weights(clf.backbone_layers, standalone.layers, what="the pretrained backbone")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        standalone.save_weights(str(tmp))

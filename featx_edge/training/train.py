@@ -296,6 +296,9 @@ def train_run(config: RunConfig, out: str | Path, *, overwrite: bool = False, re
         >>> manifest = train_run(cfg, "runs/demo")  # doctest: +SKIP
     """
     data_root, _ = check_destination(config, out)
+    from featx_edge.training.model import check_cut
+
+    check_cut(config.model)  # a typo in `--cut-at` must not cost an embedding pass
     out = Path(out)
     if not is_chief(config.train.strategy):  # no lock: the chief, maybe on this host, holds `out`'s
         scratch = Path(tempfile.mkdtemp(prefix="featx-edge-worker-"))
@@ -337,24 +340,16 @@ def _summary(stage: StageResult) -> str:
 
 
 def _train_run(config: RunConfig, out: Path, *, data_root: Path, run_dir: Path, resume: bool) -> dict:
-    from featx_edge.training.model import build_classifier, unfreeze_top
+    from featx_edge.training.model import build_classifier
 
     spec = get_backbone(config.model.backbone)
-    size = config.model.input_size
     if config.model.weights == "none":
         log.warning("`--weights none`: the frozen backbone keeps random weights, so its features carry almost no "
                     "information and the accuracy of this run means nothing; use it for latency tests only")
     # Cheap checks first: weights (may download) before decoding every image.
-    weights_file = resolve_weights(spec, weights=config.model.weights, alpha=config.model.alpha, size=size)
-    folder = scan_folder(data_root)
-    for skipped in folder.skipped:
-        log.info("skipped %s: %s", skipped.path, skipped.reason)
-    splits = split_folder(folder, val_fraction=config.data.val_fraction,
-                          test_fraction=config.data.test_fraction, seed=config.seed)
-    write_json(out / SPLITS, splits.to_json())
-    log.info("%d images in %d classes (%d train / %d val / %d test), %d skipped", folder.num_images,
-             len(folder.classes), len(splits.train), len(splits.val), len(splits.test), len(folder.skipped))
-
+    weights_file = resolve_weights(spec, weights=config.model.weights, alpha=config.model.alpha,
+                                   size=config.model.input_size)
+    folder, splits = _scan_and_split(config, data_root=data_root, out=out)
     devices = setup_devices(mixed_precision=config.train.mixed_precision, jit_compile=config.train.jit_compile)
     placement = make_placement(config.train.strategy, gpus=devices["gpus"])
     devices["strategy"] = placement.record()
@@ -365,45 +360,61 @@ def _train_run(config: RunConfig, out: Path, *, data_root: Path, run_dir: Path, 
     with placement.strategy.scope():  # variables mirrored on every replica
         clf = build_classifier(num_classes=len(splits.classes), config=config.model,
                                weights_file=weights_file, seed=config.seed)
-    y_train, y_val, y_test = splits.labels("train"), splits.labels("val"), splits.labels("test")
-    bs = config.train.batch_size
-
     t0 = time.perf_counter()
     # Features of every image on disk (memory-mapped; reused across runs), plus augmented views.
-    cache = open_cache(config.train.feature_cache, feature_key(spec, alpha=config.model.alpha, size=size,
-                       weights_sha256=weights_sha256, seed=config.seed), scratch=out / ".feature-scratch")
-    feats = split_features(clf.feature_model, splits, cache=cache, size=size, batch_size=bs,
-                           augment=AugmentSpec(config.train.augment, seed=config.seed), views=config.train.augment_views,
-                           devices=placement.local_devices)
-    metrics: dict = {"embedding_seconds": round(time.perf_counter() - t0, 3), "feature_cache": feats.record}
+    cache = open_cache(config.train.feature_cache, feature_key(spec, alpha=config.model.alpha,
+                       size=config.model.input_size, weights_sha256=weights_sha256, seed=config.seed,
+                       cut_at=config.model.cut_at), scratch=out / ".feature-scratch")
+    try:
+        feats = split_features(clf.feature_model, splits, cache=cache, size=config.model.input_size,
+                               batch_size=config.train.batch_size, devices=placement.local_devices,
+                               augment=AugmentSpec(config.train.augment, seed=config.seed),
+                               views=config.train.augment_views)
+        metrics: dict = {"embedding_seconds": round(time.perf_counter() - t0, 3), "feature_cache": feats.record}
+        metrics |= _train_stages(config, clf, splits, feats=feats, checkpoints=checkpoints)
+    finally:
+        cache.close()
+    with atomic_path(out / WEIGHTS) as tmp:
+        clf.model.save_weights(str(tmp))
+    manifest = _manifest(config, out, splits=splits, folder=folder, metrics=metrics, devices=devices,
+                         weights_sha256=weights_sha256, feature_dim=int(clf.feature_model.output_shape[-1]))
+    write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def _scan_and_split(config: RunConfig, *, data_root: Path, out: Path):
+    """The data folder scanned and split by ``config``; the split written to ``out``. (folder, splits)."""
+    folder = scan_folder(data_root)
+    for skipped in folder.skipped:
+        log.info("skipped %s: %s", skipped.path, skipped.reason)
+    splits = split_folder(folder, val_fraction=config.data.val_fraction,
+                          test_fraction=config.data.test_fraction, seed=config.seed)
+    write_json(out / SPLITS, splits.to_json())
+    log.info("%d images in %d classes (%d train / %d val / %d test), %d skipped", folder.num_images,
+             len(folder.classes), len(splits.train), len(splits.val), len(splits.test), len(folder.skipped))
+    return folder, splits
+
+
+def _train_stages(config: RunConfig, clf, splits, *, feats, checkpoints: Checkpoints) -> dict:
+    """Stage 1 on the cached features, stage 2 if asked; the metrics, with validation and test accuracy."""
+    y_val = splits.labels("val")
     log.info("stage 1: head on cached features (%d-d, %d rows), %d epochs", feats.train.dim, len(feats.train),
              config.train.epochs)
     stage1 = train_head_on_features(clf.head_model, feats.train, feats.train_labels, config=config.train,
                                     seed=config.seed, val=(feats.val, y_val),
                                     checkpoint=checkpoints.stage("stage1", epochs=config.train.epochs))
-    metrics["stage1"] = dataclasses.asdict(stage1)
     log.info("  %s", _summary(stage1))
+    metrics: dict = {"stage1": dataclasses.asdict(stage1)}
     # What the frozen backbone + head reaches; stage 2 is judged against it.
     metrics["stage1_val_accuracy"] = float(np.mean(predict_table(clf.head_model, feats.val).argmax(1) == y_val))
     if config.train.fine_tune_epochs:
-        n = unfreeze_top(clf, config.train.unfreeze_top)
-        log.info("stage 2: fine-tuning the top %d backbone layers (%d with weights), lr %s",
-                 config.train.unfreeze_top, n, config.train.fine_tune_learning_rate)
-        resumed = checkpoints.stage("stage2", epochs=config.train.fine_tune_epochs, offset=config.train.epochs)
-        seq = image_sequence(splits.root, splits.train, y_train, size=size, batch_size=bs, seed=config.seed + 1,
-                             start_epoch=resumed.start_epoch)
-        val = image_sequence(splits.root, splits.val, y_val, size=size, batch_size=bs, seed=config.seed)
-        stage2 = fit(clf.model, seq, epochs=config.train.fine_tune_epochs,
-                     learning_rate=config.train.fine_tune_learning_rate, val_data=val,
-                     jit_compile=config.train.jit_compile, checkpoint=resumed)
-        metrics["stage2"] = dataclasses.asdict(stage2) | {"unfrozen_layers_with_weights": n}
-        log.info("  %s", _summary(stage2))
-    for split, relpaths, labels in (("val", splits.val, y_val), ("test", splits.test, y_test)):
+        metrics["stage2"] = _fine_tune(config, clf, splits, checkpoints=checkpoints)
+    size = config.model.input_size
+    for split in ("val", "test"):
         # Without stage 2 the backbone is the one that made the cached features: no second pass.
-        probs = (predict_probs(clf.model, splits.root, relpaths, size=size) if config.train.fine_tune_epochs
-                 else predict_table(clf.head_model, getattr(feats, split)))
-        metrics[f"{split}_accuracy"] = float(np.mean(probs.argmax(1) == labels))
-    cache.close()
+        probs = (predict_probs(clf.model, splits.root, getattr(splits, split), size=size)
+                 if config.train.fine_tune_epochs else predict_table(clf.head_model, getattr(feats, split)))
+        metrics[f"{split}_accuracy"] = float(np.mean(probs.argmax(1) == splits.labels(split)))
     if config.train.fine_tune_epochs:
         gain = 100.0 * (metrics["val_accuracy"] - metrics["stage1_val_accuracy"])
         metrics["stage2_val_gain_points"] = gain
@@ -411,16 +422,39 @@ def _train_run(config: RunConfig, out: Path, *, data_root: Path, run_dir: Path, 
                  metrics["stage1_val_accuracy"], metrics["val_accuracy"], len(y_val))
     log.info("Keras reference: val accuracy %.4f, test accuracy %.4f", metrics["val_accuracy"],
              metrics["test_accuracy"])
+    return metrics
 
-    with atomic_path(out / WEIGHTS) as tmp:
-        clf.model.save_weights(str(tmp))
+
+def _fine_tune(config: RunConfig, clf, splits, *, checkpoints: Checkpoints) -> dict:
+    """Stage 2: the top backbone layers (up to the cut, if any) trained end to end at a low learning rate."""
+    from featx_edge.training.model import unfreeze_top
+
+    n = unfreeze_top(clf, config.train.unfreeze_top)
+    log.info("stage 2: fine-tuning the top %d backbone layers (%d with weights), lr %s",
+             config.train.unfreeze_top, n, config.train.fine_tune_learning_rate)
+    resumed = checkpoints.stage("stage2", epochs=config.train.fine_tune_epochs, offset=config.train.epochs)
+    size, bs = config.model.input_size, config.train.batch_size
+    seq = image_sequence(splits.root, splits.train, splits.labels("train"), size=size, batch_size=bs,
+                         seed=config.seed + 1, start_epoch=resumed.start_epoch)
+    val = image_sequence(splits.root, splits.val, splits.labels("val"), size=size, batch_size=bs, seed=config.seed)
+    stage2 = fit(clf.model, seq, epochs=config.train.fine_tune_epochs,
+                 learning_rate=config.train.fine_tune_learning_rate, val_data=val,
+                 jit_compile=config.train.jit_compile, checkpoint=resumed)
+    log.info("  %s", _summary(stage2))
+    return dataclasses.asdict(stage2) | {"unfrozen_layers_with_weights": n}
+
+
+def _manifest(config: RunConfig, out: Path, *, splits, folder, metrics: dict, devices: dict,
+              weights_sha256: str | None, feature_dim: int) -> dict:
+    """The run's manifest.json content (the weights file is already written)."""
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "featx_edge_version": __version__,
         "labels": list(splits.classes),
-        "backbone": {"name": spec.name, "alpha": config.model.alpha, "weights": config.model.weights,
-                     "weights_sha256": weights_sha256},
-        "input": input_contract(size),
+        # cut_at: the layer whose pooled output feeds the head (None: the whole backbone)
+        "backbone": {"name": config.model.backbone, "alpha": config.model.alpha, "weights": config.model.weights,
+                     "weights_sha256": weights_sha256, "cut_at": config.model.cut_at, "feature_dim": feature_dim},
+        "input": input_contract(config.model.input_size),
         "data": {"root": str(splits.root), "splits": SPLITS,
                  "counts": {split: len(getattr(splits, split)) for split in ("train", "val", "test")},
                  "skipped": {"count": len(folder.skipped),
@@ -433,5 +467,4 @@ def _train_run(config: RunConfig, out: Path, *, data_root: Path, run_dir: Path, 
     }
     if (marker := read_marker(out)) is not None:  # the staging folder's: the run is featx-edge's to replace
         manifest[ID_KEY] = marker["id"]
-    write_json(out / MANIFEST, manifest)
     return manifest
