@@ -5,7 +5,7 @@
   activations only, never the input, the preprocessing that reads it, or the softmax output.
 - Percentile and MSE clipping on constructed histograms: never wider than min/max, always hold 0,
   and MSE clips a long thin tail but not a flat distribution.
-- ``[export] activation_ranges = "auto"`` (the default) with bias correction ``"auto"``: the six
+- ``[export] activation_ranges = "auto"`` (opt-in; the default is ``minmax``) with bias correction ``"auto"``: the six
   candidates are judged on never-test images, the choice and its numbers are in the manifest and
   the file's metadata, and the same run makes the same choice. A fixed setting makes no choice.
 """
@@ -112,7 +112,7 @@ def test_activation_ranges_and_bias_correction_are_chosen_per_run_and_recorded(t
     from featx_edge.rundir.manifest import read_manifest
     from featx_edge.runtime.metadata import read_tflite
 
-    run, main = _train(tmp_path)
+    run, main = _train(tmp_path, config='[export]\nactivation_ranges = "auto"\n')
     assert main(["export", str(run), "--formats", "tflite-int8", "--quiet"]) == 0
     manifest = read_manifest(run)
     first = manifest["int8_choice"]
