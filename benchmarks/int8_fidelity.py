@@ -127,7 +127,8 @@ def _rows(backbone: str, dataset: str, seed: int, cell: dict, formats: tuple[str
                 "plain_agreement": sub.get("top1_agreement"), "near_ties": sub.get("near_ties"),
                 "change_points": sub.get("judged_accuracy_change_points"),
                 "change_ci95_points": sub.get("judged_accuracy_change_ci95_points"),
-                "bias_correction": (cell["int8_choice"] or {}).get("chosen"),
+                "bias_correction": (cell["int8_choice"] or {}).get("bias_correction"),
+                "activation_ranges": (cell["int8_choice"] or {}).get("activation_ranges"),
             })
     return rows
 

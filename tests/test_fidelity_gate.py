@@ -177,13 +177,15 @@ def test_bias_correction_is_chosen_per_run_on_validation_and_recorded(tmp_path):
 
     data = make_class_folder(tmp_path / "data", {"a": 12, "b": 12}, size=32)
     run = tmp_path / "run"
-    assert main(["train", "--data", str(data), "--out", str(run), *TINY, "--image-size", "32", "--weights", "none",
-                 "--epochs", "2", "--quiet"]) == 0
+    # The converter's own ranges: two candidates (all six: tests/test_int8_ranges.py).
+    (tmp_path / "c.toml").write_text('[export]\nactivation_ranges = "minmax"\n')
+    assert main(["train", "--config", str(tmp_path / "c.toml"), "--data", str(data), "--out", str(run), *TINY,
+                 "--image-size", "32", "--weights", "none", "--epochs", "2", "--quiet"]) == 0
     assert main(["export", str(run), "--formats", "tflite-int8", "--quiet"]) == 0
     manifest = read_manifest(run)
     first = manifest["int8_choice"]
     assert manifest["config"]["export"]["bias_correction"] == "auto"
-    assert first["chosen"] in ("off", "on") and set(first["candidates"]) == {"off", "on"}
+    assert first["bias_correction"] in ("off", "on") and set(first["candidates"]) == {"off/minmax", "on/minmax"}
     assert "validation" in first["judged_on"] and first["images"] > 0
     for judged in first["candidates"].values():
         assert set(judged) == {"xnnpack", "reference"}

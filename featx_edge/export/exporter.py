@@ -87,6 +87,7 @@ class Exporter:
         self._int8_flatbuffer: bytes | None = None  # tflite-int8 as converted while choosing its source
         self._traces: dict[tuple[int, int | None], tuple[object, object]] = {}  # (model id, batch) -> (model, Traced)
         self._onnx_protos: dict[int, tuple[object, object]] = {}  # model id -> (model, float32 ONNX before metadata)
+        self._int8_ranges = "minmax"  # tflite-int8's activation ranges (export.tflite_ranges), set with the source
         self._converters = {"tflite": self._tflite, "tflite-selective": self._tflite_selective,
                             "tflite-qat": self._tflite_qat, "onnx": self._onnx, "onnx-int8": self._onnx_int8}
 
@@ -124,46 +125,77 @@ class Exporter:
     def int8_source(self) -> tuple:
         """(model, recipe): what post-training int8 is converted from, and how it was prepared.
 
-        With ``[export] bias_correction = true`` a bias-corrected copy of the reference; with
-        ``"auto"`` (the default) whichever of the two is closer to the reference on the validation
-        split (``export.int8_choice``). Verify still compares every export with the reference itself.
+        ``[export] bias_correction`` and ``activation_ranges`` name the candidates
+        (``int8_choice.candidate_names``): one fixed candidate is taken as it is; with ``"auto"``
+        (the default of both) each candidate is converted to tflite-int8 and the one closest to the
+        reference on the validation split is kept (``export.int8_choice``). Verify still compares
+        every export with the reference itself.
         """
         if self._int8_source is None:
-            reference = self.run.reference().model
-            if self.run.config.export.bias_correction == "auto":
-                self._int8_source = self._chosen_int8_source(reference)
-            elif self.run.config.export.bias_correction:
+            from featx_edge.export.int8_choice import candidate_names
+
+            names = candidate_names(self.run.config.export)
+            if len(names) > 1:
+                self._int8_source = self._chosen_int8_source(names)
+            else:
+                self.run.manifest.pop("int8_choice", None)  # a fixed setting: no choice was made
+                bias, self._int8_ranges = names[0].split("/")
+                self._int8_source = self._bias_sources((bias,))[bias]
+        return self._int8_source
+
+    def _bias_sources(self, biases) -> dict[str, tuple]:
+        """``{"off"|"on": (model, {"bias_correction": info or None})}`` for the biases asked for."""
+        reference = self.run.reference().model
+        sources = {}
+        for bias in biases:
+            if bias == "on":
                 from featx_edge.export.bias_correction import bias_corrected
 
                 model, info = bias_corrected(reference, calibration=self.calibration)
-                self._int8_source = (model, {"bias_correction": info})
-                self.run.manifest.pop("int8_choice", None)  # a fixed setting: no choice was made
+                sources[bias] = (model, {"bias_correction": info})
             else:
-                self._int8_source = (reference, {"bias_correction": None})
-                self.run.manifest.pop("int8_choice", None)
-        return self._int8_source
+                sources[bias] = (reference, {"bias_correction": None})
+        return sources
 
-    def _chosen_int8_source(self, reference) -> tuple:
-        """Convert tflite-int8 with and without bias correction; keep the better on the judging set."""
-        from featx_edge.export.bias_correction import bias_corrected
+    def _chosen_int8_source(self, names: list[str]) -> tuple:
+        """Convert tflite-int8 once per candidate; keep the best on the judging set (never test)."""
         from featx_edge.export.budget import judging_set
-        from featx_edge.export.int8_choice import CHOICE_TRAIN_IMAGES, choose_bias_correction
-        from featx_edge.export.tflite import TFLiteQuantization, convert
+        from featx_edge.export.int8_choice import CHOICE_TRAIN_IMAGES, choose_int8
+        from featx_edge.export.tflite_ranges import convert_ranges
 
-        with stage("int8 source: bias correction"):
-            corrected, info = bias_corrected(reference, calibration=self.calibration)
-        quant = TFLiteQuantization.named("int8")
-        sources = {"off": reference, "on": corrected}
-        with stage("int8 source: two int8 conversions"):
-            flatbuffers = {name: convert(self.traced(model), size=self.run.size, quantization=quant,
-                                         calibration=self.calibration) for name, model in sources.items()}
-        with stage("int8 source: judging both"):
+        sources = self._bias_sources(dict.fromkeys(name.split("/")[0] for name in names))
+        flatbuffers = {}
+        for bias, (model, _) in sources.items():
+            methods = [name.split("/")[1] for name in names if name.split("/")[0] == bias]
+            converted = convert_ranges(model, size=self.run.size, calibration=self.calibration, methods=methods)
+            flatbuffers.update({f"{bias}/{method}": flatbuffer for method, flatbuffer in converted.items()})
+        with stage("int8 source: judging the candidates"):
             judging = judging_set(self.run, train_images=CHOICE_TRAIN_IMAGES)
-            chosen, record = choose_bias_correction(flatbuffers, run=self.run, judging=judging)
+            chosen, record = choose_int8({name: flatbuffers[name] for name in names}, run=self.run,
+                                         judging=judging)
         self.run.manifest["int8_choice"] = record
         self._int8_flatbuffer = flatbuffers[chosen]
-        choice = {"setting": "auto", "chosen": chosen, "judged_on": record["judged_on"]}
-        return sources[chosen], {"bias_correction": info if chosen == "on" else None, "bias_correction_choice": choice}
+        bias, self._int8_ranges = chosen.split("/")
+        model, recipe = sources[bias]
+        if self.run.config.export.bias_correction == "auto":
+            recipe = {**recipe, "bias_correction_choice": {"setting": "auto", "chosen": bias,
+                                                           "judged_on": record["judged_on"]}}
+        return model, recipe
+
+    def _tflite_int8(self, source) -> tuple[bytes, dict]:
+        """tflite-int8 from the int8 source with the chosen activation ranges, and what says so."""
+        from featx_edge.export.tflite import TFLiteQuantization, convert
+        from featx_edge.export.tflite_ranges import convert_ranges
+
+        flatbuffer, ranges = self._int8_flatbuffer, self._int8_ranges  # converted while choosing, if chosen
+        if flatbuffer is None and ranges == "minmax":
+            flatbuffer = convert(self.traced(source), size=self.run.size, quantization=TFLiteQuantization.for_int8(),
+                                 calibration=self.calibration)
+        elif flatbuffer is None:
+            flatbuffer = convert_ranges(source, size=self.run.size, calibration=self.calibration,
+                                        methods=(ranges,))[ranges]
+        setting = self.run.config.export.activation_ranges
+        return flatbuffer, {"activation_ranges": {"setting": setting, "method": ranges}}
 
     def metadata(self, spec: FormatSpec) -> dict:
         """What the artifact says about itself (read by ``featx_edge.runtime``)."""
@@ -216,8 +248,10 @@ class Exporter:
         extra: dict = {}
         if quant.calibrated:
             source, recipe = self.int8_source()
-            flatbuffer = self._int8_flatbuffer  # already converted from this source while choosing it
-            if flatbuffer is None or spec.quantization != "int8":
+            if spec.quantization == "int8":
+                flatbuffer, ranges = self._tflite_int8(source)
+                recipe = {**recipe, **ranges}
+            else:
                 flatbuffer = convert(self.traced(source), size=self.run.size, quantization=quant,
                                      calibration=self.calibration)
             method = ("tflite full-integer post-training" if quant.full_integer

@@ -1,14 +1,16 @@
-"""Bias correction on or off, chosen per run on the validation split (``[export] bias_correction = "auto"``).
+"""int8 settings chosen per run on the validation split: bias correction x activation ranges.
 
 Bias correction cancels the mean error of int8 weight rounding; on the sample digits it raised
-int8 agreement, on a MobileNetV2 transferred between digit tasks it cost 5 points (issue 21). No
-fixed value is right everywhere, so with ``"auto"`` both candidates are converted to tflite-int8
-and judged against the float reference on images that are never the test split (validation plus
-calibration-free training images, ``budget.judging_set``), under every kernel set the format
-lists. The candidate with the higher worst-kernel-set agreement wins; equal agreement goes to the
-one that loses fewer images, then to the uncorrected model (the simpler one). The choice and the
-figures that made it are recorded in ``manifest.json`` (``int8_choice``) and in the int8 files'
-metadata; the same run, seed and images make the same choice.
+int8 agreement, on a MobileNetV2 transferred between digit tasks it cost 5 points (issue 21).
+Clipped activation ranges (``tflite_ranges``: percentile, MSE-optimal) give finer steps to most
+values at the cost of a few outliers. No fixed value of either is right everywhere, so with
+``[export] bias_correction = "auto"`` and/or ``activation_ranges = "auto"`` every candidate is
+converted to tflite-int8 and judged against the float reference on images that are never the
+test split (validation plus calibration-free training images, ``budget.judging_set``), under
+every kernel set the format lists. The candidate with the higher worst-kernel-set agreement
+wins; equal agreement goes to the one that loses fewer images, then to the simpler candidate.
+The choice and the figures that made it are recorded in ``manifest.json`` (``int8_choice``) and
+in the int8 files' metadata; the same run, seed and images make the same choice.
 """
 
 from __future__ import annotations
@@ -70,14 +72,30 @@ def _score(judged: dict) -> tuple[float, int]:
     return worst["top1_agreement"], -worst["images_lost"]
 
 
-def choose_bias_correction(candidates: dict[str, bytes], *, run, judging) -> tuple[str, dict]:
-    """The better of ``{"off": flatbuffer, "on": flatbuffer}`` on the judging set, and the record."""
-    judged = judge_all(candidates, run=run, judging=judging)
-    # max() keeps the first of equals: "off" is listed first, so a tie keeps the uncorrected model.
+def candidate_names(export) -> list[str]:
+    """``"bias/ranges"`` names of the int8 candidates ``[export]`` asks for, simplest first.
+
+    ``bias_correction`` gives ``off`` and ``on`` (``"auto"``) or the fixed one; ``activation_ranges``
+    gives ``minmax``, ``percentile`` and ``mse`` (``"auto"``) or the fixed one. The order breaks ties:
+    the converter's own min/max before clipped ranges, no correction before correction.
+    """
+    from featx_edge.export.tflite_ranges import RANGE_METHODS
+
+    biases = ("off", "on") if export.bias_correction == "auto" else ("on",) if export.bias_correction else ("off",)
+    methods = RANGE_METHODS if export.activation_ranges == "auto" else (export.activation_ranges,)
+    return [f"{bias}/{method}" for method in methods for bias in biases]
+
+
+def choose_int8(candidates: dict[str, bytes], *, run, judging) -> tuple[str, dict]:
+    """The best of ``{"bias/ranges": flatbuffer}`` on the judging set, and the record for the manifest."""
+    judged = judge_all(candidates, run=run, judging=judging)  # side by side in threads, the same figures
+    # max() keeps the first of equals: candidates come simplest first (candidate_names).
     chosen = max(candidates, key=lambda name: _score(judged[name]))
-    record = {"setting": "bias_correction", "chosen": chosen, "judged_on": judging.what,
-              "images": len(judging.labels), "rule": "highest worst-kernel-set agreement, then fewest images "
-              "lost, then off", "candidates": judged}
-    log.info("  bias correction %s for int8 (agreement on %s: off %.4f, on %.4f)", chosen, judging.what,
-             _score(judged["off"])[0], _score(judged["on"])[0])
+    bias, ranges = chosen.split("/")
+    record = {"setting": "bias_correction x activation_ranges", "chosen": chosen, "bias_correction": bias,
+              "activation_ranges": ranges, "judged_on": judging.what, "images": len(judging.labels),
+              "rule": "highest worst-kernel-set agreement, then fewest images lost, then the simpler candidate "
+              "(min/max before clipped ranges, bias correction off before on)", "candidates": judged}
+    log.info("  int8 candidate %s chosen (worst-kernel-set agreement on %s: %s)", chosen, judging.what,
+             ", ".join(f"{name} {_score(row)[0]:.4f}" for name, row in judged.items()))
     return chosen, record

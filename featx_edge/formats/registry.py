@@ -174,6 +174,8 @@ INT8_VARIANTS: tuple[str, ...] = tuple(name for name, spec in FORMAT_SPECS.items
 ALL_FORMATS = FORMATS + INT8_VARIANTS
 
 ONNX_CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy")
+TFLITE_RANGE_METHODS: tuple[str, ...] = ("auto", "minmax", "percentile", "mse")
+"""``[export] activation_ranges``: how tflite-int8's activation ranges are calibrated (``export.tflite_ranges``)."""
 """onnxruntime calibration methods for onnx-int8 (`--onnx-calibration`)."""
 
 
