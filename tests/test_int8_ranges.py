@@ -70,7 +70,7 @@ def _outputs(flatbuffer: bytes, images: np.ndarray) -> np.ndarray:
 def test_ranges_are_written_into_the_converters_calibration():
     """min/max through calibrate-only + the converter's quantizer == TFLiteConverter.convert(), integer
     for integer; clipped ranges change some activation scales but not the input or the output."""
-    from featx_edge.export.tflite import TFLiteQuantization, convert
+    from featx_edge.export.tflite import TFLiteQuantization, calibrate, convert
 
     rng = np.random.default_rng(0)
     calibration = rng.integers(0, 256, (32, 24, 24, 3), dtype=np.uint8)
@@ -82,7 +82,7 @@ def test_ranges_are_written_into_the_converters_calibration():
     images = rng.integers(0, 256, (8, 24, 24, 3), dtype=np.uint8)
     assert np.array_equal(_outputs(ours["minmax"], images), _outputs(plain, images))
     base = _quantization(plain)
-    fixed = set(tr.fixed_tensor_names(tr.calibrated(model, size=24, calibration=calibration))) & set(base)
+    fixed = set(tr.fixed_tensor_names(calibrate(model, size=24, calibration=calibration))) & set(base)
     for method in ("percentile", "mse"):
         clipped = _quantization(ours[method])
         assert set(clipped) == set(base)

@@ -16,7 +16,7 @@ and TFLite's own quantizer (``mlir_quantize``, the step ``convert()`` runs after
 makes the int8 model from the rewritten statistics. The model's input (pixels 0..255 map exactly
 onto the uint8 input), the in-graph preprocessing that reads it (an affine map that gives each
 pixel level its own int8 level) and the output (softmax, a fixed range) keep the converter's ranges.
-Which method a run uses is chosen per run (``export.int8_choice``).
+The default is ``minmax`` (the converter's own); ``auto`` chooses per run (``export.int8_choice``).
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from featx_edge.errors import ExportError
-from featx_edge.export.tflite import TFLiteQuantization, check_integer_only, converter
+from featx_edge.export.tflite import calibrate, quantize_calibrated
 from featx_edge.formats.registry import TFLITE_RANGE_METHODS
-from featx_edge.progress import native_output
 
 RANGE_METHODS = tuple(m for m in TFLITE_RANGE_METHODS if m != "auto")  # minmax, percentile, mse
 PERCENTILE = 99.99
@@ -36,17 +34,6 @@ PERCENTILE = 99.99
 BINS = 2048
 BATCH = 16
 _LEVELS = 255  # int8 activations: 256 levels, 255 steps
-
-
-def calibrated(model, *, size: int, calibration: np.ndarray) -> bytes:
-    """The float TFLite model after the converter's calibration: each activation carries its min/max."""
-    conv = converter(model, size=size, quantization=TFLiteQuantization.for_int8(), calibration=calibration)
-    conv._experimental_calibrate_only = True  # TF's own switch: stop after calibration, before quantizing
-    try:
-        with native_output("the TFLite converter"):
-            return bytes(conv.convert())
-    except Exception as err:  # the converter raises ConverterError / RuntimeError with its log
-        raise ExportError(f"TFLite calibration failed: {type(err).__name__}: {err}") from err
 
 
 def _fixed(graph) -> set[int]:
@@ -157,24 +144,8 @@ def with_ranges(flatbuffer: bytes, ranges: dict[int, tuple[float, float]]) -> by
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model_object))
 
 
-def quantize(flatbuffer: bytes) -> bytes:
-    """Full-integer int8 (uint8 input and output) from a calibrated model: the converter's own quantizer."""
-    from tensorflow.lite.python.convert import mlir_quantize
-
-    from featx_edge._tf import import_tf
-
-    tf, _ = import_tf()
-    try:
-        with native_output("the TFLite quantizer"):
-            result = bytes(mlir_quantize(flatbuffer, input_data_type=tf.uint8, output_data_type=tf.uint8))
-    except Exception as err:
-        raise ExportError(f"TFLite quantization failed: {type(err).__name__}: {err}") from err
-    check_integer_only(result)
-    return result
-
-
 def convert_ranges(model, *, size: int, calibration: np.ndarray, methods: Iterable[str]) -> dict[str, bytes]:
     """``{method: tflite-int8 flatbuffer}``: one calibration, one histogram pass, one quantization per method."""
-    base = calibrated(model, size=size, calibration=calibration)
+    base = calibrate(model, size=size, calibration=calibration)
     stats = histograms(base, calibration=calibration)
-    return {method: quantize(with_ranges(base, clipped(stats, method=method))) for method in methods}
+    return {method: quantize_calibrated(with_ranges(base, clipped(stats, method=method))) for method in methods}
