@@ -204,7 +204,8 @@ class StageClock:
 
     def lines(self) -> list[str]:
         """One line per stage: name, wall seconds, CPU seconds (every thread of this process)."""
-        return [f"  {name:<28} {row['seconds']:8.1f} s wall {row['cpu_seconds']:8.1f} s CPU"
+        width = max([len(name) for name in self.stages] + [len("total")])
+        return [f"  {name:<{width}} {row['seconds']:8.1f} s wall {row['cpu_seconds']:8.1f} s CPU"
                 for name, row in self.stages.items()]
 
 

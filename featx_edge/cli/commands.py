@@ -253,8 +253,10 @@ def _record_stage_times(out: str, clock) -> None:
         return
     total = clock.total()
     log = logging.getLogger("featx_edge.cli")
-    log.info("stage times (wall and CPU seconds; `stage_times` in %s):\n%s\n  %-28s %8.1f s wall %8.1f s CPU",
-             Path(out) / "manifest.json", "\n".join(clock.lines()), "total", total["seconds"], total["cpu_seconds"])
+    lines = clock.lines()
+    width = max([len(name) for name in clock.stages] + [len("total")])  # the name column of clock.lines()
+    log.info("stage times (wall and CPU seconds; `stage_times` in %s):\n%s\n  %-*s %8.1f s wall %8.1f s CPU",
+             Path(out) / "manifest.json", "\n".join(lines), width, "total", total["seconds"], total["cpu_seconds"])
     try:
         run = Run.open(out)
         run.manifest["stage_times"] = {"stages": clock.stages, "total": total,
