@@ -247,6 +247,7 @@ def _record_stage_times(out: str, clock) -> None:
     import logging
 
     from featx_edge.errors import FeatxError
+    from featx_edge.rundir.names import MANIFEST
     from featx_edge.training.run import Run
 
     if not clock.stages:
@@ -256,7 +257,7 @@ def _record_stage_times(out: str, clock) -> None:
     lines = clock.lines()
     width = max([len(name) for name in clock.stages] + [len("total")])  # the name column of clock.lines()
     log.info("stage times (wall and CPU seconds; `stage_times` in %s):\n%s\n  %-*s %8.1f s wall %8.1f s CPU",
-             Path(out) / "manifest.json", "\n".join(lines), width, "total", total["seconds"], total["cpu_seconds"])
+             Path(out) / MANIFEST, "\n".join(lines), width, "total", total["seconds"], total["cpu_seconds"])
     try:
         run = Run.open(out)
         run.manifest["stage_times"] = {"stages": clock.stages, "total": total,
