@@ -82,3 +82,12 @@ def check_int(name: str, value: object, *, low: int, high: int | None = None, wh
             allowed = f"from {low} to {high}"
         raise ConfigError(f"`{name}` must be an integer {allowed}; received {received(value, wrong_type=not integer)}.")
     return value
+
+
+def name_list(name: str, value: object, *, what: str) -> list[str]:
+    """A comma-separated string or a list of strings as its non-empty, stripped items (order kept);
+    ConfigError naming ``name`` and ``what`` the items are when it is neither."""
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if items is None or not all(isinstance(item, str) for item in items):
+        raise ConfigError(f"`{name}` must be a list of {what}; received `{value!r}`.")
+    return [item.strip() for item in items if item.strip()]

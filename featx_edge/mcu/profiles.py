@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from featx_edge.errors import ConfigError
+from featx_edge.errors import ConfigError, name_list
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -108,10 +108,7 @@ def parse_profiles(value: str | list[str] | tuple[str, ...] | None) -> tuple[str
     """``--profile`` (a comma-separated string or a list) as known profile names, each once."""
     if value is None:
         return ()
-    items = value.split(",") if isinstance(value, str) else list(value)
-    if not all(isinstance(item, str) for item in items):
-        raise ConfigError(f"`profiles` must be a list of profile names; received `{value!r}`.")
-    names = [item.strip() for item in items if item.strip()]
+    names = name_list("profiles", value, what="profile names")
     return tuple(dict.fromkeys(get_profile(name).name for name in names))
 
 

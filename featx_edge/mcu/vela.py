@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from featx_edge.errors import ConfigError, ExportError
+from featx_edge.errors import ConfigError, ExportError, name_list
 from featx_edge.files.atomic import write_bytes
 
 ACCELERATORS = ("ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256", "ethos-u65-256", "ethos-u65-512",
@@ -41,10 +41,7 @@ def parse_npu(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...
     """``--npu`` (comma-separated accelerator configurations) as known names, each once."""
     if value is None:
         return ()
-    items = value.split(",") if isinstance(value, str) else list(value)
-    if not all(isinstance(item, str) for item in items):
-        raise ConfigError(f"`npu` must be a list of Ethos-U configurations; received `{value!r}`.")
-    names = [item.strip() for item in items if item.strip()]
+    names = name_list("npu", value, what="Ethos-U configurations")
     unknown = [name for name in names if name not in ACCELERATORS]
     if unknown:
         raise ConfigError(f"unknown Ethos-U configuration `{unknown[0]}` in `--npu`; allowed: "
