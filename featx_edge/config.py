@@ -22,6 +22,7 @@ from featx_edge.formats.registry import (
     FORMATS,
     ONNX_CALIBRATION_METHODS,
     TFLITE_RANGE_METHODS,
+    WEIGHT_ROUNDINGS,
     parse_formats,
     parse_threshold,
 )
@@ -250,6 +251,9 @@ class ExportConfig:
             the converter's own; clipping helped on 1 of 4 matrix cells and its per-run ranking did not carry
             over to test, README "Activation ranges"), ``percentile``, ``mse``, or ``"auto"``: chosen per run
             with ``bias_correction``, the same way.
+        weight_rounding: how the int8 source's conv weights are rounded (``export.adaround``): ``nearest``
+            (the default: the converters' own) or ``adaround`` (learned per layer on the calibration images,
+            written back so the converters reproduce the chosen integers; README "AdaRound").
         target: the CPU the ONNX int8 model is built for (``featx_edge.formats.targets``): ``auto`` (this
             host), ``portable``, ``x86-64``, ``x86-64-vnni`` or ``arm64``.
     """
@@ -263,6 +267,7 @@ class ExportConfig:
     bias_correction: bool | str = "auto"
     target: str = "portable"
     activation_ranges: str = "minmax"
+    weight_rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         formats = self.formats
@@ -281,6 +286,7 @@ class ExportConfig:
             raise ConfigError(f"`bias_correction` must be true, false or \"auto\"; received "
                               f"{received(self.bias_correction, wrong_type=True)}.")
         _check_choice("activation_ranges", self.activation_ranges, TFLITE_RANGE_METHODS)
+        _check_choice("weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
         _check_choice("target", self.target, TARGET_CHOICES)
         _check_choice("onnx_calibration", self.onnx_calibration, ONNX_CALIBRATION_METHODS)
 

@@ -40,7 +40,7 @@ def _int8_rounded(kernel: np.ndarray, *, gain: np.ndarray, depthwise: bool) -> n
     return (rounded / safe).astype(kernel.dtype)
 
 
-def bias_corrected(model, *, calibration: np.ndarray, images: int = 64) -> tuple[object, dict]:
+def bias_corrected(model, *, calibration: np.ndarray, images: int = 64, float_model=None) -> tuple[object, dict]:
     """A copy of ``model`` whose BatchNorm offsets cancel the mean error of int8 weight rounding.
 
     Rounding a kernel to int8 shifts each output channel by ``E[conv(x, W_int8 - W)]``, and on
@@ -50,6 +50,10 @@ def bias_corrected(model, *, calibration: np.ndarray, images: int = 64) -> tuple
     layers already rounded and corrected, as the int8 model will see them) and subtracted from
     the BatchNorm offset (Nagel et al., 2019, "Data-Free Quantization", empirical variant). The
     float weights are left as they are: the converter rounds them itself.
+
+    ``float_model``: the float model ``model``'s kernels were rounded from (AdaRound's copy is
+    already on the int8 grid, so its own kernels would show no rounding error): the shift is then
+    measured against that model's kernels, layer by layer of the same name.
 
     Returns:
         (the corrected copy, {"layers", "calibration_images", "max_shift"}).
@@ -73,8 +77,10 @@ def bias_corrected(model, *, calibration: np.ndarray, images: int = 64) -> tuple
         gamma, beta, mean, variance = bn.get_weights()
         gain = gamma / np.sqrt(variance + bn.epsilon)
         inputs = keras.Model(simulated.input, sim_conv.input)(x, training=False).numpy()
-        before = sim_conv(inputs).numpy()
         (kernel,) = sim_conv.get_weights()
+        if float_model is not None:  # the shift against the float kernel the grid kernel came from
+            sim_conv.set_weights(float_model.get_layer(conv.name).get_weights())
+        before = sim_conv(inputs).numpy()
         sim_conv.set_weights([_int8_rounded(kernel, gain=gain,
                                             depthwise=isinstance(conv, keras.layers.DepthwiseConv2D))])
         shift = (sim_conv(inputs).numpy() - before).mean(axis=(0, 1, 2))

@@ -143,18 +143,35 @@ class Exporter:
                 self._int8_source = self._bias_sources((bias,))[bias]
         return self._int8_source
 
-    def _bias_sources(self, biases) -> dict[str, tuple]:
-        """``{"off"|"on": (model, {"bias_correction": info or None})}`` for the biases asked for."""
+    def _rounded_source(self) -> tuple[object, dict]:
+        """(the reference, or its AdaRound copy with ``[export] weight_rounding = "adaround"``, the record)."""
         reference = self.run.reference().model
+        setting = self.run.config.export.weight_rounding
+        if setting == "nearest":
+            return reference, {"weight_rounding": {"setting": setting, "method": "nearest"}}
+        from featx_edge.export.adaround import adarounded, recorded
+
+        with stage("int8 source: AdaRound weight rounding"):
+            model, info = adarounded(reference, calibration=self.calibration)
+        log.info("  AdaRound: %d layers, output error %s of nearest rounding's (median), %.1f s", info["layers"],
+                 info["output_error_vs_nearest"]["median"], info["seconds"])
+        return model, {"weight_rounding": {"setting": setting, **recorded(info)}}
+
+    def _bias_sources(self, biases) -> dict[str, tuple]:
+        """``{"off"|"on": (model, {"weight_rounding": ..., "bias_correction": info or None})}`` for the biases
+        asked for; bias correction is applied after the weight rounding, against the reference's kernels."""
+        reference = self.run.reference().model
+        base, rounding = self._rounded_source()
         sources = {}
         for bias in biases:
             if bias == "on":
                 from featx_edge.export.bias_correction import bias_corrected
 
-                model, info = bias_corrected(reference, calibration=self.calibration)
-                sources[bias] = (model, {"bias_correction": info})
+                model, info = bias_corrected(base, calibration=self.calibration,
+                                             float_model=None if base is reference else reference)
+                sources[bias] = (model, {**rounding, "bias_correction": info})
             else:
-                sources[bias] = (reference, {"bias_correction": None})
+                sources[bias] = (base, {**rounding, "bias_correction": None})
         return sources
 
     def _chosen_int8_source(self, names: list[str]) -> tuple:
