@@ -4,7 +4,8 @@
 names: ``tflite.py`` (TFLiteConverter: float32, float16, dynamic-range, full-integer int8),
 ``tflite_int8.py`` (per-layer diagnosis, selective int8), ``qat.py`` (quantization-aware
 training), ``onnx.py`` (tf2onnx), ``onnx_int8.py`` (onnxruntime static QDQ). ``calibration.py``
-is the one calibration source, ``bias_correction.py`` prepares the int8 source model,
+is the one calibration source, ``adaround.py`` (learned weight rounding) and ``bias_correction.py``
+prepare the int8 source model,
 ``golden.py`` writes the self-test files and ``budget.py`` picks an int8 variant within
 ``--int8-budget``.
 

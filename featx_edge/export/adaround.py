@@ -32,6 +32,7 @@ ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (the paper's values)
 BETA_START, BETA_END, WARMUP = 20.0, 2.0, 0.2  # regulariser annealing: none for the first 20% of steps
 REGULARISER = 3.0  # weight of the rounding regulariser against the error relative to nearest rounding (mean per weight)
 LEARNING_RATE = 0.01
+ENERGY = 1 - 1e-4  # share of a layer's input energy (trace of the patch second moment) the learning sees
 
 
 def _folded(conv, bn, keras) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -71,14 +72,18 @@ def _second_moment(layer, inputs: np.ndarray, *, depthwise: bool, tf) -> np.ndar
 
 
 def _factor(moment: np.ndarray) -> np.ndarray:
-    """F with F F' = moment (eigenvectors x sqrt(eigenvalues)); near-null directions dropped when all can be."""
+    """F with F F' = moment: eigenvectors x sqrt(eigenvalues), smallest first (per matrix of a stack)."""
     values, vectors = np.linalg.eigh(moment)
-    values = np.clip(values, 0.0, None)
-    factor = vectors * np.sqrt(values)[..., None, :]
-    if moment.ndim == 2:  # one matrix: keep only the directions the images reach (fewer columns, faster steps)
-        keep = values > values.max() * 1e-12
-        factor = factor[:, keep]
-    return factor
+    return vectors * np.sqrt(np.clip(values, 0.0, None))[..., None, :]
+
+
+def _leading(factor: np.ndarray, *, energy: float) -> np.ndarray:
+    """``factor`` without its smallest directions holding ``1 - energy`` of the trace (one matrix only)."""
+    if factor.ndim != 2:
+        return factor  # depthwise: a few directions per channel, all kept
+    values = (factor ** 2).sum(axis=0)  # the eigenvalues, ascending
+    dropped = np.cumsum(values) <= (1.0 - energy) * values.sum()
+    return factor[:, ~dropped & (values > values.max() * 1e-12)]
 
 
 def _errors(delta: np.ndarray, factor: np.ndarray, *, depthwise: bool) -> np.ndarray:
@@ -142,9 +147,13 @@ def _round_layer(conv, bn, inputs: np.ndarray, *, iterations: int, keras, tf) ->
     w = folded / scale
     fixed = np.zeros(w.shape, dtype=bool)
     fixed[np.abs(w).argmax(axis=0), np.arange(w.shape[1])] = True  # each channel's max keeps +-127: same scale
+    t0 = time.perf_counter()
     factor = _factor(_second_moment(conv, inputs, depthwise=depthwise, tf=tf))
     nearest = np.clip(np.round(w), -127, 127)
-    up = _learn(w, factor, fixed=fixed, depthwise=depthwise, iterations=iterations, tf=tf)
+    # Learned on the directions holding all but 1e-4 of the input energy (the late 1x1 layers' steps
+    # shrink several-fold); judged below on all of them.
+    leading = _leading(factor, energy=ENERGY)
+    up = _learn(w, leading, fixed=fixed, depthwise=depthwise, iterations=iterations, tf=tf)
     learned = np.clip(np.where(fixed, nearest, np.floor(w) + up), -127, 127)
     before = _errors(nearest - w, factor, depthwise=depthwise)
     after = _errors(learned - w, factor, depthwise=depthwise)
@@ -155,7 +164,8 @@ def _round_layer(conv, bn, inputs: np.ndarray, *, iterations: int, keras, tf) ->
     written = np.where(np.abs(gain)[None, :] < 1e-12, kernel.reshape(w.shape), scale * q / safe[None, :])
     conv.set_weights([written.reshape(kernel.shape).astype(kernel.dtype)])
     chosen = np.where(worse, before, after)
-    return {"layer": conv.name, "nearest_error": float(before.sum()), "adaround_error": float(chosen.sum()),
+    return {"layer": conv.name, "rank": int(leading.shape[-1]), "seconds": round(time.perf_counter() - t0, 2),
+            "nearest_error": float(before.sum()), "adaround_error": float(chosen.sum()),
             "channels_kept_nearest": int(worse.sum()), "weights_changed": int((q != nearest).sum()),
             "weights": int(q.size), "integers": q.astype(np.int8)}
 

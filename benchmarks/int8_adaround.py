@@ -1,0 +1,160 @@
+"""AdaRound x bias correction for int8, every candidate on the test split, per matrix cell (issue 21).
+
+For each cell (backbone, dataset, seed of ``int8_fidelity.py``) this trains the run once and makes
+the int8 source four ways: weight rounding ``nearest`` (the converters' own) or ``adaround``
+(``export.adaround``), each with bias correction off and on, exactly as ``featx-edge export``
+does with ``[export] weight_rounding`` and ``bias_correction`` fixed. Each source is converted to
+``tflite-int8`` (min/max activation ranges, the default) and, with ``--onnx``, to ``onnx-int8``
+(the portable recipe), and measured against the float reference on the held-out test split,
+at the DEFAULT thresholds with the tie rule: tflite-int8 under XNNPACK and LiteRT's reference
+kernels, onnx-int8 under onnxruntime's CPU kernels.
+
+    python benchmarks/int8_adaround.py --out benchmarks/results/int8_adaround.json \
+        --backbones mnv2-digits --datasets sample --seeds 0 --onnx
+    python benchmarks/int8_adaround.py --out benchmarks/results/int8_adaround.json --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from int8_fidelity import _config, _data, _pretrained
+from int8_ranges import _on_test
+
+ROUNDINGS = ("nearest", "adaround")
+
+
+def _sources(run) -> tuple[dict[str, tuple], object]:
+    """``{"rounding/bias": (model, recipe)}`` as the exporter makes them, and the exporter (its calibration)."""
+    from featx_edge.config import override
+    from featx_edge.export.exporter import Exporter
+
+    recorded, sources, exporter = run.config, {}, None
+    for rounding in ROUNDINGS:
+        run.config = override(recorded, "export", weight_rounding=rounding)
+        exporter = Exporter(run) if exporter is None else exporter
+        for bias, source in exporter._bias_sources(("off", "on")).items():
+            sources[f"{rounding}/{bias}"] = source
+    run.config = recorded
+    return sources, exporter
+
+
+def _onnx_on_test(sources: dict[str, tuple], run, exporter, work: Path) -> dict[str, dict]:
+    """onnx-int8 (portable recipe) of each source against the reference on the test split."""
+    from featx_edge.data.folders import map_batches
+    from featx_edge.export import onnx as onnx_export
+    from featx_edge.export.onnx_int8 import quantize
+    from featx_edge.fidelity.gate import check, compare
+    from featx_edge.formats.registry import thresholds_for, tie_margin
+    from featx_edge.runtime.backends import OnnxRuntimeBackend
+    from featx_edge.training.train import predict_probs
+
+    splits = run.splits()
+    labels = splits.labels("test")
+    reference = predict_probs(run.reference().model, splits.root, splits.test, size=run.size)
+    limits = thresholds_for("onnx-int8", run.config.verify)
+    out = {}
+    for name, (model, _) in sources.items():
+        float_path, int8_path = work / "float.onnx", work / f"{name.replace('/', '-')}.onnx"
+        onnx_export.save(onnx_export.convert(model, size=run.size, metadata={}), float_path)
+        quantize(float_path, int8_path, calibration=exporter.calibration, method=run.config.export.onnx_calibration)
+        probs = map_batches(OnnxRuntimeBackend(int8_path).run, splits.root, splits.test, size=run.size)
+        metrics = compare(probs, reference, labels, tie_margin=tie_margin("onnx-int8", limits))
+        out[name] = {"default": {"agreement": metrics["judged_top1_agreement"],
+                                 "agreement_ci95": metrics["judged_top1_agreement_ci95"],
+                                 "change_points": metrics["judged_accuracy_change_points"],
+                                 "images_lost": metrics["images_lost"], "near_ties": metrics["near_ties"],
+                                 "passed": not check(metrics, limits), "images": len(labels)}}
+    return out
+
+
+def _cell(config, path: Path, *, onnx: bool) -> dict:
+    """Train once; four int8 sources; tflite-int8 (and onnx-int8) of each on the test split."""
+    from featx_edge.export.adaround import recorded
+    from featx_edge.export.tflite import TFLiteQuantization, convert
+    from featx_edge.training.run import Run
+    from featx_edge.training.train import train_run
+
+    t0 = time.perf_counter()
+    train_run(config, path)
+    run = Run.open(path)
+    t1 = time.perf_counter()
+    sources, exporter = _sources(run)
+    source_s = time.perf_counter() - t1
+    flatbuffers = {name: convert(exporter.traced(model), size=run.size, quantization=TFLiteQuantization.for_int8(),
+                                 calibration=exporter.calibration) for name, (model, _) in sources.items()}
+    cell = {"tflite-int8": _on_test(flatbuffers, run)}
+    if onnx:
+        cell["onnx-int8"] = _onnx_on_test(sources, run, exporter, path)
+    rounding = sources["adaround/off"][1]["weight_rounding"]
+    return {"test": cell, "adaround": {k: v for k, v in rounding.items() if k != "setting"},
+            "sources_seconds": round(source_s, 1), "cell_seconds": round(time.perf_counter() - t0, 1),
+            "images": len(run.splits().test)}
+
+
+def markdown(cells: list[dict]) -> str:
+    """One line per cell, format and kernel set: test agreement (change) of the four candidates."""
+    names = [f"{r}/{b}" for r in ROUNDINGS for b in ("off", "on")]
+    lines = ["| cell (test images) | format | kernels | " + " | ".join(names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for cell in cells:
+        for fmt, table in cell["test"].items():
+            for kernels in table[names[0]]:
+                shown = [f"{table[n][kernels]['agreement']:.3f} ({table[n][kernels]['change_points']:+.2f})"
+                         + ("" if table[n][kernels]["passed"] else " fail") for n in names]
+                lines.append(f"| {cell['backbone']} {cell['dataset']} seed {cell['seed']} ({cell['images']}) | "
+                             f"{fmt} | {kernels} | " + " | ".join(shown) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="JSON file to write (rows of earlier runs in it are kept)")
+    parser.add_argument("--backbones", default="mnv2-digits")
+    parser.add_argument("--datasets", default="sample,sample-inverted,fashion")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--onnx", action="store_true", help="also measure onnx-int8 (four more conversions)")
+    parser.add_argument("--table", action="store_true", help="only print the table of the cells in --out")
+    parser.add_argument("--weights", default=None, help="mnv2-digits backbone pretrained before (default: pretrain it)")
+    args = parser.parse_args(argv)
+
+    from featx_edge.bench import machine_info
+    from featx_edge.config import parse_int_list
+    from featx_edge.files.atomic import write_json
+
+    out = Path(args.out)
+    cells = json.loads(out.read_text())["cells"] if out.is_file() else []
+    if args.table:
+        print(markdown(cells))
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="featx-int8-adaround-"))
+    try:
+        weights = Path(args.weights) if args.weights else _pretrained(work) if "mnv2-digits" in args.backbones else None
+        for seed in parse_int_list("seeds", args.seeds):
+            for backbone in filter(None, args.backbones.split(",")):
+                for dataset in filter(None, args.datasets.split(",")):
+                    config = _config(backbone, _data(dataset, backbone, work), seed=seed, bias=False, weights=weights)
+                    cell = _cell(config, work / f"{backbone}-{dataset}-{seed}", onnx=args.onnx)
+                    cells.append({"backbone": backbone, "dataset": dataset, "seed": seed, **cell,
+                                  "load_average": list(os.getloadavg())})
+                    print(json.dumps({k: cells[-1][k] for k in ("backbone", "dataset", "seed", "test")}), flush=True)
+                    write_json(out, {"benchmark": "int8_adaround", "activation_ranges": "minmax",
+                                     "thresholds": "default (agreement >= 0.97, at most 1 point lost), tie-aware",
+                                     "cells": cells, "markdown": markdown(cells), "machine": machine_info(),
+                                     "python": platform.python_version()})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
