@@ -48,6 +48,40 @@ def _sources(run) -> tuple[dict[str, tuple], object]:
     return sources, exporter
 
 
+def _nearest_grid(model):
+    """A copy of ``model`` whose conv kernels are rounded to the nearest int8 step, as the converters do."""
+    from featx_edge._tf import import_tf
+    from featx_edge.export.bias_correction import _conv_bn_pairs, _int8_rounded
+
+    _, keras = import_tf()
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    for conv, bn in _conv_bn_pairs(copy):
+        gamma, _, _, variance = bn.get_weights()
+        conv.set_weights([_int8_rounded(conv.get_weights()[0], gain=gamma / (variance + bn.epsilon) ** 0.5,
+                                        depthwise=isinstance(conv, keras.layers.DepthwiseConv2D))])
+    return copy
+
+
+def _weights_only(sources: dict[str, tuple], run) -> dict[str, dict]:
+    """Diagnosis: Keras with int8-grid conv kernels but float activations, against the reference on test.
+
+    Separates what weight rounding alone costs from what int8 activations add."""
+    from featx_edge.fidelity.gate import compare
+    from featx_edge.training.train import predict_probs
+
+    splits = run.splits()
+    labels = splits.labels("test")
+    reference = predict_probs(run.reference().model, splits.root, splits.test, size=run.size)
+    models = {"nearest": _nearest_grid(run.reference().model), "adaround": sources["adaround/off"][0]}
+    out = {}
+    for name, model in models.items():
+        metrics = compare(predict_probs(model, splits.root, splits.test, size=run.size), reference, labels,
+                          tie_margin=0.0)
+        out[name] = {"agreement": metrics["top1_agreement"], "images_lost": metrics["images_lost"]}
+    return out
+
+
 def _onnx_on_test(sources: dict[str, tuple], run, exporter, work: Path) -> dict[str, dict]:
     """onnx-int8 (portable recipe) of each source against the reference on the test split."""
     from featx_edge.data.folders import map_batches
@@ -93,13 +127,17 @@ def _cell(config, path: Path, *, onnx: bool) -> dict:
     flatbuffers = {name: convert(exporter.traced(model), size=run.size, quantization=TFLiteQuantization.for_int8(),
                                  calibration=exporter.calibration) for name, (model, _) in sources.items()}
     cell, failed = {"tflite-int8": _on_test(flatbuffers, run)}, None
+    try:
+        weights_only = _weights_only(sources, run)
+    except Exception as err:  # a diagnosis only: the measured figures stand without it
+        weights_only = {"error": f"{type(err).__name__}: {err}"}
     if onnx:
         try:
             cell["onnx-int8"] = _onnx_on_test(sources, run, exporter, path)
         except Exception as err:  # a failed ONNX conversion is recorded; the tflite figures stand
             failed = f"{type(err).__name__}: {err}"
     rounding = sources["adaround/off"][1]["weight_rounding"]
-    return {"test": cell, "onnx_error": failed, "adaround": {k: v for k, v in rounding.items() if k != "setting"},
+    return {"test": cell, "weights_only_float_activations": weights_only, "onnx_error": failed, "adaround": {k: v for k, v in rounding.items() if k != "setting"},
             "sources_seconds": round(source_s, 1), "cell_seconds": round(time.perf_counter() - t0, 1),
             "images": len(run.splits().test)}
 

@@ -1,7 +1,8 @@
 """AdaRound weight rounding for int8 (export/adaround.py, ``[export] weight_rounding``; issue 21).
 
-- The integers in the converted tflite-int8 file are exactly the integers AdaRound chose: the float
-  kernel written back (scale x q / BatchNorm gain) makes TFLite's converter round to them.
+- The integers in the converted tflite-int8 and onnx-int8 files are exactly the integers AdaRound
+  chose: the float kernel written back (scale x q / BatchNorm gain) makes TFLite's converter and
+  onnxruntime's quantizer round to them.
 - Per layer, the folded output error on the calibration images (AdaRound's objective), measured
   by running the layer itself, is no larger than nearest rounding's, and smaller somewhere.
 - ``[export] weight_rounding`` is validated (one line) and recorded in the tflite-int8 file's
@@ -85,6 +86,32 @@ def test_the_tflite_file_holds_exactly_the_integers_adaround_chose(rounded):
         assert kernel.dtype == np.int8
         assert np.array_equal(kernel, expected), row["layer"]
         assert set(np.abs(kernel.astype(int)).max(axis=within)) == {127}  # each channel's scale unchanged
+
+
+def test_the_onnx_int8_file_holds_exactly_the_integers_adaround_chose(rounded, tmp_path):
+    """onnxruntime's per-channel symmetric quantizer (no reduce_range) on tf2onnx's BN-fused kernels."""
+    import onnx
+    from onnx import numpy_helper
+
+    from featx_edge.export import onnx as onnx_export
+    from featx_edge.export.onnx_int8 import quantize
+
+    _, copy, info, calibration, _ = rounded
+    metadata = {"featx_edge_version": "0", "format": "onnx-int8", "labels": ["a", "b", "c"],
+                "input": {"size": 24}, "output": {}, "backbone": "test"}
+    onnx_export.save(onnx_export.convert(copy, size=24, metadata=metadata), tmp_path / "float.onnx")
+    quantize(tmp_path / "float.onnx", tmp_path / "int8.onnx", calibration=calibration, method="minmax")
+    weights = {init.name: numpy_helper.to_array(init) for init in onnx.load(str(tmp_path / "int8.onnx")).graph.initializer
+               if init.name.endswith("_weights_fused_bn_quantized")}
+    for row in info["per_layer"]:
+        (kernel,) = [array for name, array in weights.items() if f"/{row['layer']}/" in name]
+        chosen = row["integers"]  # (kh*kw*in, out) or (kh*kw, channels); ONNX: (out, in, kh, kw)
+        if "depthwise" in row["layer"]:
+            expected = chosen.reshape(3, 3, -1).transpose(2, 0, 1)[:, None]
+        else:
+            out, cin, kh, kw = kernel.shape
+            expected = chosen.reshape(kh, kw, cin, out).transpose(3, 2, 0, 1)
+        assert np.array_equal(kernel, expected), row["layer"]
 
 
 def _folded_error(conv, kernel, reference_kernel, inputs, gain) -> float:
