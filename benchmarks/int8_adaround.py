@@ -113,7 +113,6 @@ def _onnx_on_test(sources: dict[str, tuple], run, exporter, work: Path) -> dict[
 
 def _cell(config, path: Path, *, onnx: bool) -> dict:
     """Train once; four int8 sources; tflite-int8 (and onnx-int8) of each on the test split."""
-    from featx_edge.export.adaround import recorded
     from featx_edge.export.tflite import TFLiteQuantization, convert
     from featx_edge.training.run import Run
     from featx_edge.training.train import train_run
@@ -129,15 +128,16 @@ def _cell(config, path: Path, *, onnx: bool) -> dict:
     cell, failed = {"tflite-int8": _on_test(flatbuffers, run)}, None
     try:
         weights_only = _weights_only(sources, run)
-    except Exception as err:  # a diagnosis only: the measured figures stand without it
+    except Exception as err:  # noqa: BLE001 - a diagnosis only: the measured figures stand without it
         weights_only = {"error": f"{type(err).__name__}: {err}"}
     if onnx:
         try:
             cell["onnx-int8"] = _onnx_on_test(sources, run, exporter, path)
-        except Exception as err:  # a failed ONNX conversion is recorded; the tflite figures stand
+        except Exception as err:  # noqa: BLE001 - a failed ONNX conversion is recorded; the tflite figures stand
             failed = f"{type(err).__name__}: {err}"
     rounding = sources["adaround/off"][1]["weight_rounding"]
-    return {"test": cell, "weights_only_float_activations": weights_only, "onnx_error": failed, "adaround": {k: v for k, v in rounding.items() if k != "setting"},
+    return {"test": cell, "weights_only_float_activations": weights_only, "onnx_error": failed,
+            "adaround": {k: v for k, v in rounding.items() if k != "setting"},
             "sources_seconds": round(source_s, 1), "cell_seconds": round(time.perf_counter() - t0, 1),
             "images": len(run.splits().test)}
 

@@ -101,7 +101,8 @@ def test_the_onnx_int8_file_holds_exactly_the_integers_adaround_chose(rounded, t
                 "input": {"size": 24}, "output": {}, "backbone": "test"}
     onnx_export.save(onnx_export.convert(copy, size=24, metadata=metadata), tmp_path / "float.onnx")
     quantize(tmp_path / "float.onnx", tmp_path / "int8.onnx", calibration=calibration, method="minmax")
-    weights = {init.name: numpy_helper.to_array(init) for init in onnx.load(str(tmp_path / "int8.onnx")).graph.initializer
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    weights = {init.name: numpy_helper.to_array(init) for init in graph.initializer
                if init.name.endswith("_weights_fused_bn_quantized")}
     for row in info["per_layer"]:
         (kernel,) = [array for name, array in weights.items() if f"/{row['layer']}/" in name]
