@@ -4,10 +4,11 @@ For each cell (backbone, dataset, seed of ``int8_fidelity.py``) this trains the 
 the int8 source four ways: weight rounding ``nearest`` (the converters' own) or ``adaround``
 (``export.adaround``), each with bias correction off and on, exactly as ``featx-edge export``
 does with ``[export] weight_rounding`` and ``bias_correction`` fixed. Each source is converted to
-``tflite-int8`` (min/max activation ranges, the default) and, with ``--onnx``, to ``onnx-int8``
-(the portable recipe), and measured against the float reference on the held-out test split,
+``tflite-int8`` (min/max activation ranges, the default) and ``tflite-int16x8``, and, with
+``--onnx``, to ``onnx-int8`` (the portable recipe), and measured against the float reference on the held-out test split,
 at the DEFAULT thresholds with the tie rule: tflite-int8 under XNNPACK and LiteRT's reference
-kernels, onnx-int8 under onnxruntime's CPU kernels.
+kernels (tflite-int16x8 likewise), onnx-int8 under onnxruntime's CPU kernels. A diagnosis
+row runs Keras with the conv kernels on the int8 grid (nearest or AdaRound) and float activations.
 
     python benchmarks/int8_adaround.py --out benchmarks/results/int8_adaround.json \
         --backbones mnv2-digits --datasets sample --seeds 0 --onnx
@@ -126,6 +127,10 @@ def _cell(config, path: Path, *, onnx: bool) -> dict:
     flatbuffers = {name: convert(exporter.traced(model), size=run.size, quantization=TFLiteQuantization.for_int8(),
                                  calibration=exporter.calibration) for name, (model, _) in sources.items()}
     cell, failed = {"tflite-int8": _on_test(flatbuffers, run)}, None
+    # int16 activations leave weight rounding as the main int8 error: where AdaRound should show most.
+    wide = {name: convert(exporter.traced(model), size=run.size, quantization=TFLiteQuantization.for_int16x8(),
+                          calibration=exporter.calibration) for name, (model, _) in sources.items()}
+    cell["tflite-int16x8"] = _on_test(wide, run, fmt="tflite-int16x8")
     try:
         weights_only = _weights_only(sources, run)
     except Exception as err:  # noqa: BLE001 - a diagnosis only: the measured figures stand without it

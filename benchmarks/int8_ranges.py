@@ -29,8 +29,9 @@ from int8_fidelity import _config, _data, _pretrained
 FMT = "tflite-int8"
 
 
-def _on_test(flatbuffers: dict[str, bytes], run) -> dict[str, dict]:
-    """Each candidate against the reference on the test split, per kernel set, with the gate's verdict."""
+def _on_test(flatbuffers: dict[str, bytes], run, *, fmt: str = FMT) -> dict[str, dict]:
+    """Each candidate (a ``fmt`` flatbuffer) against the reference on the test split, per kernel set, with the
+    gate's verdict."""
     from featx_edge.data.folders import map_batches
     from featx_edge.fidelity.gate import check, compare
     from featx_edge.formats.registry import get_format, thresholds_for, tie_margin
@@ -40,14 +41,14 @@ def _on_test(flatbuffers: dict[str, bytes], run) -> dict[str, dict]:
     splits = run.splits()
     labels = splits.labels("test")
     reference = predict_probs(run.reference().model, splits.root, splits.test, size=run.size)
-    limits = thresholds_for(FMT, run.config.verify)
+    limits = thresholds_for(fmt, run.config.verify)
     out = {}
     for name, flatbuffer in flatbuffers.items():
         out[name] = {}
-        for kernels in get_format(FMT).kernel_sets:
+        for kernels in get_format(fmt).kernel_sets:
             probs = map_batches(LiteRTBackend(flatbuffer, kernels=kernels).run, splits.root, splits.test,
                                 size=run.size)
-            metrics = compare(probs, reference, labels, tie_margin=tie_margin(FMT, limits))
+            metrics = compare(probs, reference, labels, tie_margin=tie_margin(fmt, limits))
             out[name][kernels] = {"agreement": metrics["judged_top1_agreement"],
                                   "agreement_ci95": metrics["judged_top1_agreement_ci95"],
                                   "change_points": metrics["judged_accuracy_change_points"],
