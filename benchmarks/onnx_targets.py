@@ -114,10 +114,13 @@ def _write(out: Path, rows: list[dict]) -> None:
     from featx_edge.files.atomic import write_json
     from featx_edge.formats.targets import detect_host
 
+    machine = machine_info()
     write_json(out, {"benchmark": "onnx_int8_targets", "format": FMT,
                      "thresholds": "default (agreement >= 0.97, at most 1 point lost), tie-aware",
                      "note": "onnxruntime int8 kernels differ by CPU: these verdicts hold for this CPU only",
-                     "host_target": detect_host(), "machine": machine_info(), "python": platform.python_version(),
+                     "cpu_model": machine["cpu_model"],
+                     "vnni": bool({"avx512_vnni", "avx_vnni"} & set(machine["cpu_flags"])),
+                     "host_target": detect_host(), "machine": machine, "python": platform.python_version(),
                      "rows": rows, "markdown": markdown(rows)})
 
 
