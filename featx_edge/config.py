@@ -256,6 +256,9 @@ class ExportConfig:
             written back so the converters reproduce the chosen integers; README "AdaRound").
         target: the CPU the ONNX int8 model is built for (``featx_edge.formats.targets``): ``auto`` (this
             host), ``portable``, ``x86-64``, ``x86-64-vnni`` or ``arm64``.
+        workers: processes that export side by side (``export.workers``): ``1`` (all in this process), ``2``
+            (the float formats in a second process while this one makes the int8 formats) or ``"auto"`` (the
+            default: 2 where it pays, see ``export.workers.use_worker``).
     """
 
     formats: tuple[str, ...] = FORMATS
@@ -268,6 +271,7 @@ class ExportConfig:
     target: str = "portable"
     activation_ranges: str = "minmax"
     weight_rounding: str = "nearest"
+    workers: int | str = "auto"
 
     def __post_init__(self) -> None:
         formats = self.formats
@@ -287,6 +291,9 @@ class ExportConfig:
                               f"{received(self.bias_correction, wrong_type=True)}.")
         _check_choice("activation_ranges", self.activation_ranges, TFLITE_RANGE_METHODS)
         _check_choice("weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
+        if self.workers != "auto" and not (is_int(self.workers) and self.workers in (1, 2)):
+            raise ConfigError(f"`workers` must be \"auto\", 1 (export in this process) or 2 (the float formats in "
+                              f"a second process); received {received(self.workers, wrong_type=not is_int(self.workers))}.")
         _check_choice("target", self.target, TARGET_CHOICES)
         _check_choice("onnx_calibration", self.onnx_calibration, ONNX_CALIBRATION_METHODS)
 

@@ -91,6 +91,24 @@ def test_ranges_are_written_into_the_converters_calibration():
         assert fixed and not changed & fixed, (method, changed, fixed)
 
 
+def test_minmax_alone_skips_the_histogram_pass_and_makes_the_same_bytes(monkeypatch):
+    """The default (`minmax`) quantizes the calibrated model as it is: no float pass keeping every tensor,
+    and byte for byte the file the histogram route made (its min/max written back unchanged)."""
+    from featx_edge.export.tflite import calibrate, quantize_calibrated
+
+    calibration = np.random.default_rng(0).integers(0, 256, (16, 24, 24, 3), dtype=np.uint8)
+    model = _tiny_model()
+    base = calibrate(model, size=24, calibration=calibration)
+    through_histograms = quantize_calibrated(tr.with_ranges(base, tr.clipped(
+        tr.histograms(base, calibration=calibration), method="minmax")))
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a histogram pass for min/max ranges")
+
+    monkeypatch.setattr(tr, "histograms", refused)
+    assert tr.convert_ranges(model, size=24, calibration=calibration, methods=("minmax",))["minmax"] == through_histograms
+
+
 def _train(tmp_path, *, config: str | None = None):
     from conftest import TINY, make_class_folder
 

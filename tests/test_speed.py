@@ -135,6 +135,63 @@ def test_calibrate_once_quantize_twice(small_model):
                                       LiteRTBackend(direct, kernels=kernels).run(calibration))
 
 
+def _bias_corrected_before(model, *, calibration, images=64):
+    """Bias correction as export computed it before issue 24 (its algorithm, verbatim): the inputs of each
+    convolution from a fresh pass of the model up to it, so the cost grew with the square of the depth."""
+    from featx_edge._tf import import_tf
+    from featx_edge.export.bias_correction import _conv_bn_pairs, _int8_rounded
+
+    _, keras = import_tf()
+
+    def copy():
+        twin = keras.models.clone_model(model)
+        twin.set_weights(model.get_weights())
+        return twin
+
+    corrected, simulated = copy(), copy()
+    x = calibration[:images].astype(np.float32)
+    sim_pairs = {conv.name: (conv, bn) for conv, bn in _conv_bn_pairs(simulated)}
+    for conv, bn in _conv_bn_pairs(corrected):
+        sim_conv, sim_bn = sim_pairs[conv.name]
+        gamma, beta, mean, variance = bn.get_weights()
+        gain = gamma / np.sqrt(variance + bn.epsilon)
+        inputs = keras.Model(simulated.input, sim_conv.input)(x, training=False).numpy()
+        before = sim_conv(inputs).numpy()
+        (kernel,) = sim_conv.get_weights()
+        sim_conv.set_weights([_int8_rounded(kernel, gain=gain,
+                                            depthwise=isinstance(conv, keras.layers.DepthwiseConv2D))])
+        shift = (sim_conv(inputs).numpy() - before).mean(axis=(0, 1, 2))
+        bn.set_weights([gamma, beta - shift * gain, mean, variance])
+        sim_bn.set_weights([gamma, beta - shift * gain, mean, variance])
+    return corrected
+
+
+@pytest.mark.slow
+def test_bias_correction_in_one_pass_equals_a_pass_per_convolution(small_model):
+    """One forward pass with per-convolution hooks gives bit for bit the offsets that a pass up to each
+    convolution gave (MobileNetV2: residual adds, depthwise and pointwise convolutions)."""
+    from featx_edge.export.bias_correction import bias_corrected
+
+    from featx_edge._tf import import_tf
+
+    _, keras = import_tf()
+    shared, calibration = small_model
+    model = keras.models.clone_model(shared)  # the module's model stays as other tests expect it
+    model.set_weights(shared.get_weights())
+    rng = np.random.default_rng(1)
+    for layer in model.layers:  # BatchNorm statistics away from 0/1, so every layer has a real shift
+        if type(layer).__name__ == "BatchNormalization":
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights([gamma * rng.uniform(0.2, 3.0, gamma.shape), beta, mean + rng.normal(0, 0.1, mean.shape),
+                               variance * rng.uniform(0.05, 2.0, variance.shape)])
+    after, info = bias_corrected(model, calibration=calibration)
+    before = _bias_corrected_before(model, calibration=calibration)
+    assert info["layers"] > 30 and info["max_shift"] > 0
+    for ours, theirs in zip(after.get_weights(), before.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    assert any(not np.array_equal(a, b) for a, b in zip(after.get_weights(), model.get_weights(), strict=True))
+
+
 # -- a small run through the CLI: stage times, shared reference, the same verify figures ---------------
 ALL_SIX = "tflite-float32,tflite-float16,tflite-dynamic,tflite-int8,onnx-float32,onnx-int8"
 

@@ -43,7 +43,8 @@ def _export_overrides(config, args):
     # `--formats ""` is refused (naming the formats), never read as "the default: all".
     formats = parse_formats(args.formats) if getattr(args, "formats", None) is not None else None
     return override(config, "export", formats=formats, int8_budget=getattr(args, "int8_budget", None),
-                    onnx_calibration=getattr(args, "onnx_calibration", None), target=getattr(args, "target", None))
+                    onnx_calibration=getattr(args, "onnx_calibration", None), target=getattr(args, "target", None),
+                    workers=getattr(args, "workers", None))
 
 
 def _thresholds(args) -> dict:
@@ -132,10 +133,10 @@ def _cmd_export(args) -> int:
     def change(config):  # recorded in the run when the export succeeds: the manifest says how it was made
         config = override(config, "train", qat_epochs=args.qat_epochs)
         return override(config, "export", int8_budget=args.int8_budget, onnx_calibration=args.onnx_calibration,
-                        target=args.target)
+                        target=args.target, workers=args.workers)
 
     changed = (args.qat_epochs is not None or args.int8_budget is not None or args.onnx_calibration
-               or args.target)
+               or args.target or args.workers is not None)
     formats = parse_formats(args.formats) if args.formats is not None else None  # before the run is locked
     manifest = export_run(args.run, formats=formats, settings=change if changed else None)
     missed = budget_failure(manifest)

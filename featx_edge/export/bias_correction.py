@@ -51,6 +51,11 @@ def bias_corrected(model, *, calibration: np.ndarray, images: int = 64, float_mo
     the BatchNorm offset (Nagel et al., 2019, "Data-Free Quantization", empirical variant). The
     float weights are left as they are: the converter rounds them itself.
 
+    One forward pass does it (``_Rounding``): each convolution, when the pass reaches it, is
+    measured, rounded and its BatchNorm corrected before the pass goes on, so every later layer
+    sees exactly what a separate pass per convolution (the earlier implementation, whose cost grew
+    with the square of the depth) would have computed.
+
     ``float_model``: the float model ``model``'s kernels were rounded from (AdaRound's copy is
     already on the int8 grid, so its own kernels would show no rounding error): the shift is then
     measured against that model's kernels, layer by layer of the same name.
@@ -69,23 +74,43 @@ def bias_corrected(model, *, calibration: np.ndarray, images: int = 64, float_mo
 
     corrected, simulated = copy(), copy()  # simulated: earlier kernels rounded as int8 will
     x = calibration[:images].astype(np.float32)
-    sim_pairs = {conv.name: (conv, bn) for conv, bn in _conv_bn_pairs(simulated)}
-    largest = 0.0
-    pairs = _conv_bn_pairs(corrected)
+    targets = {conv.name: bn for conv, bn in _conv_bn_pairs(corrected)}
+    floats = None if float_model is None else {name: float_model.get_layer(name).get_weights()[0] for name in targets}
+    rounding = _Rounding(targets, depthwise=keras.layers.DepthwiseConv2D, floats=floats)
+    pairs = _conv_bn_pairs(simulated)
     for conv, bn in pairs:
-        sim_conv, sim_bn = sim_pairs[conv.name]
-        gamma, beta, mean, variance = bn.get_weights()
-        gain = gamma / np.sqrt(variance + bn.epsilon)
-        inputs = keras.Model(simulated.input, sim_conv.input)(x, training=False).numpy()
-        (kernel,) = sim_conv.get_weights()
-        if float_model is not None:  # the shift against the float kernel the grid kernel came from
-            sim_conv.set_weights(float_model.get_layer(conv.name).get_weights())
-        before = sim_conv(inputs).numpy()
-        sim_conv.set_weights([_int8_rounded(kernel, gain=gain,
-                                            depthwise=isinstance(conv, keras.layers.DepthwiseConv2D))])
-        shift = (sim_conv(inputs).numpy() - before).mean(axis=(0, 1, 2))
-        new_beta = beta - shift * gain
-        bn.set_weights([gamma, new_beta, mean, variance])
-        sim_bn.set_weights([gamma, new_beta, mean, variance])
-        largest = max(largest, float(np.abs(shift * gain).max()))
-    return corrected, {"layers": len(pairs), "calibration_images": len(x), "max_shift": round(largest, 6)}
+        rounding.attach(conv, bn)
+    simulated(x, training=False)
+    return corrected, {"layers": len(pairs), "calibration_images": len(x), "max_shift": round(rounding.largest, 6)}
+
+
+class _Rounding:
+    """Per-convolution hooks for one forward pass of the simulated copy: when a convolution runs it
+    measures its output with the float kernel and with the int8-rounded one on the same inputs,
+    keeps the rounded kernel (later layers see it) and moves the shift into the BatchNorm offsets of
+    both the simulated copy and the corrected copy (``targets``: convolution name -> BatchNorm)."""
+
+    def __init__(self, targets: dict, *, depthwise: type, floats: dict | None = None) -> None:
+        self.targets, self.depthwise, self.largest = targets, depthwise, 0.0
+        self.floats = floats  # convolution name -> the float kernel to measure against (default: its own)
+
+    def attach(self, conv, bn) -> None:
+        plain = type(conv).call
+
+        def call(inputs, *args, **kwargs):
+            (kernel,) = conv.get_weights()
+            if self.floats is not None:  # the shift against the float kernel the grid kernel came from
+                conv.set_weights([self.floats[conv.name]])
+            before = plain(conv, inputs, *args, **kwargs)
+            gamma, beta, mean, variance = bn.get_weights()
+            gain = gamma / np.sqrt(variance + bn.epsilon)
+            conv.set_weights([_int8_rounded(kernel, gain=gain, depthwise=isinstance(conv, self.depthwise))])
+            after = plain(conv, inputs, *args, **kwargs)
+            shift = (after.numpy() - before.numpy()).mean(axis=(0, 1, 2))
+            new_beta = beta - shift * gain
+            bn.set_weights([gamma, new_beta, mean, variance])
+            self.targets[conv.name].set_weights([gamma, new_beta, mean, variance])
+            self.largest = max(self.largest, float(np.abs(shift * gain).max()))
+            return after
+
+        conv.call = call  # this copy only: it is thrown away after the pass

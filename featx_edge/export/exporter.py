@@ -62,7 +62,8 @@ def export_run(run: str | Path, *, formats: tuple[str, ...] | str | None = None,
         chosen = parse_formats(formats) if formats is not None else config.export.formats  # "" is refused
         done = False
         try:
-            for fmt in bar(chosen, total=len(chosen), desc="exporting", unit="format"):
+            order = exporter.start_worker(chosen)  # the worker's float formats last: they convert meanwhile
+            for fmt in bar(order, total=len(order), desc="exporting", unit="format"):
                 exporter.export(fmt)
             if config.export.int8_budget is not None:
                 from featx_edge.export.budget import choose_int8
@@ -70,6 +71,7 @@ def export_run(run: str | Path, *, formats: tuple[str, ...] | str | None = None,
                 choose_int8(opened, budget=config.export.int8_budget, export=exporter.export)
             done = True
         finally:
+            exporter.close()
             # Artifacts made so far stay recorded; new settings only when every export was made.
             opened.manifest["config"] = (config if done else recorded).to_dict()
             opened.save()
@@ -88,8 +90,33 @@ class Exporter:
         self._traces: dict[tuple[int, int | None], tuple[object, object]] = {}  # (model id, batch) -> (model, Traced)
         self._onnx_protos: dict[int, tuple[object, object]] = {}  # model id -> (model, float32 ONNX before metadata)
         self._int8_ranges = "minmax"  # tflite-int8's activation ranges (export.tflite_ranges), set with the source
+        self._worker = None  # export.workers.FloatWorker converting the float formats, when one runs
         self._converters = {"tflite": self._tflite, "tflite-selective": self._tflite_selective,
                             "tflite-qat": self._tflite_qat, "onnx": self._onnx, "onnx-int8": self._onnx_int8}
+
+    def start_worker(self, formats) -> list[str]:
+        """Start a worker process for the float formats where ``[export] workers`` says so
+        (``export.workers``); returns the order to export in: the worker's formats last."""
+        from featx_edge.export.int8_choice import candidate_names
+        from featx_edge.export.workers import FloatWorker, use_worker, worker_formats
+
+        floats = worker_formats(formats)
+        choice = len(candidate_names(self.run.config.export)) > 1
+        if not use_worker(self.run.config.export.workers, formats=formats, int8_choice=choice,
+                          parameters=self.run.reference().model.count_params()):
+            return list(formats)
+        self._worker = FloatWorker(self.run.path, floats,
+                                   metadata={fmt: self.metadata(get_format(fmt)) for fmt in floats})
+        return [fmt for fmt in formats if fmt not in floats] + floats
+
+    def _from_worker(self, fmt: str) -> bytes | None:
+        """What the worker made of ``fmt``, or None (no worker, not its format, or it died)."""
+        return None if self._worker is None else self._worker.take(fmt)
+
+    def close(self) -> None:
+        """Stop the worker process, if one was started."""
+        if self._worker is not None:
+            self._worker.close()
 
     @property
     def calibration(self) -> np.ndarray:
@@ -113,8 +140,13 @@ class Exporter:
     def onnx_float(self, model, *, metadata: dict):
         """A float32 ONNX of ``model`` with ``metadata``; tf2onnx runs once per model (onnx-float32 and
         the float model onnx-int8 quantizes share it when int8 is made from the reference itself)."""
+        import onnx
+
         from featx_edge.export import onnx as onnx_export
 
+        made = self._from_worker("onnx-float32") if model is self.run.reference().model else None
+        if made is not None:  # the worker's tf2onnx of the reference (made with onnx-float32's metadata)
+            self._onnx_protos[id(model)] = (model, onnx.load_from_string(made))
         if id(model) not in self._onnx_protos:
             self._onnx_protos[id(model)] = (model, onnx_export.convert(model, size=self.run.size, metadata=metadata))
         proto = type(self._onnx_protos[id(model)][1])()
@@ -275,7 +307,8 @@ class Exporter:
                       else "tflite 16x8 post-training (int16 activations, int8 weights)")
             extra = {"quantization": {"method": method, **recipe}}
         else:
-            flatbuffer = convert(self.traced(self.run.reference().model), size=self.run.size, quantization=quant)
+            flatbuffer = self._from_worker(spec.name) or convert(self.traced(self.run.reference().model),
+                                                                 size=self.run.size, quantization=quant)
         self._write_tflite(spec, path, flatbuffer, extra)
 
     def _tflite_selective(self, spec: FormatSpec, path: Path) -> None:

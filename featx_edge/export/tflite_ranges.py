@@ -145,7 +145,13 @@ def with_ranges(flatbuffer: bytes, ranges: dict[int, tuple[float, float]]) -> by
 
 
 def convert_ranges(model, *, size: int, calibration: np.ndarray, methods: Iterable[str]) -> dict[str, bytes]:
-    """``{method: tflite-int8 flatbuffer}``: one calibration, one histogram pass, one quantization per method."""
+    """``{method: tflite-int8 flatbuffer}``: one calibration, one histogram pass, one quantization per method.
+
+    ``minmax`` keeps the converter's own ranges, so it quantizes the calibrated model as it is; the
+    histogram pass (a float run keeping every tensor) is made only when a clipping method asks for it.
+    """
+    methods = tuple(methods)
     base = calibrate(model, size=size, calibration=calibration)
-    stats = histograms(base, calibration=calibration)
-    return {method: quantize_calibrated(with_ranges(base, clipped(stats, method=method))) for method in methods}
+    stats = histograms(base, calibration=calibration) if set(methods) - {"minmax"} else {}
+    return {method: quantize_calibrated(base if method == "minmax" else with_ranges(base, clipped(stats, method=method)))
+            for method in methods}
