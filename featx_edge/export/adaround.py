@@ -170,6 +170,17 @@ def _round_layer(conv, bn, inputs: np.ndarray, *, iterations: int, keras, tf) ->
             "weights": int(q.size), "integers": q.astype(np.int8)}
 
 
+def _attach(conv, bn, rows: list, *, iterations: int, keras, tf) -> None:
+    """Make ``conv`` (of a scratch copy) round itself on the inputs of its first call, then compute with that."""
+    plain = type(conv).call
+
+    def call(inputs, *args, **kwargs):
+        rows.append(_round_layer(conv, bn, inputs.numpy(), iterations=iterations, keras=keras, tf=tf))
+        return plain(conv, inputs, *args, **kwargs)
+
+    conv.call = call  # the scratch copy only: its weights are copied out after the pass
+
+
 def adarounded(model, *, calibration: np.ndarray, images: int = 128, iterations: int = 1000) -> tuple[object, dict]:
     """A copy of ``model`` whose conv kernels sit on the int8 grid AdaRound chose, and what was done.
 
@@ -187,15 +198,24 @@ def adarounded(model, *, calibration: np.ndarray, images: int = 128, iterations:
 
     tf, keras = import_tf()
     t0 = time.perf_counter()
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    x = calibration[:images].astype(np.float32)
-    rows = []
-    for conv, bn in _conv_bn_pairs(copy):
+
+    def clone():
+        twin = keras.models.clone_model(model)
+        twin.set_weights(model.get_weights())
+        return twin
+
+    # One forward pass of a scratch copy does every layer (as ``bias_correction._Rounding``): each
+    # convolution, when the pass reaches it, is rounded on the inputs the pass brings (the earlier
+    # layers already rounded) and the pass goes on with its rounded kernel.
+    scratch, rows = clone(), []
+    for conv, bn in _conv_bn_pairs(scratch):
         if getattr(conv, "groups", 1) != 1 or getattr(conv, "depth_multiplier", 1) != 1:
             continue  # grouped or multiplied channels: the converters' channel layout is not the one modelled here
-        inputs = keras.Model(copy.input, conv.input)(x, training=False).numpy()
-        rows.append(_round_layer(conv, bn, inputs, iterations=iterations, keras=keras, tf=tf))
+        _attach(conv, bn, rows, iterations=iterations, keras=keras, tf=tf)
+    x = calibration[:images].astype(np.float32)
+    scratch(x, training=False)
+    copy = clone()
+    copy.set_weights(scratch.get_weights())  # the same graph: the rounded kernels, without the hooks
     ratios = [r["adaround_error"] / r["nearest_error"] for r in rows if r["nearest_error"] > 0]
     info = {"method": "adaround", "layers": len(rows), "calibration_images": len(x), "iterations": iterations,
             "output_error_vs_nearest": {"median": round(float(np.median(ratios)), 4) if ratios else None,
