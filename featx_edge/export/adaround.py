@@ -213,7 +213,13 @@ def adarounded(model, *, calibration: np.ndarray, images: int = 128, iterations:
             continue  # grouped or multiplied channels: the converters' channel layout is not the one modelled here
         _attach(conv, bn, rows, iterations=iterations, keras=keras, tf=tf)
     x = calibration[:images].astype(np.float32)
-    scratch(x, training=False)
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")  # each layer's shapes trace its own optimisation: TF warns of "retracing" otherwise
+    try:
+        scratch(x, training=False)
+    finally:
+        logger.setLevel(level)
     copy = clone()
     copy.set_weights(scratch.get_weights())  # the same graph: the rounded kernels, without the hooks
     ratios = [r["adaround_error"] / r["nearest_error"] for r in rows if r["nearest_error"] > 0]
