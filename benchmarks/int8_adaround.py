@@ -11,7 +11,7 @@ kernels (tflite-int16x8 likewise), onnx-int8 under onnxruntime's CPU kernels. A 
 row runs Keras with the conv kernels on the int8 grid (nearest or AdaRound) and float activations.
 
     python benchmarks/int8_adaround.py --out benchmarks/results/int8_adaround.json \
-        --backbones mnv2-digits --datasets sample --seeds 0 --onnx
+        --backbones mnv2-digits --seeds 0 --onnx
     python benchmarks/int8_adaround.py --out benchmarks/results/int8_adaround.json --table
 """
 
