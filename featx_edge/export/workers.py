@@ -11,9 +11,9 @@ entry), and converts a format itself if the worker died. The TFLite converter is
 the files are byte for byte those of an export in one process (``tests/test_export_workers.py``).
 
 A worker costs a second TensorFlow import and reference build (about 6 s on the main job), so
-``"auto"`` uses one only where that pays: two or more usable CPU cores, a per-run int8 choice to
-overlap with, and a model of at least ``MIN_PARAMETERS`` (below that the float conversions take
-about as long as the worker's start). ``benchmarks/export_workers.py`` measures it.
+``"auto"`` uses one only where that pays: two or more usable CPU cores with at least one of them
+idle (1-minute load average), a per-run int8 choice to overlap with, and a model of at least
+``MIN_PARAMETERS`` (below that the float conversions take about as long as the worker's start). ``benchmarks/export_workers.py`` measures it.
 """
 
 from __future__ import annotations
@@ -57,7 +57,18 @@ def use_worker(setting, *, formats, parameters: int, int8_choice: bool) -> bool:
         return False  # nothing for the worker, or nothing left to overlap with it
     if setting != "auto":
         return setting == 2
-    return usable_cores() >= 2 and int8_choice and parameters >= MIN_PARAMETERS
+    cores = usable_cores()
+    return cores >= 2 and idle_cores(cores) >= 1 and int8_choice and parameters >= MIN_PARAMETERS
+
+
+def idle_cores(cores: int) -> float:
+    """Cores other work leaves idle: ``cores`` less the 1-minute load average (all of them where the OS
+    does not tell). On cores other processes keep busy, a worker's extra start only adds work: measured
+    slower beside other jobs (``benchmarks/export_workers.py``)."""
+    try:
+        return cores - os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return float(cores)
 
 
 class FloatWorker:
