@@ -128,3 +128,14 @@ def test_files_made_by_the_worker_are_those_made_here(tiny_run, capsys):
         b = load(made["2"] / two[fmt]["path"]).predict_pixels(images)
         np.testing.assert_array_equal(a, b, err_msg=fmt)
     assert "in a second process" in out
+
+
+def test_the_workers_own_times_are_stages_of_their_own():
+    """`featx-edge run`'s stage times show what the worker spent, beside this process's stages."""
+    from featx_edge.progress import StageClock, record
+
+    record("export tflite-float32 (second process)", seconds=1.0, cpu_seconds=1.0)  # no clock: nothing
+    with StageClock.started() as clock:
+        record("export tflite-float32 (second process)", seconds=2.5, cpu_seconds=2.0)
+        record("export tflite-float32 (second process)", seconds=0.5, cpu_seconds=0.25)
+    assert clock.stages == {"export tflite-float32 (second process)": {"seconds": 3.0, "cpu_seconds": 2.25}}

@@ -268,7 +268,8 @@ def _record_stage_times(out: str, clock) -> None:
         run = Run.open(out)
         run.manifest["stage_times"] = {"stages": clock.stages, "total": total,
                                        "note": "`export` holds each `export FORMAT`; CPU seconds count every "
-                                               "thread of the process"}
+                                               "thread of the process; `(second process)` stages ran in the "
+                                               "export worker beside the others (`[export] workers`)"}
         run.save()
     except (FeatxError, OSError) as err:  # no run was made (training failed before it): nothing to record
         log.debug("stage times not recorded: %s", err)

@@ -21,12 +21,13 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from featx_edge.formats.registry import get_format
-from featx_edge.progress import native_output
+from featx_edge.progress import native_output, record
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,12 @@ class FloatWorker:
         if future is None:
             return None
         try:
-            return future.result()
+            made, seconds, cpu_seconds = future.result()
         except BrokenProcessPool as err:  # the worker died (killed, out of memory): this process converts
             log.warning("  the export worker stopped (%s); converting %s here", err, fmt)
             return None
+        record(f"export {fmt} (second process)", seconds=seconds, cpu_seconds=cpu_seconds)
+        return made
 
     def close(self) -> None:
         """Stop the worker; formats not taken are dropped (an interrupted or failed export)."""
@@ -100,21 +103,28 @@ _TRACED: dict = {}
 """The worker's trace of its reference (one run per worker)."""
 
 
-def convert_in_worker(run_path: str, fmt: str, metadata: dict) -> bytes:
-    """In the worker: ``fmt`` of the run's reference, as a TFLite flatbuffer or serialized ONNX.
+def convert_in_worker(run_path: str, fmt: str, metadata: dict) -> tuple[bytes, float, float]:
+    """In the worker: ``fmt`` of the run's reference (a TFLite flatbuffer or serialized ONNX), and the wall
+    and CPU seconds it took there (the first format's include the worker's TensorFlow import and reference).
 
     ONNX comes with ``metadata`` (the exporting process's, so the file is the one it would write).
     """
+    since = (time.perf_counter(), time.process_time())
+    with native_output("the export worker"):  # TensorFlow's import and the converters print here too
+        made = _convert(run_path, fmt, metadata)
+    return made, time.perf_counter() - since[0], time.process_time() - since[1]
+
+
+def _convert(run_path: str, fmt: str, metadata: dict) -> bytes:
     from featx_edge.export import onnx as onnx_export
     from featx_edge.export.tflite import TFLiteQuantization, convert, trace
     from featx_edge.training.run import Run
 
     spec = get_format(fmt)
-    with native_output("the export worker"):  # TensorFlow's import and the converters print here too
-        run = Run.open(run_path)
-        model = run.reference().model  # built once per worker (``training.run`` keeps it)
-        if spec.converter == "onnx":
-            return onnx_export.convert(model, size=run.size, metadata=metadata).SerializeToString()
-        if run_path not in _TRACED:
-            _TRACED[run_path] = (model, trace(model, size=run.size))
-        return convert(_TRACED[run_path][1], size=run.size, quantization=TFLiteQuantization.named(spec.quantization))
+    run = Run.open(run_path)
+    model = run.reference().model  # built once per worker (``training.run`` keeps it)
+    if spec.converter == "onnx":
+        return onnx_export.convert(model, size=run.size, metadata=metadata).SerializeToString()
+    if run_path not in _TRACED:
+        _TRACED[run_path] = (model, trace(model, size=run.size))
+    return convert(_TRACED[run_path][1], size=run.size, quantization=TFLiteQuantization.named(spec.quantization))
