@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -25,6 +24,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_speed import machine
 
 SIX = "tflite-float32,tflite-float16,tflite-dynamic,tflite-int8,onnx-float32,onnx-int8"
 VARIANTS = {"one process": "1", "float formats in a worker": "2"}
@@ -77,23 +79,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"round {index} {name}: {row['seconds']:.1f} s wall, {row['cpu_seconds']:.1f} s CPU, "
                   f"exit {row['exit']}", flush=True)
-    result = {"run": str(args.run), "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()},
+    result = {"run": str(args.run), "machine": machine(),
               "rows": rows, "median": {name: {key: statistics.median(r[key] for r in rows if r["variant"] == name)
                                               for key in ("seconds", "cpu_seconds")} for name in variants}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result["median"], indent=2))
     return 0
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
