@@ -223,6 +223,15 @@ def stage(name: str) -> Iterator[None]:
         clock.add(name, since)
 
 
+def record(name: str, *, seconds: float, cpu_seconds: float) -> None:
+    """Add time measured elsewhere (another process) to stage ``name`` on the started clock."""
+    clock = StageClock._current
+    if clock is not None:
+        row = clock.stages.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0})
+        row["seconds"] = round(row["seconds"] + seconds, 3)
+        row["cpu_seconds"] = round(row["cpu_seconds"] + cpu_seconds, 3)
+
+
 def lap(name: str) -> None:
     """Record the time since the last lap or stage end as ``name`` (for a long function's steps
     without re-indenting them); nothing when no StageClock is started."""

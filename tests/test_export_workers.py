@@ -27,18 +27,20 @@ def test_the_worker_takes_the_formats_made_from_the_reference_alone():
     assert workers.worker_formats(("tflite-int16x8", "tflite-int8-selective", "tflite-int8-qat")) == []
 
 
-@pytest.mark.parametrize(("setting", "formats", "parameters", "choice", "cores", "expected"), [
-    (2, SIX, 10, False, 1, True),  # asked for: started, small model or not
-    (1, SIX, 10**8, True, 16, False),  # asked not to
-    ("auto", SIX, 3_400_000, True, 2, True),  # the main job: Lite0 with the per-run int8 choice
-    ("auto", SIX, 400_000, True, 2, False),  # a small model: the worker's start costs what it saves
-    ("auto", SIX, 3_400_000, False, 2, False),  # no int8 choice to overlap with
-    ("auto", SIX, 3_400_000, True, 1, False),  # one core: the two would take turns
-    (2, ("tflite-float32", "onnx-float32"), 10**8, True, 16, False),  # nothing left here to overlap with
-    (2, ("tflite-int8", "onnx-int8"), 10**8, True, 16, False),  # nothing for the worker
+@pytest.mark.parametrize(("setting", "formats", "parameters", "choice", "cores", "load", "expected"), [
+    (2, SIX, 10, False, 1, 9.0, True),  # asked for: started, small model, busy machine or not
+    (1, SIX, 10**8, True, 16, 0.0, False),  # asked not to
+    ("auto", SIX, 3_400_000, True, 2, 0.5, True),  # the main job: Lite0 with the per-run int8 choice
+    ("auto", SIX, 3_400_000, True, 2, 1.5, False),  # no idle core: the worker's start only adds work
+    ("auto", SIX, 400_000, True, 2, 0.0, False),  # a small model: the worker's start costs what it saves
+    ("auto", SIX, 3_400_000, False, 2, 0.0, False),  # no int8 choice to overlap with
+    ("auto", SIX, 3_400_000, True, 1, 0.0, False),  # one core: the two would take turns
+    (2, ("tflite-float32", "onnx-float32"), 10**8, True, 16, 0.0, False),  # nothing left here to overlap with
+    (2, ("tflite-int8", "onnx-int8"), 10**8, True, 16, 0.0, False),  # nothing for the worker
 ])
-def test_when_a_worker_starts(monkeypatch, setting, formats, parameters, choice, cores, expected):
+def test_when_a_worker_starts(monkeypatch, setting, formats, parameters, choice, cores, load, expected):
     monkeypatch.setattr(workers, "usable_cores", lambda: cores)
+    monkeypatch.setattr(workers.os, "getloadavg", lambda: (load, load, load))
     assert workers.use_worker(setting, formats=formats, parameters=parameters, int8_choice=choice) is expected
 
 
@@ -126,3 +128,14 @@ def test_files_made_by_the_worker_are_those_made_here(tiny_run, capsys):
         b = load(made["2"] / two[fmt]["path"]).predict_pixels(images)
         np.testing.assert_array_equal(a, b, err_msg=fmt)
     assert "in a second process" in out
+
+
+def test_the_workers_own_times_are_stages_of_their_own():
+    """`featx-edge run`'s stage times show what the worker spent, beside this process's stages."""
+    from featx_edge.progress import StageClock, record
+
+    record("export tflite-float32 (second process)", seconds=1.0, cpu_seconds=1.0)  # no clock: nothing
+    with StageClock.started() as clock:
+        record("export tflite-float32 (second process)", seconds=2.5, cpu_seconds=2.0)
+        record("export tflite-float32 (second process)", seconds=0.5, cpu_seconds=0.25)
+    assert clock.stages == {"export tflite-float32 (second process)": {"seconds": 3.0, "cpu_seconds": 2.25}}

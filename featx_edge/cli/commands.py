@@ -44,7 +44,12 @@ def _export_overrides(config, args):
     formats = parse_formats(args.formats) if getattr(args, "formats", None) is not None else None
     return override(config, "export", formats=formats, int8_budget=getattr(args, "int8_budget", None),
                     onnx_calibration=getattr(args, "onnx_calibration", None), target=getattr(args, "target", None),
-                    workers=getattr(args, "workers", None))
+                    workers=_workers(getattr(args, "workers", None)))
+
+
+def _workers(text: str | None) -> str | int | None:
+    """``--workers``: "auto", or a number of processes (the parser allows only auto, 1 and 2)."""
+    return int(text) if text is not None and text.isdigit() else text
 
 
 def _thresholds(args) -> dict:
@@ -133,7 +138,7 @@ def _cmd_export(args) -> int:
     def change(config):  # recorded in the run when the export succeeds: the manifest says how it was made
         config = override(config, "train", qat_epochs=args.qat_epochs)
         return override(config, "export", int8_budget=args.int8_budget, onnx_calibration=args.onnx_calibration,
-                        target=args.target, workers=args.workers)
+                        target=args.target, workers=_workers(args.workers))
 
     changed = (args.qat_epochs is not None or args.int8_budget is not None or args.onnx_calibration
                or args.target or args.workers is not None)
@@ -263,7 +268,8 @@ def _record_stage_times(out: str, clock) -> None:
         run = Run.open(out)
         run.manifest["stage_times"] = {"stages": clock.stages, "total": total,
                                        "note": "`export` holds each `export FORMAT`; CPU seconds count every "
-                                               "thread of the process"}
+                                               "thread of the process; `(second process)` stages ran in the "
+                                               "export worker beside the others (`[export] workers`)"}
         run.save()
     except (FeatxError, OSError) as err:  # no run was made (training failed before it): nothing to record
         log.debug("stage times not recorded: %s", err)

@@ -78,13 +78,9 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target", choices=TARGET_CHOICES,
                    help="CPU the onnx-int8 model is built for: U8S8 on x86-64 (reduce_range without VNNI), "
                         "S8S8 on arm64 and `portable` (the default: no saturation on any CPU); auto: this host")
-    g.add_argument("--workers", type=_workers, choices=("auto", 1, 2),
+    g.add_argument("--workers", choices=("auto", "1", "2"),
                    help="processes exporting side by side: 2 converts the float formats in a second process "
                         "while this one makes the int8 formats; auto (default): 2 where it pays")
-
-
-def _workers(text: str) -> str | int:
-    return text if text == "auto" else int(text) if text.isdigit() else text
 
 
 def _add_verify_args(p: argparse.ArgumentParser) -> None:

@@ -11,9 +11,9 @@ entry), and converts a format itself if the worker died. The TFLite converter is
 the files are byte for byte those of an export in one process (``tests/test_export_workers.py``).
 
 A worker costs a second TensorFlow import and reference build (about 6 s on the main job), so
-``"auto"`` uses one only where that pays: two or more usable CPU cores, a per-run int8 choice to
-overlap with, and a model of at least ``MIN_PARAMETERS`` (below that the float conversions take
-about as long as the worker's start). ``benchmarks/export_workers.py`` measures it.
+``"auto"`` uses one only where that pays: two or more usable CPU cores with at least one of them
+idle (1-minute load average), a per-run int8 choice to overlap with, and a model of at least
+``MIN_PARAMETERS`` (below that the float conversions take about as long as the worker's start). ``benchmarks/export_workers.py`` measures it.
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from featx_edge.formats.registry import get_format
-from featx_edge.progress import native_output
+from featx_edge.progress import native_output, record
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,18 @@ def use_worker(setting, *, formats, parameters: int, int8_choice: bool) -> bool:
         return False  # nothing for the worker, or nothing left to overlap with it
     if setting != "auto":
         return setting == 2
-    return usable_cores() >= 2 and int8_choice and parameters >= MIN_PARAMETERS
+    cores = usable_cores()
+    return cores >= 2 and idle_cores(cores) >= 1 and int8_choice and parameters >= MIN_PARAMETERS
+
+
+def idle_cores(cores: int) -> float:
+    """Cores other work leaves idle: ``cores`` less the 1-minute load average (all of them where the OS
+    does not tell). On cores other processes keep busy, a worker's extra start only adds work: measured
+    slower beside other jobs (``benchmarks/export_workers.py``)."""
+    try:
+        return cores - os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return float(cores)
 
 
 class FloatWorker:
@@ -75,10 +87,12 @@ class FloatWorker:
         if future is None:
             return None
         try:
-            return future.result()
+            made, seconds, cpu_seconds = future.result()
         except BrokenProcessPool as err:  # the worker died (killed, out of memory): this process converts
             log.warning("  the export worker stopped (%s); converting %s here", err, fmt)
             return None
+        record(f"export {fmt} (second process)", seconds=seconds, cpu_seconds=cpu_seconds)
+        return made
 
     def close(self) -> None:
         """Stop the worker; formats not taken are dropped (an interrupted or failed export)."""
@@ -89,21 +103,28 @@ _TRACED: dict = {}
 """The worker's trace of its reference (one run per worker)."""
 
 
-def convert_in_worker(run_path: str, fmt: str, metadata: dict) -> bytes:
-    """In the worker: ``fmt`` of the run's reference, as a TFLite flatbuffer or serialized ONNX.
+def convert_in_worker(run_path: str, fmt: str, metadata: dict) -> tuple[bytes, float, float]:
+    """In the worker: ``fmt`` of the run's reference (a TFLite flatbuffer or serialized ONNX), and the wall
+    and CPU seconds it took there (the first format's include the worker's TensorFlow import and reference).
 
     ONNX comes with ``metadata`` (the exporting process's, so the file is the one it would write).
     """
+    since = (time.perf_counter(), time.process_time())
+    with native_output("the export worker"):  # TensorFlow's import and the converters print here too
+        made = _convert(run_path, fmt, metadata)
+    return made, time.perf_counter() - since[0], time.process_time() - since[1]
+
+
+def _convert(run_path: str, fmt: str, metadata: dict) -> bytes:
     from featx_edge.export import onnx as onnx_export
     from featx_edge.export.tflite import TFLiteQuantization, convert, trace
     from featx_edge.training.run import Run
 
     spec = get_format(fmt)
-    with native_output("the export worker"):  # TensorFlow's import and the converters print here too
-        run = Run.open(run_path)
-        model = run.reference().model  # built once per worker (``training.run`` keeps it)
-        if spec.converter == "onnx":
-            return onnx_export.convert(model, size=run.size, metadata=metadata).SerializeToString()
-        if run_path not in _TRACED:
-            _TRACED[run_path] = (model, trace(model, size=run.size))
-        return convert(_TRACED[run_path][1], size=run.size, quantization=TFLiteQuantization.named(spec.quantization))
+    run = Run.open(run_path)
+    model = run.reference().model  # built once per worker (``training.run`` keeps it)
+    if spec.converter == "onnx":
+        return onnx_export.convert(model, size=run.size, metadata=metadata).SerializeToString()
+    if run_path not in _TRACED:
+        _TRACED[run_path] = (model, trace(model, size=run.size))
+    return convert(_TRACED[run_path][1], size=run.size, quantization=TFLiteQuantization.named(spec.quantization))
