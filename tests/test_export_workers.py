@@ -40,7 +40,7 @@ def test_the_worker_takes_the_formats_made_from_the_reference_alone():
 ])
 def test_when_a_worker_starts(monkeypatch, setting, formats, parameters, choice, cores, load, expected):
     monkeypatch.setattr(workers, "usable_cores", lambda: cores)
-    monkeypatch.setattr(workers.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(workers, "idle_cores", lambda n: n - load)
     assert workers.use_worker(setting, formats=formats, parameters=parameters, int8_choice=choice) is expected
 
 
@@ -139,3 +139,23 @@ def test_the_workers_own_times_are_stages_of_their_own():
         record("export tflite-float32 (second process)", seconds=2.5, cpu_seconds=2.0)
         record("export tflite-float32 (second process)", seconds=0.5, cpu_seconds=0.25)
     assert clock.stages == {"export tflite-float32 (second process)": {"seconds": 3.0, "cpu_seconds": 2.25}}
+
+
+def test_idle_cores_are_read_from_the_machines_idle_share(monkeypatch):
+    """Two CPUs, one of them busy between the two readings: one idle core. Without /proc/stat: the load average."""
+    ticks = iter([(1000, 4000), (1100, 4200)])  # 100 of 200 ticks idle
+    monkeypatch.setattr(workers, "_cpu_ticks", lambda: next(ticks))
+    monkeypatch.setattr(workers.time, "sleep", lambda s: None)
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 2)
+    assert workers.idle_cores(2) == pytest.approx(1.0)
+
+    def unreadable():
+        raise OSError("no /proc/stat")
+
+    monkeypatch.setattr(workers, "_cpu_ticks", unreadable)
+    monkeypatch.setattr(workers.os, "getloadavg", lambda: (1.5, 1.0, 1.0))
+    assert workers.idle_cores(2) == pytest.approx(0.5)
+
+
+def test_idle_cores_on_this_machine_are_between_none_and_all():
+    assert -0.01 <= workers.idle_cores(workers.usable_cores()) <= (os.cpu_count() or 1) + 0.01

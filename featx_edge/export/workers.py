@@ -12,7 +12,7 @@ the files are byte for byte those of an export in one process (``tests/test_expo
 
 A worker costs a second TensorFlow import and reference build (about 6 s on the main job), so
 ``"auto"`` uses one only where that pays: two or more usable CPU cores with at least one of them
-idle (1-minute load average), a per-run int8 choice to overlap with, and a model of at least
+idle as the export starts, a per-run int8 choice to overlap with, and a model of at least
 ``MIN_PARAMETERS`` (below that the float conversions take about as long as the worker's start). ``benchmarks/export_workers.py`` measures it.
 """
 
@@ -63,13 +63,29 @@ def use_worker(setting, *, formats, parameters: int, int8_choice: bool) -> bool:
 
 
 def idle_cores(cores: int) -> float:
-    """Cores other work leaves idle: ``cores`` less the 1-minute load average (all of them where the OS
-    does not tell). On cores other processes keep busy, a worker's extra start only adds work: measured
-    slower beside other jobs (``benchmarks/export_workers.py``)."""
+    """Cores other work leaves idle right now: the machine's idle share over a quarter of a second
+    (``/proc/stat``, Linux) times its CPUs; elsewhere ``cores`` less the 1-minute load average. (The load
+    average lags: just after ``featx-edge run`` trained on both cores it still counts that work.) On
+    cores other processes keep busy a worker's extra start only adds work: measured slower beside
+    another job (``benchmarks/export_workers.py``)."""
     try:
-        return cores - os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return float(cores)
+        first = _cpu_ticks()
+        time.sleep(0.25)
+        second = _cpu_ticks()
+    except (OSError, ValueError, IndexError):
+        try:
+            return cores - os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return float(cores)
+    idle, total = second[0] - first[0], second[1] - first[1]
+    return (os.cpu_count() or cores) * idle / total if total > 0 else float(cores)
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(idle, all) clock ticks of the machine's CPUs since boot, from the first line of ``/proc/stat``."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        ticks = [int(value) for value in stat.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    return ticks[3] + ticks[4], sum(ticks)
 
 
 class FloatWorker:
