@@ -59,7 +59,8 @@ def use_worker(setting, *, formats, parameters: int, int8_choice: bool) -> bool:
     if setting != "auto":
         return setting == 2
     cores = usable_cores()
-    return cores >= 2 and idle_cores(cores) >= 1 and int8_choice and parameters >= MIN_PARAMETERS
+    # The idle-core reading (a quarter of a second) last: exports it cannot change do not wait for it.
+    return cores >= 2 and int8_choice and parameters >= MIN_PARAMETERS and idle_cores(cores) >= 1
 
 
 def idle_cores(cores: int) -> float:
