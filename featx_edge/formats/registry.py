@@ -174,12 +174,12 @@ INT8_VARIANTS: tuple[str, ...] = tuple(name for name, spec in FORMAT_SPECS.items
 ALL_FORMATS = FORMATS + INT8_VARIANTS
 
 ONNX_CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy")
+"""onnxruntime calibration methods for onnx-int8 (`--onnx-calibration`)."""
 TFLITE_RANGE_METHODS: tuple[str, ...] = ("auto", "minmax", "percentile", "mse")
 """``[export] activation_ranges``: how tflite-int8's activation ranges are calibrated (``export.tflite_ranges``)."""
 WEIGHT_ROUNDINGS: tuple[str, ...] = ("nearest", "adaround")
 """``[export] weight_rounding``: how int8 conv weights are rounded: the converters' own (nearest) or learned
 per layer on the calibration images (``export.adaround``)."""
-"""onnxruntime calibration methods for onnx-int8 (`--onnx-calibration`)."""
 
 
 MODEL_SUFFIXES: dict[str, str] = {spec.extension: spec.engine for spec in FORMAT_SPECS.values()}
