@@ -17,19 +17,13 @@ row runs Keras with the conv kernels on the int8 grid (nearest or AdaRound) and 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from int8_fidelity import _config, _data, _pretrained
-from int8_ranges import _on_test
+from int8_ranges import _on_test, cell_sweep
 
 ROUNDINGS = ("nearest", "adaround")
 
@@ -163,43 +157,17 @@ def markdown(cells: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="JSON file to write (rows of earlier runs in it are kept)")
-    parser.add_argument("--backbones", default="mnv2-digits")
-    parser.add_argument("--datasets", default="sample,sample-inverted,fashion")
-    parser.add_argument("--seeds", default="0")
-    parser.add_argument("--onnx", action="store_true", help="also measure onnx-int8 (four more conversions)")
-    parser.add_argument("--table", action="store_true", help="only print the table of the cells in --out")
-    parser.add_argument("--weights", default=None, help="mnv2-digits backbone pretrained before (default: pretrain it)")
-    args = parser.parse_args(argv)
+    def measure(config, path: Path, args) -> dict:
+        return {**_cell(config, path, onnx=args.onnx), "load_average": list(os.getloadavg())}
 
-    from featx_edge.bench import machine_info
-    from featx_edge.config import parse_int_list
-    from featx_edge.files.atomic import write_json
-
-    out = Path(args.out)
-    cells = json.loads(out.read_text())["cells"] if out.is_file() else []
-    if args.table:
-        print(markdown(cells))
-        return 0
-    work = Path(tempfile.mkdtemp(prefix="featx-int8-adaround-"))
-    try:
-        weights = Path(args.weights) if args.weights else _pretrained(work) if "mnv2-digits" in args.backbones else None
-        for seed in parse_int_list("seeds", args.seeds):
-            for backbone in filter(None, args.backbones.split(",")):
-                for dataset in filter(None, args.datasets.split(",")):
-                    config = _config(backbone, _data(dataset, backbone, work), seed=seed, bias=False, weights=weights)
-                    cell = _cell(config, work / f"{backbone}-{dataset}-{seed}", onnx=args.onnx)
-                    cells.append({"backbone": backbone, "dataset": dataset, "seed": seed, **cell,
-                                  "load_average": list(os.getloadavg())})
-                    print(json.dumps({k: cells[-1][k] for k in ("backbone", "dataset", "seed", "test")}), flush=True)
-                    write_json(out, {"benchmark": "int8_adaround", "activation_ranges": "minmax",
-                                     "thresholds": "default (agreement >= 0.97, at most 1 point lost), tie-aware",
-                                     "cells": cells, "markdown": markdown(cells), "machine": machine_info(),
-                                     "python": platform.python_version()})
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return cell_sweep(argv, description=__doc__.splitlines()[0], prefix="featx-int8-adaround-", bias=False,
+                      measure=measure,
+                      header={"benchmark": "int8_adaround", "activation_ranges": "minmax",
+                              "thresholds": "default (agreement >= 0.97, at most 1 point lost), tie-aware"},
+                      table=markdown,
+                      summary=("backbone", "dataset", "seed", "test"),
+                      options=((("--onnx",), {"action": "store_true",
+                                              "help": "also measure onnx-int8 (four more conversions)"}),))
 
 
 if __name__ == "__main__":

@@ -103,12 +103,19 @@ def markdown(cells: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cell_sweep(argv: list[str] | None, *, description: str, prefix: str, bias, measure, header: dict, table,
+               summary: tuple[str, ...], options: tuple = ()) -> int:
+    """The driver this script and ``int8_adaround.py`` share: the cell options (plus ``options``, pairs of
+    (flags, argparse keywords)); then, per seed x backbone x dataset, ``measure(config, path, args)`` (the
+    cell's record), a printed line of its ``summary`` keys, and ``--out`` rewritten as ``header`` plus
+    every cell (earlier ones kept) and their ``table(cells)``, so a long sweep keeps what it measured."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=True, help="JSON file to write (rows of earlier runs in it are kept)")
     parser.add_argument("--backbones", default="mnv2-digits")
     parser.add_argument("--datasets", default="sample,sample-inverted,fashion")
     parser.add_argument("--seeds", default="0")
+    for flags, keywords in options:
+        parser.add_argument(*flags, **keywords)
     parser.add_argument("--table", action="store_true", help="only print the table of the cells in --out")
     parser.add_argument("--weights", default=None, help="mnv2-digits backbone pretrained before (default: pretrain it)")
     args = parser.parse_args(argv)
@@ -120,27 +127,32 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     cells = json.loads(out.read_text())["cells"] if out.is_file() else []
     if args.table:
-        print(markdown(cells))
+        print(table(cells))
         return 0
-    work = Path(tempfile.mkdtemp(prefix="featx-int8-ranges-"))
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         weights = Path(args.weights) if args.weights else _pretrained(work) if "mnv2-digits" in args.backbones else None
         for seed in parse_int_list("seeds", args.seeds):
             for backbone in filter(None, args.backbones.split(",")):
                 for dataset in filter(None, args.datasets.split(",")):
-                    config = _config(backbone, _data(dataset, backbone, work), seed=seed, bias="auto",
-                                     weights=weights)
-                    cell = _cell(config, work / f"{backbone}-{dataset}-{seed}")
+                    config = _config(backbone, _data(dataset, backbone, work), seed=seed, bias=bias, weights=weights)
+                    cell = measure(config, work / f"{backbone}-{dataset}-{seed}", args)
                     cells.append({"backbone": backbone, "dataset": dataset, "seed": seed, **cell})
-                    print(json.dumps({k: cells[-1][k] for k in ("backbone", "dataset", "seed", "chosen")}
-                                     | {"test": cell["test"]}), flush=True)
-                    write_json(out, {"benchmark": "int8_activation_ranges", "format": FMT,
-                                     "thresholds": "default (agreement >= 0.97, at most 1 point lost), tie-aware",
-                                     "cells": cells, "markdown": markdown(cells), "machine": machine_info(),
+                    print(json.dumps({k: cells[-1][k] for k in summary}), flush=True)
+                    write_json(out, {**header, "cells": cells, "markdown": table(cells), "machine": machine_info(),
                                      "python": platform.python_version()})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cell_sweep(argv, description=__doc__.splitlines()[0], prefix="featx-int8-ranges-", bias="auto",
+                      measure=lambda config, path, args: _cell(config, path),
+                      header={"benchmark": "int8_activation_ranges", "format": FMT,
+                              "thresholds": "default (agreement >= 0.97, at most 1 point lost), tie-aware"},
+                      table=markdown,
+                      summary=("backbone", "dataset", "seed", "chosen", "test"))
 
 
 if __name__ == "__main__":
