@@ -181,10 +181,14 @@ class StageClock:
     def add(self, name: str, since: tuple[float, float]) -> None:
         """Add the time from ``since`` (perf_counter, process_time) to now to stage ``name``."""
         now = (time.perf_counter(), time.process_time())
-        row = self.stages.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0})
-        row["seconds"] = round(row["seconds"] + now[0] - since[0], 3)
-        row["cpu_seconds"] = round(row["cpu_seconds"] + now[1] - since[1], 3)
+        self.add_seconds(name, seconds=now[0] - since[0], cpu_seconds=now[1] - since[1])
         self._since = now
+
+    def add_seconds(self, name: str, *, seconds: float, cpu_seconds: float) -> None:
+        """Add so many wall and CPU seconds to stage ``name`` (a stage entered twice adds up)."""
+        row = self.stages.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0})
+        row["seconds"] = round(row["seconds"] + seconds, 3)
+        row["cpu_seconds"] = round(row["cpu_seconds"] + cpu_seconds, 3)
 
     @classmethod
     @contextlib.contextmanager
@@ -227,9 +231,7 @@ def record(name: str, *, seconds: float, cpu_seconds: float) -> None:
     """Add time measured elsewhere (another process) to stage ``name`` on the started clock."""
     clock = StageClock._current
     if clock is not None:
-        row = clock.stages.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0})
-        row["seconds"] = round(row["seconds"] + seconds, 3)
-        row["cpu_seconds"] = round(row["cpu_seconds"] + cpu_seconds, 3)
+        clock.add_seconds(name, seconds=seconds, cpu_seconds=cpu_seconds)
 
 
 def lap(name: str) -> None:

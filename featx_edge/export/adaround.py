@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from featx_edge.export.bias_correction import _conv_bn_pairs
+from featx_edge.export.bias_correction import _conv_bn_pairs, _on_call, _twin
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (the paper's values)
 BETA_START, BETA_END, WARMUP = 20.0, 2.0, 0.2  # regulariser annealing: none for the first 20% of steps
@@ -175,13 +175,11 @@ def _round_layer(conv, bn, inputs: np.ndarray, *, iterations: int, keras, tf) ->
 
 def _attach(conv, bn, rows: list, *, iterations: int, keras, tf) -> None:
     """Make ``conv`` (of a scratch copy) round itself on the inputs of its first call, then compute with that."""
-    plain = type(conv).call
-
-    def call(inputs, *args, **kwargs):
+    def rounded(inputs, compute):
         rows.append(_round_layer(conv, bn, inputs.numpy(), iterations=iterations, keras=keras, tf=tf))
-        return plain(conv, inputs, *args, **kwargs)
+        return compute(inputs)
 
-    conv.call = call  # the scratch copy only: its weights are copied out after the pass
+    _on_call(conv, rounded)  # the scratch copy only: its weights are copied out after the pass
 
 
 def adarounded(model, *, calibration: np.ndarray, images: int = 128, iterations: int = 1000) -> tuple[object, dict]:
@@ -202,15 +200,10 @@ def adarounded(model, *, calibration: np.ndarray, images: int = 128, iterations:
     tf, keras = import_tf()
     t0 = time.perf_counter()
 
-    def clone():
-        twin = keras.models.clone_model(model)
-        twin.set_weights(model.get_weights())
-        return twin
-
     # One forward pass of a scratch copy does every layer (as ``bias_correction._Rounding``): each
     # convolution, when the pass reaches it, is rounded on the inputs the pass brings (the earlier
     # layers already rounded) and the pass goes on with its rounded kernel.
-    scratch, rows = clone(), []
+    scratch, rows = _twin(model, keras), []
     for conv, bn in _conv_bn_pairs(scratch):
         if getattr(conv, "groups", 1) != 1 or getattr(conv, "depth_multiplier", 1) != 1:
             continue  # grouped or multiplied channels: the converters' channel layout is not the one modelled here
@@ -223,7 +216,7 @@ def adarounded(model, *, calibration: np.ndarray, images: int = 128, iterations:
         scratch(x, training=False)
     finally:
         logger.setLevel(level)
-    copy = clone()
+    copy = _twin(model, keras)
     copy.set_weights(scratch.get_weights())  # the same graph: the rounded kernels, without the hooks
     ratios = [r["adaround_error"] / r["nearest_error"] for r in rows if r["nearest_error"] > 0]
     info = {"method": "adaround", "layers": len(rows), "calibration_images": len(x), "iterations": iterations,

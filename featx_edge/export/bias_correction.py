@@ -66,13 +66,7 @@ def bias_corrected(model, *, calibration: np.ndarray, images: int = 64, float_mo
     from featx_edge._tf import import_tf
 
     _, keras = import_tf()
-
-    def copy():
-        twin = keras.models.clone_model(model)
-        twin.set_weights(model.get_weights())
-        return twin
-
-    corrected, simulated = copy(), copy()  # simulated: earlier kernels rounded as int8 will
+    corrected, simulated = _twin(model, keras), _twin(model, keras)  # simulated: earlier kernels rounded as int8 will
     x = calibration[:images].astype(np.float32)
     targets = {conv.name: bn for conv, bn in _conv_bn_pairs(corrected)}
     floats = None if float_model is None else {name: float_model.get_layer(name).get_weights()[0] for name in targets}
@@ -95,17 +89,15 @@ class _Rounding:
         self.floats = floats  # convolution name -> the float kernel to measure against (default: its own)
 
     def attach(self, conv, bn) -> None:
-        plain = type(conv).call
-
-        def call(inputs, *args, **kwargs):
+        def measured(inputs, compute):
             (kernel,) = conv.get_weights()
             if self.floats is not None:  # the shift against the float kernel the grid kernel came from
                 conv.set_weights([self.floats[conv.name]])
-            before = plain(conv, inputs, *args, **kwargs)
+            before = compute(inputs)
             gamma, beta, mean, variance = bn.get_weights()
             gain = gamma / np.sqrt(variance + bn.epsilon)
             conv.set_weights([_int8_rounded(kernel, gain=gain, depthwise=isinstance(conv, self.depthwise))])
-            after = plain(conv, inputs, *args, **kwargs)
+            after = compute(inputs)
             shift = (after.numpy() - before.numpy()).mean(axis=(0, 1, 2))
             new_beta = beta - shift * gain
             bn.set_weights([gamma, new_beta, mean, variance])
@@ -113,4 +105,24 @@ class _Rounding:
             self.largest = max(self.largest, float(np.abs(shift * gain).max()))
             return after
 
-        conv.call = call  # this copy only: it is thrown away after the pass
+        _on_call(conv, measured)
+
+
+def _twin(model, keras):
+    """A copy of ``model``: the same graph and weights, to change without touching the model."""
+    twin = keras.models.clone_model(model)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+def _on_call(layer, handle) -> None:
+    """Make ``layer`` (of a throwaway copy: the change is never undone) answer each call with
+    ``handle(inputs, compute)``, where ``compute(inputs)`` is the layer's own computation. One forward
+    pass of the copy then visits every hooked layer input to output, with the earlier ones already
+    changed: bias correction and AdaRound both work that way."""
+    plain = type(layer).call
+
+    def call(inputs, *args, **kwargs):
+        return handle(inputs, lambda x: plain(layer, x, *args, **kwargs))
+
+    layer.call = call

@@ -54,7 +54,8 @@ def usable_cores() -> int:
 
 def use_worker(setting, *, formats, parameters: int, int8_choice: bool) -> bool:
     """Whether ``[export] workers = setting`` starts a worker for this export (see the module text)."""
-    if not worker_formats(formats) or len(worker_formats(formats)) == len(formats):
+    floats = worker_formats(formats)
+    if not floats or len(floats) == len(formats):
         return False  # nothing for the worker, or nothing left to overlap with it
     if setting != "auto":
         return setting == 2
